@@ -1,0 +1,49 @@
+"""creditmeter: token-credit balances for LLM gateways.
+
+Check a model call against a user's balance before it runs, charge it after
+it returns, grant credits and refill them on a schedule, with LibreChat's
+``balance`` rules over a pluggable store.
+"""
+
+from creditmeter._version import __version__
+from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
+from creditmeter.exceptions import (
+    ConfigError,
+    CreditMeterError,
+    DuplicateRequest,
+    IdempotencyConflict,
+    InsufficientBalance,
+    InvalidInput,
+    StoreError,
+    VersionConflict,
+)
+from creditmeter.manager import BalanceManager
+from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry
+from creditmeter.stores import BalanceStore, MemoryStore, SQLiteStore, open_store
+from creditmeter.usage import TokenUsage
+
+__all__ = [
+    "Account",
+    "BalanceCheck",
+    "BalanceConfig",
+    "BalanceManager",
+    "BalanceStore",
+    "ConfigError",
+    "CreditMeterError",
+    "DuplicateRequest",
+    "EntryKind",
+    "Hold",
+    "IdempotencyConflict",
+    "InsufficientBalance",
+    "InvalidInput",
+    "LedgerEntry",
+    "MemoryStore",
+    "RefillSettings",
+    "RetryPolicy",
+    "SQLiteStore",
+    "StoreError",
+    "TokenUsage",
+    "VersionConflict",
+    "__version__",
+    "open_store",
+]

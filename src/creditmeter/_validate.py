@@ -1,0 +1,121 @@
+"""Input checks shared by the public entry points (amounts, user ids, times)."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from creditmeter.exceptions import InvalidInput
+
+MAX_AMOUNT = Decimal(10) ** 15
+MAX_USER_ID_LENGTH = 256
+
+# C0 and C1 control characters; DEL included.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ZERO = Decimal(0)
+
+
+def amount(value: Any, *, name: str = "amount", positive: bool = False) -> Decimal:
+    """Return ``value`` as a finite, non-negative Decimal of at most 10**15.
+
+    Accepts ``int``, ``Decimal`` or a finite ``float`` (converted through
+    ``str`` so 0.1 stays 0.1). Rejects ``bool``, ``str`` and everything else.
+    With ``positive=True`` zero is rejected too.
+    """
+    cls = type(value)
+    if cls is int:
+        result = Decimal(value)
+    elif cls is Decimal:
+        if not value.is_finite():
+            raise InvalidInput(f"{name} must be a finite number, got {value!r}")
+        result = value
+    elif cls is float:
+        if not math.isfinite(value):
+            raise InvalidInput(f"{name} must be a finite number, got {value!r}")
+        result = Decimal(str(value))
+    elif isinstance(value, bool) or not isinstance(value, (int, Decimal, float)):
+        raise InvalidInput(
+            f"{name} must be an int, Decimal or finite float, got {type(value).__name__} {value!r}"
+        )
+    else:  # subclasses of int/float/Decimal (not bool)
+        return amount(_plain(value), name=name, positive=positive)
+    if result < _ZERO or (positive and result == _ZERO):
+        wanted = "positive" if positive else "zero or more"
+        raise InvalidInput(f"{name} must be {wanted}, got {value!r}")
+    if result > MAX_AMOUNT:
+        raise InvalidInput(f"{name} must be at most 10**15, got {value!r}")
+    return result
+
+
+def _plain(value: int | float | Decimal) -> int | float | Decimal:
+    if isinstance(value, Decimal):
+        return Decimal(value)
+    if isinstance(value, int):
+        return int(value)
+    return float(value)
+
+
+def user_id(value: Any) -> str:
+    """Return ``value`` if it is a valid user id: 1-256 characters, no control characters."""
+    if type(value) is not str:
+        raise InvalidInput(f"user_id must be a str, got {type(value).__name__} {value!r}")
+    if not value or len(value) > MAX_USER_ID_LENGTH:
+        raise InvalidInput(f"user_id must have 1 to 256 characters, got {len(value)}")
+    if _CONTROL.search(value):
+        raise InvalidInput(f"user_id must not contain control characters, got {value!r}")
+    return value
+
+
+def optional_text(value: Any, *, name: str, max_length: int = 256) -> str | None:
+    """Return ``value`` if it is ``None`` or a str of 1..``max_length`` printable characters."""
+    if value is None:
+        return None
+    if type(value) is not str or not value or len(value) > max_length:
+        raise InvalidInput(f"{name} must be a str of 1 to {max_length} characters, got {value!r}")
+    if _CONTROL.search(value):
+        raise InvalidInput(f"{name} must not contain control characters, got {value!r}")
+    return value
+
+
+def aware(value: Any, *, name: str = "clock()") -> datetime:
+    """Return ``value`` as an aware UTC datetime; naive or non-datetime values are rejected."""
+    if type(value) is not datetime and not isinstance(value, datetime):
+        raise InvalidInput(f"{name} must return a datetime, got {type(value).__name__}")
+    tz = value.tzinfo
+    if tz is timezone.utc:
+        return value
+    if tz is None or value.utcoffset() is None:
+        raise InvalidInput(f"{name} returned a naive datetime {value!r}; use an aware UTC time")
+    return value.astimezone(timezone.utc)
+
+
+_METADATA_VALUE = (str, int, float, bool, type(None))
+
+
+def metadata(value: Any) -> dict[str, Any] | None:
+    """Return a copy of ``value`` if it maps str keys to JSON scalars, else raise."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"metadata must be a dict, got {type(value).__name__}")
+    for key, item in value.items():
+        if type(key) is not str:
+            raise InvalidInput(f"metadata keys must be str, got {key!r}")
+        if not isinstance(item, _METADATA_VALUE) or (
+            isinstance(item, float) and not math.isfinite(item)
+        ):
+            raise InvalidInput(
+                f"metadata[{key!r}] must be a str, int, finite float, bool or None, got {item!r}"
+            )
+    return dict(value)
+
+
+def decimal_text(text: str) -> Decimal:
+    """Parse a stored decimal string; used by stores reading their own data."""
+    try:
+        return Decimal(text)
+    except InvalidOperation as exc:
+        raise InvalidInput(f"not a decimal: {text!r}") from exc

@@ -1,0 +1,457 @@
+"""Every balance rule, as pure functions: an account, an operation and ``now`` in; a change out.
+
+Nothing here reads a clock, touches a store or draws randomness: ``now`` and
+``new_id`` (which names ledger entries) are passed in. The managers call these
+functions between loading an account and committing the change they return,
+so sync and async managers behave the same by construction.
+
+Each operation function takes the account as last seen (``None`` when the
+user has none yet, in which case the account is opened first) and returns a
+``Change``: the account's next version, the ledger entries that lead to it,
+and the version the store must still hold for the change to apply.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+import attrs
+
+from creditmeter.config import BalanceConfig, RefillSettings
+from creditmeter.exceptions import IdempotencyConflict, InsufficientBalance
+from creditmeter.models import Account, BalanceCheck, EntryKind, LedgerEntry
+from creditmeter.usage import TokenUsage
+
+__all__ = [
+    "Change",
+    "add_interval",
+    "charge",
+    "check",
+    "effective_refill",
+    "grant",
+    "open_account",
+    "refill",
+    "refill_due",
+    "replay",
+    "set_balance",
+]
+
+IdFactory = Callable[[], str]
+_ZERO = Decimal(0)
+
+
+class Change(NamedTuple):
+    """A new account version and the ledger entries that produce it, to commit together.
+
+    ``expected_version`` is the version the store must hold for the commit to
+    apply (``None``: the account must not exist yet). A tuple rather than an
+    attrs class: one is built per write, so it must be cheap.
+    """
+
+    account: Account
+    entries: tuple[LedgerEntry, ...]
+    expected_version: int | None
+
+    @property
+    def entry(self) -> LedgerEntry:
+        """The entry that records the operation asked for (the last one)."""
+        return self.entries[-1]
+
+
+# --- time ------------------------------------------------------------------
+
+_FIXED_UNITS = {
+    "seconds": timedelta(seconds=1),
+    "minutes": timedelta(minutes=1),
+    "hours": timedelta(hours=1),
+    "days": timedelta(days=1),
+    "weeks": timedelta(weeks=1),
+}
+
+
+def add_interval(start: datetime, value: int, unit: str) -> datetime:
+    """Return ``start`` moved forward by ``value`` ``unit``s.
+
+    Months are calendar months, clamped to the end of a shorter month:
+    2024-01-31 + 1 month = 2024-02-29.
+    """
+    step = _FIXED_UNITS.get(unit)
+    if step is not None:
+        return start + step * value
+    if unit != "months":
+        msg = f"unknown interval unit {unit!r}"
+        raise ValueError(msg)
+    months = start.month - 1 + value
+    year = start.year + months // 12
+    month = months % 12 + 1
+    day = min(start.day, calendar.monthrange(year, month)[1])
+    return start.replace(year=year, month=month, day=day)
+
+
+# --- opening ----------------------------------------------------------------
+
+
+def open_account(
+    user_id: str, *, config: BalanceConfig, now: datetime, new_id: IdFactory
+) -> Change:
+    """Open a new account: the start balance when balances are enabled, else 0."""
+    balance = config.start_balance if config.enabled else _ZERO
+    account = Account(
+        user_id=user_id,
+        balance=balance,
+        version=1,
+        created_at=now,
+        updated_at=now,
+        last_refill=now,
+    )
+    entry = LedgerEntry(
+        id=new_id(),
+        user_id=user_id,
+        kind=EntryKind.OPEN,
+        amount=balance,
+        balance_after=balance,
+        at=now,
+    )
+    return Change(account, (entry,), None)
+
+
+class _Draft:
+    """The account being changed by one operation, and the entries so far."""
+
+    __slots__ = ("account", "balance", "entries", "expected", "last_refill", "user_id")
+
+    def __init__(
+        self,
+        account: Account | None,
+        user_id: str,
+        *,
+        config: BalanceConfig,
+        now: datetime,
+        new_id: IdFactory,
+    ) -> None:
+        if account is None:
+            opened = open_account(user_id, config=config, now=now, new_id=new_id)
+            account = attrs.evolve(opened.account, version=0)
+            self.entries: list[LedgerEntry] = list(opened.entries)
+            self.expected: int | None = None
+        else:
+            self.entries = []
+            self.expected = account.version
+            if account.holds:
+                account = _drop_expired_holds(account, now)
+        self.account = account
+        self.user_id = user_id
+        self.balance = account.balance
+        self.last_refill = account.last_refill
+
+    @property
+    def available(self) -> Decimal:
+        held = self.account.held if self.account.holds else _ZERO
+        return self.balance - held
+
+    def add(
+        self,
+        kind: EntryKind,
+        amount: Decimal,
+        *,
+        now: datetime,
+        new_id: IdFactory,
+        request_id: str | None = None,
+        model: str | None = None,
+        usage: TokenUsage | None = None,
+        cost: Decimal | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.balance += amount
+        self.entries.append(
+            LedgerEntry(
+                id=new_id(),
+                user_id=self.user_id,
+                kind=kind,
+                amount=amount,
+                balance_after=self.balance,
+                at=now,
+                request_id=request_id,
+                model=model,
+                usage=usage,
+                cost=cost,
+                metadata=metadata,
+            )
+        )
+
+    def finish(self, now: datetime) -> Change:
+        return Change(
+            _next_version(self.account, self.balance, now, self.last_refill),
+            tuple(self.entries),
+            self.expected,
+        )
+
+
+def _next_version(
+    account: Account, balance: Decimal, now: datetime, last_refill: datetime
+) -> Account:
+    return Account(
+        user_id=account.user_id,
+        balance=balance,
+        version=account.version + 1,
+        created_at=account.created_at,
+        updated_at=now if now > account.updated_at else account.updated_at,
+        last_refill=last_refill,
+        refill=account.refill,
+        holds=account.holds,
+    )
+
+
+def _drop_expired_holds(account: Account, now: datetime) -> Account:
+    live = tuple(hold for hold in account.holds if hold.expires_at > now)
+    if len(live) == len(account.holds):
+        return account
+    return attrs.evolve(account, holds=live)
+
+
+# --- refills ----------------------------------------------------------------
+
+
+def effective_refill(account: Account, config: BalanceConfig) -> RefillSettings:
+    """The refill settings that apply to ``account``: its own, else the config's."""
+    return account.refill if account.refill is not None else config.refill
+
+
+def refill_due(
+    account: Account, *, config: BalanceConfig, now: datetime, cost: Decimal = _ZERO
+) -> Decimal:
+    """How many credits a refill adds now; zero when none is due.
+
+    A refill is due when balances are enabled, the account's refill settings
+    are enabled with an amount above zero, and a full interval has passed
+    since the last refill. Then ``"when_depleted"`` (LibreChat) refills only if
+    the available balance minus ``cost`` is zero or less, ``"on_interval"``
+    always, and ``"top_up"`` adds what lifts the balance to the refill amount.
+    However many intervals were missed, one refill is due.
+    """
+    if not config.enabled:
+        return _ZERO
+    settings = account.refill
+    if settings is None:
+        enabled, amount = config.auto_refill_enabled, config.refill_amount
+        value, unit = config.refill_interval_value, config.refill_interval_unit
+    else:
+        enabled, amount = settings.enabled, settings.amount
+        value, unit = settings.interval_value, settings.interval_unit
+    if not enabled or amount <= _ZERO:
+        return _ZERO
+    if now < add_interval(account.last_refill, value, unit):
+        return _ZERO
+    mode = config.refill_mode
+    if mode == "when_depleted":
+        return amount if account.available - cost <= _ZERO else _ZERO
+    if mode == "top_up":
+        return max(amount - account.balance, _ZERO)
+    return amount
+
+
+def _apply_refill(
+    draft: _Draft, *, config: BalanceConfig, now: datetime, new_id: IdFactory, cost: Decimal
+) -> None:
+    current = draft.account
+    if draft.balance != current.balance:
+        current = attrs.evolve(current, balance=draft.balance)
+    amount = refill_due(current, config=config, now=now, cost=cost)
+    if amount > _ZERO:
+        draft.add(EntryKind.REFILL, amount, now=now, new_id=new_id)
+        draft.last_refill = max(draft.last_refill, now)
+
+
+def refill(
+    account: Account | None,
+    user_id: str,
+    *,
+    config: BalanceConfig,
+    now: datetime,
+    new_id: IdFactory,
+    cost: Decimal = _ZERO,
+) -> Change | None:
+    """Apply a due refill; ``None`` when the account exists and no refill is due.
+
+    A missing account is opened (and, if a refill is then due, refilled).
+    ``last_refill`` becomes ``now`` and never moves backwards.
+    """
+    draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
+    _apply_refill(draft, config=config, now=now, new_id=new_id, cost=cost)
+    if not draft.entries:
+        return None
+    return draft.finish(now)
+
+
+# --- operations -------------------------------------------------------------
+
+
+def grant(
+    account: Account | None,
+    user_id: str,
+    amount: Decimal,
+    *,
+    config: BalanceConfig,
+    now: datetime,
+    new_id: IdFactory,
+    request_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Change:
+    """Add ``amount`` credits. Grants move credits even when balances are disabled."""
+    draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
+    draft.add(
+        EntryKind.GRANT, amount, now=now, new_id=new_id, request_id=request_id, metadata=metadata
+    )
+    return draft.finish(now)
+
+
+def set_balance(
+    account: Account | None,
+    user_id: str,
+    target: Decimal,
+    *,
+    config: BalanceConfig,
+    now: datetime,
+    new_id: IdFactory,
+    request_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Change:
+    """Set the balance to ``target`` with one ``ADJUST`` entry of the difference."""
+    draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
+    draft.add(
+        EntryKind.ADJUST,
+        target - draft.balance,
+        now=now,
+        new_id=new_id,
+        request_id=request_id,
+        metadata=metadata,
+    )
+    return draft.finish(now)
+
+
+def charge(
+    account: Account | None,
+    user_id: str,
+    cost: Decimal,
+    *,
+    config: BalanceConfig,
+    now: datetime,
+    new_id: IdFactory,
+    strict: bool = False,
+    request_id: str | None = None,
+    model: str | None = None,
+    usage: TokenUsage | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Change:
+    """Spend ``cost`` credits.
+
+    The balance drops by ``cost``, clamped at zero unless the config allows a
+    negative balance; the entry keeps the full cost. With balances disabled
+    the charge is recorded but moves nothing. ``strict=True`` first applies a
+    due refill, then raises ``InsufficientBalance`` (nothing to commit) when
+    the available balance cannot pay.
+    """
+    if account is not None and not account.holds and not (strict and config.enabled):
+        # The common case, without a draft: one entry on an existing account.
+        balance = account.balance
+        applied = _applied(cost, balance, config)
+        after = balance - applied
+        entry = LedgerEntry(
+            id=new_id(),
+            user_id=user_id,
+            kind=EntryKind.CHARGE,
+            amount=-applied,
+            balance_after=after,
+            at=now,
+            request_id=request_id,
+            model=model,
+            usage=usage,
+            cost=cost,
+            metadata=metadata,
+        )
+        return Change(
+            _next_version(account, after, now, account.last_refill), (entry,), account.version
+        )
+    draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
+    if strict and config.enabled:
+        _apply_refill(draft, config=config, now=now, new_id=new_id, cost=cost)
+        available = draft.available
+        if available < cost:
+            raise InsufficientBalance(
+                user_id, balance=draft.balance, available=available, cost=cost
+            )
+    draft.add(
+        EntryKind.CHARGE,
+        -_applied(cost, draft.balance, config),
+        now=now,
+        new_id=new_id,
+        request_id=request_id,
+        model=model,
+        usage=usage,
+        cost=cost,
+        metadata=metadata,
+    )
+    return draft.finish(now)
+
+
+def _applied(cost: Decimal, balance: Decimal, config: BalanceConfig) -> Decimal:
+    """How much of ``cost`` leaves the balance: all, clamped at zero, or none when disabled."""
+    if not config.enabled:
+        return _ZERO
+    if config.allow_negative_balance:
+        return cost
+    return min(cost, max(balance, _ZERO))
+
+
+def check(account: Account, cost: Decimal | None, *, config: BalanceConfig) -> BalanceCheck:
+    """Can ``account`` pay ``cost``? Equal is enough; no cost means "is anything left?".
+
+    With balances disabled every call is allowed. Run ``refill`` with the
+    same cost first: a check counts a due refill.
+    """
+    available = account.available
+    if not config.enabled:
+        allowed = True
+    elif cost is None:
+        allowed = available > _ZERO
+    else:
+        allowed = available >= cost
+    return BalanceCheck(allowed=allowed, balance=account.balance, available=available, cost=cost)
+
+
+# --- idempotency ------------------------------------------------------------
+
+
+def replay(existing: LedgerEntry, attempted: LedgerEntry) -> LedgerEntry:
+    """Return ``existing`` if ``attempted`` repeats the same request, else raise.
+
+    Two requests with one request id are the same when they are of the same
+    kind and ask for the same thing: a grant the same amount, a charge the
+    same cost for the same model and usage, a set the same target balance.
+    Metadata is not compared.
+    """
+    request_id = attempted.request_id or ""
+    if existing.kind is not attempted.kind:
+        raise IdempotencyConflict(
+            attempted.user_id,
+            request_id,
+            detail=f"first a {existing.kind.value}, now a {attempted.kind.value}",
+        )
+    kind = existing.kind
+    if kind is EntryKind.GRANT:
+        fields = ("amount",)
+    elif kind is EntryKind.ADJUST:
+        fields = ("balance_after",)
+    else:
+        fields = ("cost", "model", "usage")
+    for name in fields:
+        before, now = getattr(existing, name), getattr(attempted, name)
+        if before != now:
+            raise IdempotencyConflict(
+                attempted.user_id, request_id, detail=f"{name} was {before}, now {now}"
+            )
+    return existing

@@ -1,0 +1,57 @@
+"""The store contract: a versioned compare-and-set of accounts plus an append-only ledger.
+
+A store holds no business rule. It loads an account, and commits a new
+account version together with its ledger entries, atomically, only if the
+stored version is the expected one. See DESIGN.md section 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from creditmeter.models import Account, LedgerEntry
+
+__all__ = ["BalanceStore"]
+
+
+@runtime_checkable
+class BalanceStore(Protocol):
+    """What a manager needs from a storage backend."""
+
+    def load(self, user_id: str) -> Account | None:
+        """Return the stored account, or ``None`` if the user has none."""
+        ...
+
+    def commit(
+        self,
+        account: Account,
+        entries: Sequence[LedgerEntry],
+        *,
+        expected_version: int | None,
+    ) -> None:
+        """Store ``account`` and append ``entries``, atomically, if the version still matches.
+
+        Raises ``DuplicateRequest`` (with the entry applied first) when an
+        entry's request id is already recorded for the user, and
+        ``VersionConflict`` (with the stored account when it can be had in the
+        same round trip) when the stored version is not ``expected_version``
+        (``None``: the account must not exist). Nothing is written then.
+        """
+        ...
+
+    def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
+        """Return the entry recorded under ``request_id`` for the user, if any."""
+        ...
+
+    def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
+        """Return the user's entries oldest first; with ``limit``, only the newest ``limit``."""
+        ...
+
+    def users(self) -> list[str]:
+        """Return the ids of every user with an account, sorted."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's connections; further use is an error."""
+        ...

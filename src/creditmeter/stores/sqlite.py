@@ -1,0 +1,327 @@
+"""The embedded default: one SQLite file shared by the threads and processes of one host.
+
+Accounts and ledger entries are JSON documents (see ``serde.py``) in two
+tables. A commit is one ``BEGIN IMMEDIATE`` transaction: a compare-and-set
+``UPDATE … WHERE version = ?`` (or an insert for a new account) and the
+ledger inserts, with a unique index on (user_id, request_id).
+
+Writers queue on an ``flock`` of a lock file beside the database before they
+begin: SQLite's own busy handler retries on a timer and was measured starving
+writers under contention (p99 near 2 s with four processes), while a
+blocking lock is handed over in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Literal
+
+from creditmeter.exceptions import ConfigError, DuplicateRequest, StoreError, VersionConflict
+from creditmeter.models import Account, LedgerEntry
+from creditmeter.serde import account_from_json, account_to_json, entry_from_json, entry_to_json
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: SQLite's busy handler alone
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Durability", "SQLiteStore"]
+
+Durability = Literal["full", "normal"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS creditmeter_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS creditmeter_accounts (
+    user_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS creditmeter_ledger (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    request_id TEXT,
+    data TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS creditmeter_ledger_request
+    ON creditmeter_ledger (user_id, request_id) WHERE request_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS creditmeter_ledger_user ON creditmeter_ledger (user_id, seq);
+INSERT OR IGNORE INTO creditmeter_meta (key, value) VALUES ('schema', '1');
+"""
+
+_LOAD = "SELECT data FROM creditmeter_accounts WHERE user_id = ?"
+_INSERT_ACCOUNT = (
+    "INSERT INTO creditmeter_accounts (user_id, version, data) VALUES (?, ?, ?) "
+    "ON CONFLICT (user_id) DO NOTHING"
+)
+_UPDATE_ACCOUNT = (
+    "UPDATE creditmeter_accounts SET version = ?, data = ? WHERE user_id = ? AND version = ?"
+)
+_INSERT_ENTRY = "INSERT INTO creditmeter_ledger (user_id, request_id, data) VALUES (?, ?, ?)"
+_FIND_REQUEST = "SELECT data FROM creditmeter_ledger WHERE user_id = ? AND request_id = ?"
+_LEDGER = "SELECT data FROM creditmeter_ledger WHERE user_id = ? ORDER BY seq"
+_LEDGER_TAIL = "SELECT data FROM creditmeter_ledger WHERE user_id = ? ORDER BY seq DESC LIMIT ?"
+_USERS = "SELECT user_id FROM creditmeter_accounts ORDER BY user_id"
+
+# Bumped in a forked child, so that no connection or lock file crosses a fork.
+_fork_generation = 0
+
+
+def _after_fork() -> None:
+    global _fork_generation  # noqa: PLW0603 - one process-wide counter
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+class _Handle:
+    """One thread's connection and writer-lock file descriptor."""
+
+    __slots__ = ("conn", "generation", "lock_fd")
+
+    def __init__(self, conn: sqlite3.Connection, lock_fd: int | None, generation: int) -> None:
+        self.conn = conn
+        self.lock_fd = lock_fd
+        self.generation = generation
+
+
+class SQLiteStore:
+    """Accounts and ledger in one SQLite file (WAL mode), safe across threads and processes.
+
+    ``durability="full"`` (the default) syncs every commit to disk before it
+    returns (``synchronous=FULL``): an acknowledged charge survives a power
+    loss. ``"normal"`` (``synchronous=NORMAL``) survives a crash of the
+    process but may lose the last commits on power loss, for several times
+    the throughput. The file is created with mode 0600.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "full",
+        busy_timeout: float = 30.0,
+    ) -> None:
+        if durability not in ("full", "normal"):
+            raise ConfigError(f"durability must be 'full' or 'normal', got {durability!r}")
+        self.path = os.fspath(path)
+        if self.path in ("", ":memory:") or self.path.startswith("file:"):
+            raise ConfigError("SQLiteStore needs a file path; use MemoryStore for memory")
+        self.durability: Durability = durability
+        self._busy_ms = int(busy_timeout * 1000)
+        self._lock_path = self.path + ".lock"
+        self._local = threading.local()
+        self._handles: list[_Handle] = []
+        self._handles_lock = threading.Lock()
+        self._closed = False
+        self._create_file()
+        self._init_schema()
+
+    # --- connections --------------------------------------------------------
+
+    def _create_file(self) -> None:
+        for name in (self.path, self._lock_path):
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise StoreError(f"cannot open SQLite store {name!r}: {exc.strerror}") from exc
+            os.close(fd)
+
+    def _handle(self) -> _Handle:
+        handle: _Handle | None = getattr(self._local, "handle", None)
+        if handle is not None and handle.generation == _fork_generation:
+            return handle
+        if self._closed:
+            raise StoreError("the store is closed")
+        return self._connect()
+
+    def _connect(self) -> _Handle:
+        generation = _fork_generation
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self._busy_ms / 1000,
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {self.path!r}: {exc}") from exc
+        try:
+            synchronous = "FULL" if self.durability == "full" else "NORMAL"
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot open SQLite store {self.path!r}: {exc}") from exc
+        lock_fd = None
+        if fcntl is not None:
+            lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        handle = _Handle(conn, lock_fd, generation)
+        with self._handles_lock:
+            if self._handles and self._handles[0].generation != generation:
+                # Handles inherited through fork belong to the parent: forget, never close.
+                self._handles = []
+            self._handles.append(handle)
+        self._local.handle = handle
+        return handle
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """Hold the writer lock and an immediate transaction; roll back on any error."""
+        handle = self._handle()
+        conn = handle.conn
+        if handle.lock_fd is not None:
+            fcntl.flock(handle.lock_fd, fcntl.LOCK_EX)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if handle.lock_fd is not None:
+                fcntl.flock(handle.lock_fd, fcntl.LOCK_UN)
+
+    def _init_schema(self) -> None:
+        try:
+            with self._writing() as conn:
+                tables = {
+                    row[0]
+                    for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                }
+                if tables and "creditmeter_meta" not in tables:
+                    raise StoreError(
+                        f"{self.path!r} is an SQLite database but not a creditmeter store"
+                    )
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                row = conn.execute(
+                    "SELECT value FROM creditmeter_meta WHERE key = 'schema'"
+                ).fetchone()
+                if row is None or row[0] != "1":
+                    raise StoreError(f"{self.path!r} holds an unknown creditmeter schema")
+            # WAL must be switched on outside a transaction.
+            self._handle().conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open SQLite store {self.path!r}: {exc}") from exc
+        except StoreError:
+            self.close()
+            raise
+
+    # --- the contract -------------------------------------------------------
+
+    def load(self, user_id: str) -> Account | None:
+        """Return the stored account, or ``None``."""
+        try:
+            row = self._handle().conn.execute(_LOAD, (user_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite load failed: {exc}") from exc
+        return None if row is None else account_from_json(row[0])
+
+    def commit(
+        self,
+        account: Account,
+        entries: Sequence[LedgerEntry],
+        *,
+        expected_version: int | None,
+    ) -> None:
+        """Store the account and entries in one transaction if the version still matches."""
+        user_id = account.user_id
+        data = account_to_json(account)
+        rows = [(user_id, entry.request_id, entry_to_json(entry)) for entry in entries]
+        try:
+            with self._writing() as conn:
+                if expected_version is None:
+                    cursor = conn.execute(_INSERT_ACCOUNT, (user_id, account.version, data))
+                else:
+                    cursor = conn.execute(
+                        _UPDATE_ACCOUNT, (account.version, data, user_id, expected_version)
+                    )
+                if cursor.rowcount != 1:
+                    row = conn.execute(_LOAD, (user_id,)).fetchone()
+                    current = None if row is None else account_from_json(row[0])
+                    raise VersionConflict(user_id, expected=expected_version, current=current)
+                for row in rows:
+                    try:
+                        conn.execute(_INSERT_ENTRY, row)
+                    except sqlite3.IntegrityError:
+                        request_id = row[1]
+                        if request_id is None:
+                            raise
+                        found = conn.execute(_FIND_REQUEST, (user_id, request_id)).fetchone()
+                        if found is None:
+                            raise
+                        raise DuplicateRequest(
+                            user_id, request_id, entry=entry_from_json(found[0])
+                        ) from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite commit failed: {exc}") from exc
+
+    def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
+        """Return the entry recorded under ``request_id``, if any."""
+        try:
+            row = self._handle().conn.execute(_FIND_REQUEST, (user_id, request_id)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed: {exc}") from exc
+        return None if row is None else entry_from_json(row[0])
+
+    def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
+        """Return the user's entries, oldest first (the newest ``limit`` if given)."""
+        try:
+            conn = self._handle().conn
+            if limit is None:
+                rows = conn.execute(_LEDGER, (user_id,)).fetchall()
+            else:
+                rows = conn.execute(_LEDGER_TAIL, (user_id, limit)).fetchall()
+                rows.reverse()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed: {exc}") from exc
+        return [entry_from_json(row[0]) for row in rows]
+
+    def users(self) -> list[str]:
+        """Return every user id, sorted."""
+        try:
+            return [row[0] for row in self._handle().conn.execute(_USERS)]
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Close every connection this process opened; further use raises ``StoreError``."""
+        self._closed = True
+        with self._handles_lock:
+            handles, self._handles = self._handles, []
+        for handle in handles:
+            if handle.generation != _fork_generation:
+                continue
+            handle.conn.close()
+            if handle.lock_fd is not None:
+                os.close(handle.lock_fd)
+        self._local = threading.local()
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r}, durability={self.durability!r})"

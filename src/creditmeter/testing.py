@@ -1,0 +1,258 @@
+"""Helpers for testing code that uses creditmeter, and for testing a new store.
+
+``FakeClock`` is a clock you move by hand. ``StoreContract`` is the test
+suite every store passes; a third-party store runs it by subclassing it in a
+pytest module and providing a ``store`` fixture that yields a fresh, empty
+store::
+
+    import pytest
+    from creditmeter.testing import StoreContract
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        def store(self):
+            with MyStore(...) as store:
+                yield store
+
+The suite needs pytest, which creditmeter itself does not depend on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from creditmeter import _validate
+from creditmeter.config import RefillSettings
+from creditmeter.exceptions import DuplicateRequest, VersionConflict
+from creditmeter.models import Account, EntryKind, Hold, LedgerEntry
+from creditmeter.usage import TokenUsage
+
+if TYPE_CHECKING:
+    from creditmeter.stores.base import BalanceStore
+
+__all__ = ["FakeClock", "StoreContract", "make_account", "make_entry"]
+
+_EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+
+class FakeClock:
+    """A clock that stands still until moved: ``advance(timedelta)`` or ``set(datetime)``.
+
+    Safe to share between threads. Call it to read the time, like any clock.
+    """
+
+    def __init__(self, start: datetime = _EPOCH) -> None:
+        self._now = _validate.aware(start, name="start")
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        return self._now
+
+    def advance(self, delta: timedelta) -> datetime:
+        """Move the clock by ``delta`` (which may be negative) and return the new time."""
+        with self._lock:
+            self._now += delta
+            return self._now
+
+    def set(self, moment: datetime) -> datetime:
+        """Move the clock to ``moment`` (an aware datetime) and return it."""
+        with self._lock:
+            self._now = _validate.aware(moment, name="moment")
+            return self._now
+
+    def __repr__(self) -> str:
+        return f"FakeClock({self._now.isoformat()})"
+
+
+def make_account(user_id: str = "alice", *, version: int = 1, **fields: Any) -> Account:
+    """Build an account for store tests, with every field filled in."""
+    values: dict[str, Any] = {
+        "user_id": user_id,
+        "balance": Decimal(100),
+        "version": version,
+        "created_at": _EPOCH,
+        "updated_at": _EPOCH,
+        "last_refill": _EPOCH,
+    }
+    values.update(fields)
+    return Account(**values)
+
+
+def make_entry(user_id: str = "alice", *, balance_after: Decimal, **fields: Any) -> LedgerEntry:
+    """Build a ledger entry for store tests."""
+    values: dict[str, Any] = {
+        "id": f"entry-{next(_entry_numbers)}",
+        "user_id": user_id,
+        "kind": EntryKind.GRANT,
+        "amount": Decimal(1),
+        "balance_after": balance_after,
+        "at": _EPOCH,
+    }
+    values.update(fields)
+    return LedgerEntry(**values)
+
+
+_entry_numbers = iter(range(1, 1 << 62))
+
+
+def _raises(exc: type[BaseException]) -> Any:
+    import pytest  # noqa: PLC0415 - the suite needs pytest; creditmeter does not
+
+    return pytest.raises(exc)
+
+
+def _commit(
+    store: BalanceStore,
+    account: Account,
+    entries: Sequence[LedgerEntry] = (),
+    expected: int | None = None,
+) -> None:
+    store.commit(account, entries, expected_version=expected)
+
+
+class StoreContract:
+    """The behaviour every ``BalanceStore`` must have. Subclass it and provide a ``store`` fixture."""
+
+    def test_load_of_unknown_user_is_none(self, store: BalanceStore) -> None:
+        """A user without an account loads as None."""
+        assert store.load("nobody") is None
+
+    def test_commit_new_account_then_load_round_trips_every_field(
+        self, store: BalanceStore
+    ) -> None:
+        """Everything committed comes back equal, including refill settings and holds."""
+        later = _EPOCH + timedelta(days=3, microseconds=123456)
+        hold = Hold(
+            id="h1",
+            user_id="alice",
+            amount=Decimal("12.5"),
+            created_at=_EPOCH,
+            expires_at=later,
+            request_id="req-h",
+        )
+        refill = RefillSettings(
+            enabled=True, interval_value=2, interval_unit="months", amount=Decimal("0.001")
+        )
+        account = make_account(
+            balance=Decimal("123456789012345.678901"),
+            updated_at=later,
+            last_refill=later,
+            refill=refill,
+            holds=(hold,),
+        )
+        entry = make_entry(
+            balance_after=account.balance,
+            kind=EntryKind.CHARGE,
+            amount=Decimal("-0.000001"),
+            request_id="r-1",
+            model="gpt-4o",
+            usage=TokenUsage(input=1, output=2, cache_write=3, cache_read=4),
+            cost=Decimal("7.25"),
+            metadata={"reason": "ünïcode ✓", "n": 3, "ok": True, "none": None},
+        )
+        _commit(store, account, [entry])
+        assert store.load("alice") == account
+        assert store.ledger("alice") == [entry]
+        assert store.find_request("alice", "r-1") == entry
+
+    def test_commit_with_expected_version(self, store: BalanceStore) -> None:
+        """A commit applies when the stored version is the expected one."""
+        _commit(store, make_account(version=1))
+        updated = make_account(version=2, balance=Decimal(50))
+        _commit(store, updated, expected=1)
+        assert store.load("alice") == updated
+
+    def test_stale_version_conflicts_and_reports_current(self, store: BalanceStore) -> None:
+        """A lost compare-and-set raises VersionConflict and writes nothing."""
+        first = make_account(version=1)
+        _commit(store, first, [make_entry(balance_after=first.balance)])
+        with _raises(VersionConflict) as caught:
+            _commit(
+                store,
+                make_account(version=6, balance=Decimal(0)),
+                [make_entry(balance_after=Decimal(0))],
+                expected=5,
+            )
+        conflict = caught.value
+        assert conflict.current in (None, first)
+        assert store.load("alice") == first
+        assert len(store.ledger("alice")) == 1
+
+    def test_creating_an_existing_account_conflicts(self, store: BalanceStore) -> None:
+        """expected_version=None means "must not exist yet"."""
+        first = make_account(version=1)
+        _commit(store, first)
+        with _raises(VersionConflict) as caught:
+            _commit(store, make_account(version=1, balance=Decimal(1)))
+        assert caught.value.current in (None, first)
+        assert store.load("alice") == first
+
+    def test_expecting_a_version_of_a_missing_account_conflicts(self, store: BalanceStore) -> None:
+        """An update of an account that does not exist is a conflict."""
+        with _raises(VersionConflict):
+            _commit(store, make_account(version=2), expected=1)
+        assert store.load("alice") is None
+
+    def test_duplicate_request_id_reports_first_entry(self, store: BalanceStore) -> None:
+        """A request id recorded once for a user cannot be recorded again."""
+        first_entry = make_entry(balance_after=Decimal(100), request_id="same")
+        _commit(store, make_account(version=1), [first_entry])
+        with _raises(DuplicateRequest) as caught:
+            _commit(
+                store,
+                make_account(version=2, balance=Decimal(101)),
+                [make_entry(balance_after=Decimal(101), request_id="same")],
+                expected=1,
+            )
+        assert caught.value.entry == first_entry
+        assert caught.value.request_id == "same"
+        assert store.load("alice") == make_account(version=1)
+        assert store.ledger("alice") == [first_entry]
+
+    def test_request_ids_are_per_user(self, store: BalanceStore) -> None:
+        """Two users may use the same request id."""
+        _commit(store, make_account("a"), [make_entry("a", balance_after=Decimal(100), request_id="r")])
+        _commit(store, make_account("b"), [make_entry("b", balance_after=Decimal(100), request_id="r")])
+        assert store.find_request("a", "r") is not None
+        assert store.find_request("b", "r") is not None
+        assert store.find_request("c", "r") is None
+
+    def test_ledger_order_and_limit(self, store: BalanceStore) -> None:
+        """The ledger is oldest first; a limit keeps the newest entries, still oldest first."""
+        entries = [make_entry(balance_after=Decimal(i)) for i in range(5)]
+        _commit(store, make_account(version=1), entries[:2])
+        _commit(store, make_account(version=2), entries[2:], expected=1)
+        assert store.ledger("alice") == entries
+        assert store.ledger("alice", limit=2) == entries[3:]
+        assert store.ledger("alice", limit=50) == entries
+        assert store.ledger("nobody") == []
+
+    def test_users_sorted(self, store: BalanceStore) -> None:
+        """users() lists every account holder, sorted."""
+        for name in ("carol", "alice", "bob"):
+            _commit(store, make_account(name))
+        assert store.users() == ["alice", "bob", "carol"]
+
+    def test_hostile_user_ids_stay_apart(self, store: BalanceStore) -> None:
+        """Ids that look like keys, SQL or other ids are distinct users."""
+        ids = ["a:b", "a", "b", "{x}", "a}b", "'; DROP TABLE x; --", "%", "_", "é", "e\u0301"]
+        for number, user in enumerate(ids):
+            _commit(store, make_account(user, balance=Decimal(number)))
+        for number, user in enumerate(ids):
+            loaded = store.load(user)
+            assert loaded is not None
+            assert loaded.balance == Decimal(number)
+        assert store.users() == sorted(ids)
+
+    def test_many_entries_in_one_commit(self, store: BalanceStore) -> None:
+        """All entries of one commit are appended, in order."""
+        entries = [
+            make_entry(balance_after=Decimal(i), request_id=f"r{i}" if i % 2 else None)
+            for i in range(10)
+        ]
+        _commit(store, make_account(), entries)
+        assert store.ledger("alice") == entries
