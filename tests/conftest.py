@@ -24,12 +24,8 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
     memory = MemoryStore()
 
     def factory() -> BalanceStore:
-        store: BalanceStore
-        if request.param == "memory":
-            # Memory stores cannot be reopened; hand out the same one.
-            store = memory
-        else:
-            store = SQLiteStore(path)
+        # Memory stores cannot be reopened: every "reopening" hands out the same one.
+        store: BalanceStore = memory if request.param == "memory" else SQLiteStore(path)
         opened.append(store)
         return store
 

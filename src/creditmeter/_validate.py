@@ -50,7 +50,7 @@ def amount(value: Any, *, name: str = "amount", positive: bool = False) -> Decim
     return result
 
 
-def _plain(value: int | float | Decimal) -> int | float | Decimal:
+def _plain(value: float | Decimal) -> int | float | Decimal:
     if isinstance(value, Decimal):
         return Decimal(value)
     if isinstance(value, int):

@@ -173,7 +173,7 @@ def balance_section(document: Any, *, source: str) -> Mapping[str, Any]:
 
 @attrs.frozen(kw_only=True)
 class RetryPolicy:
-    """How a manager retries a lost compare-and-set: at most ``attempts`` tries within ``timeout`` seconds.
+    """How a manager retries a lost compare-and-set: ``attempts`` tries within ``timeout`` seconds.
 
     The first retry runs at once from the account the conflict reported; later
     ones wait a jittered exponential backoff from ``initial_backoff`` up to
@@ -226,11 +226,7 @@ _EXPECTED: dict[str, tuple[str, tuple[type, ...]]] = {
 
 def _check_plain_type(key: str, name: str, value: object) -> None:
     wanted, types = _EXPECTED[name]
-    if isinstance(value, bool) and bool not in types:
-        ok = False
-    else:
-        ok = isinstance(value, types)
-    if not ok:
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         raise ConfigError(f"balance config key {key!r} must be {wanted}, got {value!r}")
 
 

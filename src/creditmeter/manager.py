@@ -113,7 +113,7 @@ class BalanceManager:
     def grant(
         self,
         user_id: str,
-        amount: int | Decimal | float,
+        amount: Decimal | float,
         *,
         request_id: str | None = None,
         reason: str | None = None,
@@ -121,7 +121,7 @@ class BalanceManager:
     ) -> LedgerEntry:
         """Add credits to the user's balance; returns the ``GRANT`` entry."""
         user_id = _validate.user_id(user_id)
-        credits = _validate.amount(amount, positive=True)
+        value = _validate.amount(amount, positive=True)
         request_id = _validate.optional_text(request_id, name="request_id")
         meta = _with_reason(metadata, reason)
         config = self.config
@@ -130,7 +130,7 @@ class BalanceManager:
             return rules.grant(
                 account,
                 user_id,
-                credits,
+                value,
                 config=config,
                 now=now,
                 new_id=new_id,
@@ -143,7 +143,7 @@ class BalanceManager:
     def charge(
         self,
         user_id: str,
-        amount: int | Decimal | float | None = None,
+        amount: Decimal | float | None = None,
         *,
         model: str | None = None,
         usage: TokenUsage | None = None,
@@ -168,7 +168,7 @@ class BalanceManager:
             raise InvalidInput(f"strict must be True or False, got {strict!r}")
         config = self.config
 
-        def plan(account: Account | None, now: datetime) -> rules.Change:
+        def plan(account: Account | None, now: datetime, *, strict: bool = strict) -> rules.Change:
             return rules.charge(
                 account,
                 user_id,
@@ -183,12 +183,15 @@ class BalanceManager:
                 metadata=meta,
             )
 
-        return self._apply(user_id, plan, request_id=request_id)
+        def lenient(account: Account | None, now: datetime) -> rules.Change:
+            return plan(account, now, strict=False)
+
+        return self._apply(user_id, plan, request_id=request_id, lenient=lenient)
 
     def set_balance(
         self,
         user_id: str,
-        amount: int | Decimal | float,
+        amount: Decimal | float,
         *,
         request_id: str | None = None,
         reason: str | None = None,
@@ -214,11 +217,10 @@ class BalanceManager:
 
         return self._apply(user_id, plan, request_id=request_id)
 
-    def maybe_refill(self, user_id: str, *, cost: int | Decimal | float = 0) -> LedgerEntry | None:
-        """Apply a refill if one is due (see ``rules.refill_due``); returns its entry or ``None``."""
+    def maybe_refill(self, user_id: str, *, cost: Decimal | float = 0) -> LedgerEntry | None:
+        """Apply a refill if one is due (see ``rules.refill_due``); return its entry or ``None``."""
         user_id = _validate.user_id(user_id)
-        credits = _validate.amount(cost, name="cost")
-        change = self._refill(user_id, credits)
+        change = self._refill(user_id, _validate.amount(cost, name="cost"))
         if not change.entries or change.entry.kind is not EntryKind.REFILL:
             return None
         return change.entry
@@ -226,7 +228,7 @@ class BalanceManager:
     def check(
         self,
         user_id: str,
-        cost: int | Decimal | float | None = None,
+        cost: Decimal | float | None = None,
         *,
         model: str | None = None,
         input_tokens: int | None = None,
@@ -237,14 +239,14 @@ class BalanceManager:
         zero. Equal to the cost is enough.
         """
         user_id = _validate.user_id(user_id)
-        credits = self._check_cost(cost, model=model, input_tokens=input_tokens)
-        change = self._refill(user_id, credits if credits is not None else _ZERO)
-        return rules.check(change.account, credits, config=self.config)
+        price = self._check_cost(cost, model=model, input_tokens=input_tokens)
+        change = self._refill(user_id, price if price is not None else _ZERO)
+        return rules.check(change.account, price, config=self.config)
 
     def require(
         self,
         user_id: str,
-        cost: int | Decimal | float | None = None,
+        cost: Decimal | float | None = None,
         *,
         model: str | None = None,
         input_tokens: int | None = None,
@@ -285,9 +287,9 @@ class BalanceManager:
 
     def _cost(
         self,
-        amount: int | Decimal | float | None,
+        amount: Decimal | float | None,
         *,
-        model: str | None,
+        model: str | None,  # noqa: ARG002 - priced once a pricing table is given
         usage: TokenUsage | None,
         incomplete: bool,
     ) -> Decimal:
@@ -307,7 +309,7 @@ class BalanceManager:
 
     def _check_cost(
         self,
-        cost: int | Decimal | float | None,
+        cost: Decimal | float | None,
         *,
         model: str | None,
         input_tokens: int | None,
@@ -350,8 +352,19 @@ class BalanceManager:
         with self._lock(user_id):
             return self._write(user_id, plan, fresh=True, account=self.store.load(user_id))
 
-    def _apply(self, user_id: str, plan: Plan, *, request_id: str | None) -> LedgerEntry:
-        """Run one write from the last account seen and return the operation's entry."""
+    def _apply(
+        self,
+        user_id: str,
+        plan: Plan,
+        *,
+        request_id: str | None,
+        lenient: Plan | None = None,
+    ) -> LedgerEntry:
+        """Run one write from the last account seen and return the operation's entry.
+
+        ``lenient`` plans the same request without refusing; it tells whether a
+        refused request repeats one already applied under its request id.
+        """
         with self._lock(user_id):
             account = self._seen.get(user_id)
             fresh = account is None
@@ -362,11 +375,13 @@ class BalanceManager:
             except _Replayed as replayed:
                 return replayed.entry
             except InsufficientBalance:
-                if request_id is not None:
-                    found = self.store.find_request(user_id, request_id)
-                    if found is not None:
-                        return found
-                raise
+                if request_id is None or lenient is None:
+                    raise
+                found = self.store.find_request(user_id, request_id)
+                if found is None:
+                    raise
+                # An applied request is answered with its entry, even if it could not pay now.
+                return rules.replay(found, lenient(self.store.load(user_id), self._now()).entry)
 
     def _write(
         self, user_id: str, plan: Plan, *, fresh: bool, account: Account | None
@@ -378,6 +393,14 @@ class BalanceManager:
             if self.retry.attempts <= 1:
                 raise
             seen: list[Account | None] = [conflict.current]
+        exclusive = getattr(self.store, "exclusive", None)
+        if exclusive is not None:
+            # Under the store's writer lock a fresh load cannot be overtaken.
+            with exclusive(user_id):
+                try:
+                    return self._attempt(user_id, plan, None, fresh=False)
+                except VersionConflict as conflict:  # a writer that ignores the lock
+                    seen[0] = conflict.current
         for attempt in retrying(self.retry):
             with attempt:
                 try:
@@ -421,14 +444,14 @@ class BalanceManager:
         return change
 
 
-class _Settled(Exception):  # noqa: N818 - control flow, never escapes
+class _Settled(Exception):
     """Raised by a plan that finds nothing to write."""
 
     def __init__(self, change: rules.Change) -> None:
         self.change = change
 
 
-class _Replayed(Exception):  # noqa: N818 - control flow, never escapes
+class _Replayed(Exception):
     """Raised when a commit finds its request id already applied with the same parameters."""
 
     def __init__(self, entry: LedgerEntry) -> None:

@@ -199,7 +199,7 @@ def _next_version(
         balance=balance,
         version=account.version + 1,
         created_at=account.created_at,
-        updated_at=now if now > account.updated_at else account.updated_at,
+        updated_at=max(account.updated_at, now),
         last_refill=last_refill,
         refill=account.refill,
         holds=account.holds,
@@ -426,6 +426,12 @@ def check(account: Account, cost: Decimal | None, *, config: BalanceConfig) -> B
 # --- idempotency ------------------------------------------------------------
 
 
+_REQUEST_FIELDS: dict[EntryKind, tuple[str, ...]] = {
+    EntryKind.GRANT: ("amount",),
+    EntryKind.ADJUST: ("balance_after",),
+}
+
+
 def replay(existing: LedgerEntry, attempted: LedgerEntry) -> LedgerEntry:
     """Return ``existing`` if ``attempted`` repeats the same request, else raise.
 
@@ -441,14 +447,7 @@ def replay(existing: LedgerEntry, attempted: LedgerEntry) -> LedgerEntry:
             request_id,
             detail=f"first a {existing.kind.value}, now a {attempted.kind.value}",
         )
-    kind = existing.kind
-    if kind is EntryKind.GRANT:
-        fields = ("amount",)
-    elif kind is EntryKind.ADJUST:
-        fields = ("balance_after",)
-    else:
-        fields = ("cost", "model", "usage")
-    for name in fields:
+    for name in _REQUEST_FIELDS.get(existing.kind, ("cost", "model", "usage")):
         before, now = getattr(existing, name), getattr(attempted, name)
         if before != now:
             raise IdempotencyConflict(

@@ -81,11 +81,11 @@ def _from_json(text: str | bytes, cls: type[_T]) -> _T:
         data = json.loads(text)
         if not isinstance(data, dict):
             msg = "not a JSON object"
-            raise TypeError(msg)  # noqa: TRY301 - folded into the StoreError below
+            raise TypeError(msg)
         schema = data.pop("schema", None)
         if schema != SCHEMA_VERSION:
             msg = f"unknown schema {schema!r}"
-            raise ValueError(msg)  # noqa: TRY301
+            raise ValueError(msg)
         return _converter.structure(data, cls)
     except Exception as exc:
         raise StoreError(f"stored {cls.__name__} is corrupt: {exc}") from exc

@@ -50,6 +50,7 @@ class FakeClock:
         self._lock = threading.Lock()
 
     def __call__(self) -> datetime:
+        """Return the current fake time."""
         return self._now
 
     def advance(self, delta: timedelta) -> datetime:
@@ -115,7 +116,7 @@ def _commit(
 
 
 class StoreContract:
-    """The behaviour every ``BalanceStore`` must have. Subclass it and provide a ``store`` fixture."""
+    """What every ``BalanceStore`` must do. Subclass it and provide a ``store`` fixture."""
 
     def test_load_of_unknown_user_is_none(self, store: BalanceStore) -> None:
         """A user without an account loads as None."""
@@ -215,8 +216,12 @@ class StoreContract:
 
     def test_request_ids_are_per_user(self, store: BalanceStore) -> None:
         """Two users may use the same request id."""
-        _commit(store, make_account("a"), [make_entry("a", balance_after=Decimal(100), request_id="r")])
-        _commit(store, make_account("b"), [make_entry("b", balance_after=Decimal(100), request_id="r")])
+        _commit(
+            store, make_account("a"), [make_entry("a", balance_after=Decimal(100), request_id="r")]
+        )
+        _commit(
+            store, make_account("b"), [make_entry("b", balance_after=Decimal(100), request_id="r")]
+        )
         assert store.find_request("a", "r") is not None
         assert store.find_request("b", "r") is not None
         assert store.find_request("c", "r") is None

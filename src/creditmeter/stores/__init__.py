@@ -27,7 +27,8 @@ def _memory(url: str) -> BalanceStore:
 def _sqlite(url: str) -> BalanceStore:
     if not url.startswith("sqlite:///"):
         raise ConfigError(
-            f"an SQLite URL is sqlite:///relative/path.db or sqlite:////absolute/path.db, got {url!r}"
+            "an SQLite URL is sqlite:///relative/path.db or sqlite:////absolute/path.db, "
+            f"got {url!r}"
         )
     parts = urlsplit(url)
     path = unquote(parts.path[1:])  # the third slash only separates the (empty) host

@@ -3,16 +3,24 @@
 A store holds no business rule. It loads an account, and commits a new
 account version together with its ledger entries, atomically, only if the
 stored version is the expected one. See DESIGN.md section 5.
+
+A store may also offer ``exclusive(user_id)``, a context manager during which
+no other writer can commit to that user. Managers use it, when present, to
+retry after a lost compare-and-set: under it a load and a commit cannot lose
+again, so contended writers are served in turn rather than the last winner
+winning again. Stores that cannot offer it (Redis's one-trip scripts) rely on
+the retry policy alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 from creditmeter.models import Account, LedgerEntry
 
-__all__ = ["BalanceStore"]
+__all__ = ["BalanceStore", "ExclusiveStore"]
 
 
 @runtime_checkable
@@ -54,4 +62,13 @@ class BalanceStore(Protocol):
 
     def close(self) -> None:
         """Release the store's connections; further use is an error."""
+        ...
+
+
+@runtime_checkable
+class ExclusiveStore(BalanceStore, Protocol):
+    """A store that can keep other writers of one user out for a while."""
+
+    def exclusive(self, user_id: str) -> AbstractContextManager[None]:
+        """Hold off every other writer of ``user_id`` until the block ends."""
         ...

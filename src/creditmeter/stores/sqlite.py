@@ -86,12 +86,23 @@ if hasattr(os, "register_at_fork"):
 class _Handle:
     """One thread's connection and writer-lock file descriptor."""
 
-    __slots__ = ("conn", "generation", "lock_fd")
+    __slots__ = ("conn", "depth", "generation", "lock_fd")
 
     def __init__(self, conn: sqlite3.Connection, lock_fd: int | None, generation: int) -> None:
         self.conn = conn
         self.lock_fd = lock_fd
         self.generation = generation
+        self.depth = 0  # how many nested holders of the writer lock this thread has
+
+    def acquire(self) -> None:
+        if self.depth == 0 and self.lock_fd is not None:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        self.depth += 1
+
+    def release(self) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.lock_fd is not None:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
 
 
 class SQLiteStore:
@@ -175,12 +186,26 @@ class SQLiteStore:
         return handle
 
     @contextlib.contextmanager
+    def exclusive(self, user_id: str) -> Iterator[None]:  # noqa: ARG002 - one lock for the file
+        """Keep every other writer of this file (in any process) out until the block ends.
+
+        Managers use it to retry after a lost compare-and-set: reading and
+        committing under the writer lock cannot lose again, and the waiting
+        writers are served in turn instead of the last winner winning again.
+        """
+        handle = self._handle()
+        handle.acquire()
+        try:
+            yield
+        finally:
+            handle.release()
+
+    @contextlib.contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
         """Hold the writer lock and an immediate transaction; roll back on any error."""
         handle = self._handle()
         conn = handle.conn
-        if handle.lock_fd is not None:
-            fcntl.flock(handle.lock_fd, fcntl.LOCK_EX)
+        handle.acquire()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -191,8 +216,7 @@ class SQLiteStore:
                 raise
             conn.execute("COMMIT")
         finally:
-            if handle.lock_fd is not None:
-                fcntl.flock(handle.lock_fd, fcntl.LOCK_UN)
+            handle.release()
 
     def _init_schema(self) -> None:
         try:
@@ -258,7 +282,7 @@ class SQLiteStore:
                 for row in rows:
                     try:
                         conn.execute(_INSERT_ENTRY, row)
-                    except sqlite3.IntegrityError:
+                    except sqlite3.IntegrityError:  # noqa: PERF203 - the rare duplicate path
                         request_id = row[1]
                         if request_id is None:
                             raise

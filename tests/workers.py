@@ -1,0 +1,66 @@
+"""Worker processes for the multi-process tests, run as ``python tests/workers.py COMMAND ...``.
+
+Each worker opens its own store on the given SQLite file (nothing crosses a
+process boundary but the file) and reports on stdout, one line per event,
+flushed, so the parent knows exactly what was acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from creditmeter import BalanceConfig, BalanceManager, SQLiteStore, VersionConflict
+
+CONFIG = BalanceConfig(enabled=True, start_balance=10**9)
+
+
+class CountingStore(SQLiteStore):
+    """An SQLiteStore that counts the compare-and-sets it lost."""
+
+    conflicts = 0
+
+    def commit(self, account, entries, *, expected_version):
+        try:
+            super().commit(account, entries, expected_version=expected_version)
+        except VersionConflict:
+            type(self).conflicts += 1
+            raise
+
+
+def wait_for(go: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("the start signal never came")
+        time.sleep(0.001)
+
+
+def charge(path: str, user: str, count: str, go: str, tag: str) -> None:
+    """Charge 1 credit ``count`` times once ``go`` exists; print a JSON summary."""
+    with BalanceManager(CountingStore(path), CONFIG) as manager:
+        manager.account(user)
+        print("ready", flush=True)
+        wait_for(Path(go))
+        for number in range(int(count)):
+            manager.charge(user, 1, request_id=f"{tag}-{number}")
+        print(json.dumps({"done": int(count), "conflicts": CountingStore.conflicts}), flush=True)
+
+
+def crash(path: str, user: str, tag: str) -> None:
+    """Charge 1 credit at a time forever, printing each acknowledged request id."""
+    with BalanceManager(SQLiteStore(path), CONFIG) as manager:
+        print("ready", flush=True)
+        number = 0
+        while True:
+            request_id = f"{tag}-{number}"
+            manager.charge(user, 1, request_id=request_id)
+            print(request_id, flush=True)
+            number += 1
+
+
+if __name__ == "__main__":
+    command, *arguments = sys.argv[1:]
+    {"charge": charge, "crash": crash}[command](*arguments)
