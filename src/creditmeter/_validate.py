@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from creditmeter.exceptions import InvalidInput
@@ -13,8 +13,10 @@ from creditmeter.exceptions import InvalidInput
 MAX_AMOUNT = Decimal(10) ** 15
 MAX_USER_ID_LENGTH = 256
 
-# C0 and C1 control characters; DEL included.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 control characters, DEL, and lone surrogates (which no store can encode).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+MAX_DECIMAL_PLACES = 30
 _ZERO = Decimal(0)
 
 
@@ -47,7 +49,23 @@ def amount(value: Any, *, name: str = "amount", positive: bool = False) -> Decim
         raise InvalidInput(f"{name} must be {wanted}, got {value!r}")
     if result > MAX_AMOUNT:
         raise InvalidInput(f"{name} must be at most 10**15, got {value!r}")
+    exponent = result.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -MAX_DECIMAL_PLACES and _places(result) > 30:
+        raise InvalidInput(f"{name} must have at most 30 decimal places, got {value!r}")
     return result
+
+
+def _places(value: Decimal) -> int:
+    """Decimal places of ``value`` once trailing zeros are dropped."""
+    digits = value.as_tuple().digits
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite here
+    trailing = 0
+    for digit in reversed(digits):
+        if digit != 0:
+            break
+        trailing += 1
+    return max(-(exponent + trailing), 0)
 
 
 def _plain(value: float | Decimal) -> int | float | Decimal:
@@ -65,7 +83,9 @@ def user_id(value: Any) -> str:
     if not value or len(value) > MAX_USER_ID_LENGTH:
         raise InvalidInput(f"user_id must have 1 to 256 characters, got {len(value)}")
     if _CONTROL.search(value):
-        raise InvalidInput(f"user_id must not contain control characters, got {value!r}")
+        raise InvalidInput(
+            f"user_id must not contain control characters or lone surrogates, got {value!r}"
+        )
     return value
 
 
@@ -76,7 +96,9 @@ def optional_text(value: Any, *, name: str, max_length: int = 256) -> str | None
     if type(value) is not str or not value or len(value) > max_length:
         raise InvalidInput(f"{name} must be a str of 1 to {max_length} characters, got {value!r}")
     if _CONTROL.search(value):
-        raise InvalidInput(f"{name} must not contain control characters, got {value!r}")
+        raise InvalidInput(
+            f"{name} must not contain control characters or lone surrogates, got {value!r}"
+        )
     return value
 
 
@@ -102,8 +124,10 @@ def metadata(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise InvalidInput(f"metadata must be a dict, got {type(value).__name__}")
     for key, item in value.items():
-        if type(key) is not str:
-            raise InvalidInput(f"metadata keys must be str, got {key!r}")
+        if type(key) is not str or _SURROGATE.search(key):
+            raise InvalidInput(f"metadata keys must be str without lone surrogates, got {key!r}")
+        if isinstance(item, str) and _SURROGATE.search(item):
+            raise InvalidInput(f"metadata[{key!r}] must not contain lone surrogates")
         if not isinstance(item, _METADATA_VALUE) or (
             isinstance(item, float) and not math.isfinite(item)
         ):
@@ -111,11 +135,3 @@ def metadata(value: Any) -> dict[str, Any] | None:
                 f"metadata[{key!r}] must be a str, int, finite float, bool or None, got {item!r}"
             )
     return dict(value)
-
-
-def decimal_text(text: str) -> Decimal:
-    """Parse a stored decimal string; used by stores reading their own data."""
-    try:
-        return Decimal(text)
-    except InvalidOperation as exc:
-        raise InvalidInput(f"not a decimal: {text!r}") from exc

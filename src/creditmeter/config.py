@@ -155,7 +155,7 @@ def balance_section(document: Any, *, source: str) -> Mapping[str, Any]:
     """Return the balance section of a parsed YAML document.
 
     A document with a top-level ``balance`` key gives that value; a document
-    whose keys are all balance keys is itself the section.
+    with any balance key at the top is itself the section.
     """
     if not isinstance(document, Mapping):
         raise ConfigError(f"config file {source!r} must hold a mapping")
@@ -166,8 +166,8 @@ def balance_section(document: Any, *, source: str) -> Mapping[str, Any]:
         if not isinstance(section, Mapping):
             raise ConfigError(f"'balance' in {source!r} must be a mapping")
         return section
-    if document and all(key in _KEYS for key in document):
-        return document
+    if any(key in _KEYS for key in document):
+        return document  # a balance-only file; from_mapping names any unknown key
     raise ConfigError(f"config file {source!r} has no 'balance' section")
 
 

@@ -70,6 +70,8 @@ _LEDGER = "SELECT data FROM creditmeter_ledger WHERE user_id = ? ORDER BY seq"
 _LEDGER_TAIL = "SELECT data FROM creditmeter_ledger WHERE user_id = ? ORDER BY seq DESC LIMIT ?"
 _USERS = "SELECT user_id FROM creditmeter_accounts ORDER BY user_id"
 
+_SQLITE_MAX_INT = 2**63 - 1
+
 # Bumped in a forked child, so that no connection or lock file crosses a fork.
 _fork_generation = 0
 
@@ -310,7 +312,7 @@ class SQLiteStore:
             if limit is None:
                 rows = conn.execute(_LEDGER, (user_id,)).fetchall()
             else:
-                rows = conn.execute(_LEDGER_TAIL, (user_id, limit)).fetchall()
+                rows = conn.execute(_LEDGER_TAIL, (user_id, min(limit, _SQLITE_MAX_INT))).fetchall()
                 rows.reverse()
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite read failed: {exc}") from exc
