@@ -387,3 +387,19 @@ def test_strict_charge_from_a_stale_account_rechecks_the_store(store_factory, cl
     first.set_balance("u", 0)  # `first` remembers a zero balance
     second.grant("u", 100)
     assert first.charge("u", 60, strict=True).balance_after == 40
+
+
+def test_large_balances_with_many_decimals_stay_exact(manager):
+    manager.set_balance("u", 10**15)
+    entry = manager.charge("u", Decimal("0.0000000000001"))
+    assert entry.balance_after == Decimal("999999999999999.9999999999999")
+    assert sum(e.amount for e in manager.ledger("u")) == manager.balance("u")
+
+
+def test_more_than_thirty_decimal_places_is_invalid(manager):
+    from creditmeter import InvalidInput
+
+    manager.grant("u", Decimal("1e-30"))
+    with pytest.raises(InvalidInput, match="30 decimal places"):
+        manager.grant("u", Decimal("1e-31"))
+    manager.grant("u", Decimal("2." + "0" * 40))  # trailing zeros are not places

@@ -19,8 +19,9 @@ from creditmeter.exceptions import (
 )
 from creditmeter.manager import BalanceManager
 from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry
+from creditmeter.pricing import Cost, ModelRate, Pricing, Rates
 from creditmeter.stores import BalanceStore, MemoryStore, SQLiteStore, open_store
-from creditmeter.usage import TokenUsage
+from creditmeter.usage import StreamUsage, TokenUsage, usage_from_stream
 
 __all__ = [
     "Account",
@@ -29,6 +30,7 @@ __all__ = [
     "BalanceManager",
     "BalanceStore",
     "ConfigError",
+    "Cost",
     "CreditMeterError",
     "DuplicateRequest",
     "EntryKind",
@@ -38,12 +40,17 @@ __all__ = [
     "InvalidInput",
     "LedgerEntry",
     "MemoryStore",
+    "ModelRate",
+    "Pricing",
+    "Rates",
     "RefillSettings",
     "RetryPolicy",
     "SQLiteStore",
     "StoreError",
+    "StreamUsage",
     "TokenUsage",
     "VersionConflict",
     "__version__",
     "open_store",
+    "usage_from_stream",
 ]

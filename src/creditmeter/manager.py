@@ -29,8 +29,9 @@ from creditmeter.exceptions import (
     VersionConflict,
 )
 from creditmeter.models import Account, BalanceCheck, EntryKind, LedgerEntry
+from creditmeter.pricing import Pricing, Rates
 from creditmeter.stores.base import BalanceStore
-from creditmeter.usage import TokenUsage
+from creditmeter.usage import MAX_TOKENS, TokenUsage
 
 __all__ = ["BalanceManager", "Clock"]
 
@@ -60,13 +61,13 @@ class BalanceManager:
         store: BalanceStore,
         config: BalanceConfig | None = None,
         *,
-        pricing: object | None = None,
+        pricing: Pricing | None = None,
         clock: Clock | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
         self.store = store
         self.config = config if config is not None else BalanceConfig()
-        self.pricing = pricing
+        self.pricing = pricing if pricing is not None else Pricing.librechat()
         self.clock: Clock = clock if clock is not None else utc_now
         self.retry = retry if retry is not None else RetryPolicy()
         self._locks = tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
@@ -160,8 +161,8 @@ class BalanceManager:
         after a due refill, cannot pay.
         """
         user_id = _validate.user_id(user_id)
-        cost = self._cost(amount, model=model, usage=usage, incomplete=incomplete)
         model = _validate.optional_text(model, name="model")
+        cost, rates = self._cost(amount, model=model, usage=usage, incomplete=incomplete)
         request_id = _validate.optional_text(request_id, name="request_id")
         meta = _validate.metadata(metadata)
         if type(strict) is not bool:
@@ -180,6 +181,7 @@ class BalanceManager:
                 request_id=request_id,
                 model=model,
                 usage=usage,
+                rates=rates,
                 metadata=meta,
             )
 
@@ -289,10 +291,11 @@ class BalanceManager:
         self,
         amount: Decimal | float | None,
         *,
-        model: str | None,  # noqa: ARG002 - priced once a pricing table is given
+        model: str | None,
         usage: TokenUsage | None,
         incomplete: bool,
-    ) -> Decimal:
+    ) -> tuple[Decimal, Rates | None]:
+        """The cost of a charge: the amount given, else the priced usage (with its rates)."""
         if usage is not None and not isinstance(usage, TokenUsage):
             raise InvalidInput(f"usage must be a TokenUsage, got {type(usage).__name__}")
         if type(incomplete) is not bool:
@@ -300,12 +303,11 @@ class BalanceManager:
         if amount is not None:
             if incomplete:
                 raise InvalidInput("incomplete=True applies to priced usage, not to an amount")
-            return _validate.amount(amount)
+            return _validate.amount(amount), None
         if usage is None:
             raise InvalidInput("charge needs an amount, or usage (with model) to price")
-        raise InvalidInput(
-            "pricing usage needs a pricing table; pass amount= or give the manager pricing="
-        )
+        priced = self.pricing.cost(model, usage, incomplete=incomplete)
+        return _validate.amount(priced.total, name="priced cost"), priced.rates
 
     def _check_cost(
         self,
@@ -314,15 +316,19 @@ class BalanceManager:
         model: str | None,
         input_tokens: int | None,
     ) -> Decimal | None:
+        """The cost a check is about: given, or the prompt priced as LibreChat's check does."""
         if cost is not None:
             if model is not None or input_tokens is not None:
                 raise InvalidInput("give cost, or model and input_tokens, not both")
             return _validate.amount(cost, name="cost")
-        if model is None and input_tokens is None:
+        if input_tokens is None:
+            if model is not None:
+                raise InvalidInput("a check by model needs input_tokens to price")
             return None
-        raise InvalidInput(
-            "pricing input_tokens needs a pricing table; pass cost= or give the manager pricing="
-        )
+        if type(input_tokens) is not int or not 0 <= input_tokens <= MAX_TOKENS:
+            raise InvalidInput(f"input_tokens must be an int in 0..10**10, got {input_tokens!r}")
+        model = _validate.optional_text(model, name="model")
+        return self.pricing.prompt_cost(model, input_tokens)
 
     def _now(self) -> datetime:
         return _validate.aware(self.clock())

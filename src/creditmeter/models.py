@@ -15,7 +15,9 @@ from typing import Any
 
 import attrs
 
+from creditmeter._exact import EXACT
 from creditmeter.config import RefillSettings
+from creditmeter.pricing import Rates
 from creditmeter.usage import TokenUsage
 
 __all__ = ["Account", "BalanceCheck", "EntryKind", "Hold", "LedgerEntry"]
@@ -73,14 +75,17 @@ class Account:
     @property
     def held(self) -> Decimal:
         """Credits set aside by the account's holds."""
-        return sum((hold.amount for hold in self.holds), _ZERO)
+        total = _ZERO
+        for hold in self.holds:
+            total = EXACT.add(total, hold.amount)
+        return total
 
     @property
     def available(self) -> Decimal:
         """The balance less the credits held for calls in flight."""
         if not self.holds:
             return self.balance
-        return self.balance - self.held
+        return EXACT.subtract(self.balance, self.held)
 
 
 @attrs.frozen(kw_only=True)
@@ -89,7 +94,9 @@ class LedgerEntry:
 
     ``amount`` is the signed change actually applied to the balance;
     ``balance_after`` is the balance once it was applied. For charges,
-    ``cost`` is the full priced cost before any clamping at zero.
+    ``cost`` is the full priced cost before any clamping at zero, and a
+    priced charge keeps the ``model``, ``usage`` and ``rates`` it was priced
+    with, so it can be audited and re-priced later.
     """
 
     id: str
@@ -102,6 +109,7 @@ class LedgerEntry:
     model: str | None = None
     usage: TokenUsage | None = None
     cost: Decimal | None = None
+    rates: Rates | None = None
     metadata: dict[str, Any] | None = None
 
 

@@ -21,9 +21,11 @@ from typing import Any, NamedTuple
 
 import attrs
 
+from creditmeter._exact import EXACT
 from creditmeter.config import BalanceConfig, RefillSettings
 from creditmeter.exceptions import IdempotencyConflict, InsufficientBalance
 from creditmeter.models import Account, BalanceCheck, EntryKind, LedgerEntry
+from creditmeter.pricing import Rates
 from creditmeter.usage import TokenUsage
 
 __all__ = [
@@ -151,7 +153,7 @@ class _Draft:
     @property
     def available(self) -> Decimal:
         held = self.account.held if self.account.holds else _ZERO
-        return self.balance - held
+        return EXACT.subtract(self.balance, held)
 
     def add(
         self,
@@ -164,9 +166,10 @@ class _Draft:
         model: str | None = None,
         usage: TokenUsage | None = None,
         cost: Decimal | None = None,
+        rates: Rates | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        self.balance += amount
+        self.balance = EXACT.add(self.balance, amount)
         self.entries.append(
             LedgerEntry(
                 id=new_id(),
@@ -179,6 +182,7 @@ class _Draft:
                 model=model,
                 usage=usage,
                 cost=cost,
+                rates=rates,
                 metadata=metadata,
             )
         )
@@ -221,7 +225,7 @@ def effective_refill(account: Account, config: BalanceConfig) -> RefillSettings:
     return account.refill if account.refill is not None else config.refill
 
 
-def refill_due(
+def refill_due(  # noqa: PLR0911 - one return per reason a refill is not due
     account: Account, *, config: BalanceConfig, now: datetime, cost: Decimal = _ZERO
 ) -> Decimal:
     """How many credits a refill adds now; zero when none is due.
@@ -244,13 +248,17 @@ def refill_due(
         value, unit = settings.interval_value, settings.interval_unit
     if not enabled or amount <= _ZERO:
         return _ZERO
-    if now < add_interval(account.last_refill, value, unit):
+    try:
+        due_at = add_interval(account.last_refill, value, unit)
+    except OverflowError:  # an interval past year 9999 never comes
+        return _ZERO
+    if now < due_at:
         return _ZERO
     mode = config.refill_mode
     if mode == "when_depleted":
-        return amount if account.available - cost <= _ZERO else _ZERO
+        return amount if EXACT.subtract(account.available, cost) <= _ZERO else _ZERO
     if mode == "top_up":
-        return max(amount - account.balance, _ZERO)
+        return max(EXACT.subtract(amount, account.balance), _ZERO)
     return amount
 
 
@@ -324,7 +332,7 @@ def set_balance(
     draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
     draft.add(
         EntryKind.ADJUST,
-        target - draft.balance,
+        EXACT.subtract(target, draft.balance),
         now=now,
         new_id=new_id,
         request_id=request_id,
@@ -345,6 +353,7 @@ def charge(
     request_id: str | None = None,
     model: str | None = None,
     usage: TokenUsage | None = None,
+    rates: Rates | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Change:
     """Spend ``cost`` credits.
@@ -359,18 +368,19 @@ def charge(
         # The common case, without a draft: one entry on an existing account.
         balance = account.balance
         applied = _applied(cost, balance, config)
-        after = balance - applied
+        after = EXACT.subtract(balance, applied)
         entry = LedgerEntry(
             id=new_id(),
             user_id=user_id,
             kind=EntryKind.CHARGE,
-            amount=-applied,
+            amount=applied.copy_negate(),
             balance_after=after,
             at=now,
             request_id=request_id,
             model=model,
             usage=usage,
             cost=cost,
+            rates=rates,
             metadata=metadata,
         )
         return Change(
@@ -386,13 +396,14 @@ def charge(
             )
     draft.add(
         EntryKind.CHARGE,
-        -_applied(cost, draft.balance, config),
+        _applied(cost, draft.balance, config).copy_negate(),
         now=now,
         new_id=new_id,
         request_id=request_id,
         model=model,
         usage=usage,
         cost=cost,
+        rates=rates,
         metadata=metadata,
     )
     return draft.finish(now)

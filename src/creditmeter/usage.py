@@ -1,14 +1,21 @@
-"""Token counts of one model call."""
+"""Token counts of one model call, and reading them from what provider SDKs return.
+
+``TokenUsage.from_response`` understands OpenAI Chat Completions and
+Responses, Anthropic Messages, Google Gemini and LiteLLM results, as SDK
+objects or plain dicts. ``StreamUsage`` does the same over the chunks or
+events of a stream.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from creditmeter.exceptions import InvalidInput
 
-__all__ = ["MAX_TOKENS", "TokenUsage"]
+__all__ = ["MAX_TOKENS", "StreamUsage", "TokenUsage", "usage_from_stream"]
 
 MAX_TOKENS = 10**10
 """The largest token count of one kind accepted in one call; more is taken as corrupt data."""
@@ -47,6 +54,19 @@ class TokenUsage:
         """All tokens of the call."""
         return self.input + self.cache_write + self.cache_read + self.output
 
+    @classmethod
+    def from_response(cls, response: Any) -> TokenUsage | None:
+        """Read the usage a provider reported in a response, or ``None`` if it reported none.
+
+        Accepts SDK objects or plain dicts of: OpenAI Chat Completions (also a
+        streamed chunk carrying ``usage``), OpenAI Responses, Anthropic
+        Messages (also ``message_start`` / ``message_delta`` events), Google
+        Gemini (``usage_metadata``) and LiteLLM ``ModelResponse``. Counts that
+        are negative, not whole numbers or absurdly large raise
+        ``InvalidInput`` naming the field.
+        """
+        return _read_response(response)
+
     def __add__(self, other: TokenUsage) -> TokenUsage:
         if not isinstance(other, TokenUsage):
             return NotImplemented
@@ -56,3 +76,198 @@ class TokenUsage:
             cache_write=self.cache_write + other.cache_write,
             cache_read=self.cache_read + other.cache_read,
         )
+
+
+# --- reading provider responses -------------------------------------------------
+
+
+def _get(obj: Any, name: str) -> Any:
+    """``obj[name]`` for mappings, ``obj.name`` for objects; ``None`` when absent."""
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _count(obj: Any, name: str, *, where: str, required: bool = True) -> int:
+    value = _get(obj, name)
+    field = f"{where}.{name}"
+    if value is None:
+        if required:
+            raise InvalidInput(f"usage field {field} is missing")
+        return 0
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is not int:
+        raise InvalidInput(f"usage field {field} must be a whole number, got {value!r}")
+    if not 0 <= value <= MAX_TOKENS:
+        raise InvalidInput(f"usage field {field} must be in 0..10**10, got {value!r}")
+    return value
+
+
+def _cached_part(total: int, cached: int, *, where: str) -> int:
+    if cached > total:
+        raise InvalidInput(f"usage field {where}: {cached} cached tokens exceed {total} in all")
+    return total - cached
+
+
+def _openai_chat(usage: Any) -> TokenUsage:
+    prompt = _count(usage, "prompt_tokens", where="usage")
+    cached = _count(
+        _get(usage, "prompt_tokens_details"),
+        "cached_tokens",
+        where="usage.prompt_tokens_details",
+        required=False,
+    )
+    return TokenUsage(
+        input=_cached_part(prompt, cached, where="usage.prompt_tokens"),
+        output=_count(usage, "completion_tokens", where="usage"),
+        cache_read=cached,
+    )
+
+
+def _openai_responses(usage: Any) -> TokenUsage:
+    total = _count(usage, "input_tokens", where="usage")
+    cached = _count(
+        _get(usage, "input_tokens_details"),
+        "cached_tokens",
+        where="usage.input_tokens_details",
+        required=False,
+    )
+    return TokenUsage(
+        input=_cached_part(total, cached, where="usage.input_tokens"),
+        output=_count(usage, "output_tokens", where="usage"),
+        cache_read=cached,
+    )
+
+
+def _anthropic(usage: Any) -> TokenUsage:
+    return TokenUsage(
+        input=_count(usage, "input_tokens", where="usage"),
+        output=_count(usage, "output_tokens", where="usage"),
+        cache_write=_count(usage, "cache_creation_input_tokens", where="usage", required=False),
+        cache_read=_count(usage, "cache_read_input_tokens", where="usage", required=False),
+    )
+
+
+def _gemini(metadata: Any) -> TokenUsage:
+    where = "usage_metadata"
+    prompt = _count(metadata, "prompt_token_count", where=where, required=False)
+    cached = _count(metadata, "cached_content_token_count", where=where, required=False)
+    candidates = _count(metadata, "candidates_token_count", where=where, required=False)
+    thoughts = _count(metadata, "thoughts_token_count", where=where, required=False)
+    return TokenUsage(
+        input=_cached_part(prompt, cached, where=f"{where}.prompt_token_count"),
+        output=candidates + thoughts,
+        cache_read=cached,
+    )
+
+
+def _from_usage(usage: Any) -> TokenUsage:
+    """Read a usage object of whichever provider shape it has."""
+    if _get(usage, "prompt_tokens") is not None or _get(usage, "completion_tokens") is not None:
+        return _openai_chat(usage)
+    if _get(usage, "input_tokens_details") is not None:
+        return _openai_responses(usage)
+    if _get(usage, "input_tokens") is not None or _get(usage, "output_tokens") is not None:
+        return _anthropic(usage)
+    if _get(usage, "prompt_token_count") is not None:
+        return _gemini(usage)
+    if isinstance(usage, Mapping) and not usage:
+        raise InvalidInput("usage is empty")
+    raise InvalidInput(f"usage has no token counts this library knows: {usage!r:.200}")
+
+
+def _read_response(response: Any) -> TokenUsage | None:  # noqa: PLR0911 - one return per shape
+    if response is None:
+        return None
+    if isinstance(response, TokenUsage):
+        return response
+    kind = _get(response, "type")
+    if kind == "message_start":  # an Anthropic stream event
+        return _read_response(_get(response, "message"))
+    if kind in ("response.completed", "response.incomplete", "response.failed"):
+        return _read_response(_get(response, "response"))  # an OpenAI Responses stream event
+    usage = _get(response, "usage")
+    if usage is not None:
+        return _from_usage(usage)
+    metadata = _get(response, "usage_metadata")
+    if metadata is not None:
+        return _gemini(metadata)
+    return None
+
+
+class StreamUsage:
+    """Collects the usage reported across a stream's chunks or events.
+
+    Call ``add`` with each chunk as it passes; read ``usage`` at the end
+    (``None`` if no chunk reported any). OpenAI and Gemini chunks report a
+    running or final total, so the last report wins; Anthropic reports input
+    counts in ``message_start`` and cumulative counts in ``message_delta``,
+    which are merged. ``chunks`` counts the chunks seen.
+    """
+
+    __slots__ = ("_anthropic", "_usage", "chunks")
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self._usage: TokenUsage | None = None
+        self._anthropic: dict[str, int] | None = None
+
+    def add(self, chunk: Any) -> None:
+        """Take note of one chunk or event."""
+        self.chunks += 1
+        kind = _get(chunk, "type")
+        if kind == "message_start":
+            usage = _get(_get(chunk, "message"), "usage")
+            if usage is not None:
+                self._anthropic = {
+                    name: _count(usage, name, where="message.usage", required=False)
+                    for name in _ANTHROPIC_FIELDS
+                }
+                self._usage = _anthropic_usage(self._anthropic)
+            return
+        if kind == "message_delta":
+            usage = _get(chunk, "usage")
+            if usage is not None:
+                state = self._anthropic if self._anthropic is not None else {}
+                for name in _ANTHROPIC_FIELDS:
+                    if _get(usage, name) is not None:  # counts in a delta are cumulative
+                        state[name] = _count(usage, name, where="usage")
+                self._anthropic = state
+                self._usage = _anthropic_usage(state)
+            return
+        found = _read_response(chunk)
+        if found is not None:
+            self._usage = found
+
+    @property
+    def usage(self) -> TokenUsage | None:
+        """The usage reported so far, or ``None`` if no chunk reported any."""
+        return self._usage
+
+
+_ANTHROPIC_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+def _anthropic_usage(state: Mapping[str, int]) -> TokenUsage:
+    return TokenUsage(
+        input=state.get("input_tokens", 0),
+        output=state.get("output_tokens", 0),
+        cache_write=state.get("cache_creation_input_tokens", 0),
+        cache_read=state.get("cache_read_input_tokens", 0),
+    )
+
+
+def usage_from_stream(chunks: Iterable[Any]) -> TokenUsage | None:
+    """The usage reported by a whole stream of chunks or events (``None`` if none was)."""
+    collector = StreamUsage()
+    for chunk in chunks:
+        collector.add(chunk)
+    return collector.usage

@@ -1,0 +1,336 @@
+"""Pricing tokens as LibreChat does: its rate table, its key matching, its tiers.
+
+A rate ("multiplier") is USD per million tokens, so with 1,000,000 credits to
+the dollar the cost of ``n`` tokens is ``n * rate`` credits. ``Pricing``
+answers which rate applies to a model and token kind, and what a call's
+``TokenUsage`` costs, in exact ``Decimal`` credits.
+
+The table ships as data (``data/librechat_rates.json``, transcribed from
+LibreChat with its source recorded in ``Pricing.source``); a gateway's own
+prices are given in the shape of a LibreChat ``tokenConfig``: model name →
+``prompt`` / ``completion`` / ``write`` / ``read``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from decimal import ROUND_DOWN, Decimal
+from importlib import resources
+from typing import Any, Literal
+
+import attrs
+
+from creditmeter import _validate
+from creditmeter._exact import EXACT
+from creditmeter.exceptions import ConfigError, InvalidInput
+from creditmeter.usage import TokenUsage
+
+__all__ = ["Cost", "ModelRate", "Pricing", "RateKind", "Rates"]
+
+RateKind = Literal["prompt", "completion", "cache_write", "cache_read"]
+RATE_KINDS: tuple[RateKind, ...] = ("prompt", "completion", "cache_write", "cache_read")
+
+_ONE = Decimal(1)
+_CANCEL_RATE = Decimal("1.15")  # LibreChat's multiplier for an incomplete (cancelled) completion
+_KEY_CACHE_LIMIT = 4096
+
+
+@attrs.frozen(kw_only=True)
+class ModelRate:
+    """Rates for one model or table key; a missing rate falls back as LibreChat's does."""
+
+    prompt: Decimal | None = None
+    completion: Decimal | None = None
+    cache_write: Decimal | None = None
+    cache_read: Decimal | None = None
+
+
+@attrs.frozen(kw_only=True)
+class PremiumRate:
+    """A long-context tier: these rates apply when the input count is above ``threshold``."""
+
+    threshold: int
+    prompt: Decimal
+    completion: Decimal
+
+
+@attrs.frozen(kw_only=True)
+class Rates:
+    """The four rates one call was priced with (USD per million tokens)."""
+
+    prompt: Decimal
+    completion: Decimal
+    cache_write: Decimal
+    cache_read: Decimal
+
+
+@attrs.frozen(kw_only=True)
+class Cost:
+    """What one call costs, in credits: prompt side, completion side and total.
+
+    ``prompt`` covers uncached input, cache writes and cache reads. ``key`` is
+    the rate-table key the model matched (``None``: an override, or no match).
+    """
+
+    prompt: Decimal
+    completion: Decimal
+    total: Decimal
+    rates: Rates
+    key: str | None
+    premium: bool = False
+
+
+def _rate_value(value: object, *, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    try:
+        return _validate.amount(value, name=where)
+    except InvalidInput as exc:
+        raise ConfigError(str(exc)) from None
+
+
+_RATE_KEYS = {
+    "prompt": "prompt",
+    "completion": "completion",
+    "write": "cache_write",
+    "read": "cache_read",
+    "cache_write": "cache_write",
+    "cache_read": "cache_read",
+}
+
+
+def _model_rate(model: str, value: object) -> ModelRate:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"rates of model {model!r} must be a mapping, got {value!r}")
+    fields: dict[str, Decimal] = {}
+    for key, number in value.items():
+        name = _RATE_KEYS.get(key) if isinstance(key, str) else None
+        if name is None:
+            raise ConfigError(
+                f"unknown rate {key!r} for model {model!r}; known: prompt, completion, write, read"
+            )
+        fields[name] = _rate_value(number, where=f"{model}.{key}")
+    return ModelRate(**fields)
+
+
+def _overrides(mapping: object) -> dict[str, ModelRate]:
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"rates must map model names to rates, got {type(mapping).__name__}")
+    result: dict[str, ModelRate] = {}
+    for model, value in mapping.items():
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"a model name must be a non-empty str, got {model!r}")
+        result[model] = _model_rate(model, value)
+    return result
+
+
+@attrs.frozen(kw_only=True)
+class Pricing:
+    """A rate table plus exact per-model overrides; prices ``TokenUsage`` in credits.
+
+    Build one with ``Pricing.librechat()`` (the table LibreChat ships; the
+    managers' default), ``Pricing.from_mapping(...)`` or
+    ``Pricing.from_yaml(...)``, and add overrides with ``with_rates(...)``.
+    """
+
+    token_values: Mapping[str, ModelRate]
+    cache_values: Mapping[str, ModelRate] = attrs.field(factory=dict)
+    premium_values: Mapping[str, PremiumRate] = attrs.field(factory=dict)
+    legacy: tuple[tuple[str, str], ...] = ()
+    overrides: Mapping[str, ModelRate] = attrs.field(factory=dict)
+    default_rate: Decimal = Decimal(6)
+    source: Mapping[str, str] = attrs.field(factory=dict)
+    # Table keys in the order a match is tried: longest first, later-defined first.
+    _search: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
+    _keys: dict[str, str | None] = attrs.field(init=False, eq=False, repr=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        order = list(self.token_values)
+        ranked = sorted(range(len(order)), key=lambda i: (-len(order[i]), -i))
+        object.__setattr__(self, "_search", tuple(order[i] for i in ranked))
+
+    # --- construction ---------------------------------------------------------
+
+    @classmethod
+    def librechat(cls) -> Pricing:
+        """LibreChat's published rate table (see ``source`` for the exact upstream version)."""
+        return _librechat()
+
+    @classmethod
+    def from_mapping(cls, rates: Mapping[str, Any], *, fallback: bool = True) -> Pricing:
+        """Prices from a LibreChat ``tokenConfig``: model → prompt / completion / write / read.
+
+        With ``fallback=True`` (the default) models not listed are priced by
+        LibreChat's table; with ``False`` they get the default rate (6).
+        """
+        base = _librechat() if fallback else cls(token_values={})
+        return base.with_rates(rates)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], *, fallback: bool = True) -> Pricing:
+        """Read model rates from YAML: the mapping itself, or under a ``tokenConfig`` key."""
+        from creditmeter.config import load_yaml  # noqa: PLC0415 - avoids an import cycle
+
+        document = load_yaml(path)
+        if isinstance(document, Mapping) and "tokenConfig" in document:
+            document = document["tokenConfig"]
+        return cls.from_mapping(document, fallback=fallback)
+
+    def with_rates(self, rates: Mapping[str, Any]) -> Pricing:
+        """A copy with exact per-model overrides added (same shape as ``from_mapping``)."""
+        return attrs.evolve(self, overrides={**self.overrides, **_overrides(rates)})
+
+    # --- lookups --------------------------------------------------------------
+
+    def key_for(self, model: str) -> str | None:
+        """The table key a model name matches, or ``None``.
+
+        The name is lowercased; the longest table key it contains wins (on
+        equal length, the later-defined key); failing that, the first legacy
+        rule whose text it contains. Results are cached per name.
+        """
+        keys = self._keys
+        try:
+            return keys[model]
+        except KeyError:
+            pass
+        name = model.lower()
+        found: str | None = next((key for key in self._search if key in name), None)
+        if found is None:
+            found = next((key for text, key in self.legacy if text in name), None)
+        if len(keys) >= _KEY_CACHE_LIMIT:
+            keys.clear()
+        keys[model] = found
+        return found
+
+    def rate(
+        self, model: str | None, kind: RateKind, *, input_token_count: int | None = None
+    ) -> Decimal:
+        """The rate for one kind of token of ``model``, as LibreChat chooses it.
+
+        An exact per-model override first; then the premium tier when
+        ``input_token_count`` is strictly above its threshold; then the table;
+        an unknown model gets the default rate (6) and no model at all gets 1.
+        Cache rates fall back to the (possibly premium) prompt rate.
+        """
+        return self._rates(model, input_token_count)[0][RATE_KINDS.index(kind)]
+
+    def _rates(
+        self, model: str | None, input_token_count: int | None
+    ) -> tuple[tuple[Decimal, Decimal, Decimal, Decimal], str | None, bool]:
+        if model is None:
+            return (_ONE, _ONE, _ONE, _ONE), None, False
+        default = self.default_rate
+        override = self.overrides.get(model)
+        key = self.key_for(model)
+        premium = False
+        if override is not None:
+            # An exact override: its own rates, no premium tier; cache rates from it,
+            # else from the table's cache entry for the key, else the prompt rate.
+            prompt = _first(override.prompt, default)
+            completion = _first(override.completion, default)
+            table_cache = self.cache_values.get(key) if key is not None else None
+            write = _first(
+                override.cache_write, table_cache.cache_write if table_cache else None, prompt
+            )
+            read = _first(
+                override.cache_read, table_cache.cache_read if table_cache else None, prompt
+            )
+            return (prompt, completion, write, read), None, False
+        if key is None:
+            return (default, default, default, default), None, False
+        tier = self.premium_values.get(key)
+        if (
+            tier is not None
+            and input_token_count is not None
+            and input_token_count > tier.threshold
+        ):
+            prompt, completion, premium = tier.prompt, tier.completion, True
+        else:
+            entry = self.token_values.get(key)
+            prompt = _first(entry.prompt if entry else None, default)
+            completion = _first(entry.completion if entry else None, default)
+        cache = self.cache_values.get(key)
+        write = _first(cache.cache_write if cache else None, prompt)
+        read = _first(cache.cache_read if cache else None, prompt)
+        return (prompt, completion, write, read), key, premium
+
+    def cost(self, model: str | None, usage: TokenUsage, *, incomplete: bool = False) -> Cost:
+        """Price one call's usage in credits, exactly.
+
+        ``incomplete=True`` is LibreChat's cancel rate for a stream cut short:
+        the completion part is multiplied by 1.15 and rounded toward zero to
+        a whole credit (its recorded rate is multiplied by 1.15 too).
+        """
+        if not isinstance(usage, TokenUsage):
+            raise InvalidInput(f"usage must be a TokenUsage, got {type(usage).__name__}")
+        (prompt, completion, write, read), key, premium = self._rates(model, usage.prompt_total)
+        mul, add = EXACT.multiply, EXACT.add
+        prompt_cost = add(
+            add(mul(usage.input, prompt), mul(usage.cache_write, write)),
+            mul(usage.cache_read, read),
+        )
+        completion_cost = mul(usage.output, completion)
+        if incomplete:
+            completion = mul(completion, _CANCEL_RATE)
+            completion_cost = mul(completion_cost, _CANCEL_RATE).to_integral_value(ROUND_DOWN)
+        return Cost(
+            prompt=prompt_cost,
+            completion=completion_cost,
+            total=add(prompt_cost, completion_cost),
+            rates=Rates(prompt=prompt, completion=completion, cache_write=write, cache_read=read),
+            key=key,
+            premium=premium,
+        )
+
+    def prompt_cost(self, model: str | None, input_tokens: int) -> Decimal:
+        """The cost of ``input_tokens`` prompt tokens: what LibreChat's balance check prices."""
+        return self.cost(model, TokenUsage(input=input_tokens)).total
+
+
+def _first(*rates: Decimal | None) -> Decimal:
+    """The first rate that is set (zero counts as set)."""
+    for value in rates:
+        if value is not None:
+            return value
+    raise AssertionError("the last fallback is always set")  # pragma: no cover
+
+
+_LIBRECHAT: Pricing | None = None
+
+
+def _librechat() -> Pricing:
+    global _LIBRECHAT  # noqa: PLW0603 - the shipped table is parsed once per process
+    if _LIBRECHAT is None:
+        text = resources.files("creditmeter").joinpath("data/librechat_rates.json").read_text()
+        _LIBRECHAT = _from_table(json.loads(text, parse_float=Decimal))
+    return _LIBRECHAT
+
+
+def _from_table(table: Mapping[str, Any]) -> Pricing:
+    def rate(value: object) -> Decimal | None:
+        return None if value is None else Decimal(str(value))
+
+    return Pricing(
+        token_values={
+            key: ModelRate(prompt=rate(v.get("prompt")), completion=rate(v.get("completion")))
+            for key, v in table["token_values"].items()
+        },
+        cache_values={
+            key: ModelRate(cache_write=rate(v.get("write")), cache_read=rate(v.get("read")))
+            for key, v in table["cache_token_values"].items()
+        },
+        premium_values={
+            key: PremiumRate(
+                threshold=int(v["threshold"]),
+                prompt=Decimal(str(v["prompt"])),
+                completion=Decimal(str(v["completion"])),
+            )
+            for key, v in table["premium_token_values"].items()
+        },
+        legacy=tuple((rule["contains"], rule["key"]) for rule in table["legacy_model_matching"]),
+        default_rate=Decimal(str(table["default_rate"])),
+        source=dict(table["source"]),
+    )
