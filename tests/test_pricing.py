@@ -16,7 +16,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from creditmeter import BalanceConfig, BalanceManager, ConfigError, InvalidInput, Pricing, TokenUsage
+from creditmeter import (
+    BalanceConfig,
+    BalanceManager,
+    ConfigError,
+    InvalidInput,
+    Pricing,
+    TokenUsage,
+)
 
 RATES_JSON = Path(__file__).parents[1] / "src" / "creditmeter" / "data" / "librechat_rates.json"
 

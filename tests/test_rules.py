@@ -13,6 +13,7 @@ from creditmeter import (
     EntryKind,
     IdempotencyConflict,
     InsufficientBalance,
+    InvalidInput,
     RefillSettings,
     rules,
 )
@@ -397,8 +398,6 @@ def test_large_balances_with_many_decimals_stay_exact(manager):
 
 
 def test_more_than_thirty_decimal_places_is_invalid(manager):
-    from creditmeter import InvalidInput
-
     manager.grant("u", Decimal("1e-30"))
     with pytest.raises(InvalidInput, match="30 decimal places"):
         manager.grant("u", Decimal("1e-31"))
