@@ -112,54 +112,69 @@ def _cached_part(total: int, cached: int, *, where: str) -> int:
     return total - cached
 
 
+def _details(usage: Any, holder: str, name: str, where: str) -> int:
+    return _count(_get(usage, holder), name, where=f"{where}.{holder}", required=False)
+
+
 def _openai_chat(usage: Any) -> TokenUsage:
+    # prompt_tokens counts every prompt token; cache reads and writes are parts of it.
     prompt = _count(usage, "prompt_tokens", where="usage")
-    cached = _count(
-        _get(usage, "prompt_tokens_details"),
-        "cached_tokens",
-        where="usage.prompt_tokens_details",
-        required=False,
-    )
+    cached = _details(usage, "prompt_tokens_details", "cached_tokens", "usage")
+    written = _details(usage, "prompt_tokens_details", "cache_write_tokens", "usage")
     return TokenUsage(
-        input=_cached_part(prompt, cached, where="usage.prompt_tokens"),
+        input=_cached_part(prompt, cached + written, where="usage.prompt_tokens"),
         output=_count(usage, "completion_tokens", where="usage"),
+        cache_write=written,
         cache_read=cached,
     )
 
 
 def _openai_responses(usage: Any) -> TokenUsage:
     total = _count(usage, "input_tokens", where="usage")
-    cached = _count(
-        _get(usage, "input_tokens_details"),
-        "cached_tokens",
-        where="usage.input_tokens_details",
-        required=False,
-    )
+    cached = _details(usage, "input_tokens_details", "cached_tokens", "usage")
+    written = _details(usage, "input_tokens_details", "cache_write_tokens", "usage")
     return TokenUsage(
-        input=_cached_part(total, cached, where="usage.input_tokens"),
+        input=_cached_part(total, cached + written, where="usage.input_tokens"),
         output=_count(usage, "output_tokens", where="usage"),
+        cache_write=written,
         cache_read=cached,
     )
 
 
-def _anthropic(usage: Any) -> TokenUsage:
+def _anthropic(usage: Any, *, delta: bool = False) -> TokenUsage:
+    # Anthropic's input_tokens excludes cache reads and writes. A message_delta
+    # event may leave input_tokens out (None): it reports output only.
     return TokenUsage(
-        input=_count(usage, "input_tokens", where="usage"),
+        input=_count(usage, "input_tokens", where="usage", required=not delta),
         output=_count(usage, "output_tokens", where="usage"),
         cache_write=_count(usage, "cache_creation_input_tokens", where="usage", required=False),
         cache_read=_count(usage, "cache_read_input_tokens", where="usage", required=False),
     )
 
 
+_GEMINI_FIELDS = {
+    "prompt_token_count": "promptTokenCount",
+    "cached_content_token_count": "cachedContentTokenCount",
+    "candidates_token_count": "candidatesTokenCount",
+    "thoughts_token_count": "thoughtsTokenCount",
+}
+
+
 def _gemini(metadata: Any) -> TokenUsage:
     where = "usage_metadata"
-    prompt = _count(metadata, "prompt_token_count", where=where, required=False)
-    cached = _count(metadata, "cached_content_token_count", where=where, required=False)
-    candidates = _count(metadata, "candidates_token_count", where=where, required=False)
-    thoughts = _count(metadata, "thoughts_token_count", where=where, required=False)
+    counts: dict[str, int] = {}
+    for name, camel in _GEMINI_FIELDS.items():
+        key = name if _get(metadata, name) is not None else camel  # REST JSON is camelCase
+        counts[name] = _count(metadata, key, where=where, required=False)
+        if _get(metadata, key) is None:
+            counts.pop(name)
+    if not counts:
+        raise InvalidInput("usage field usage_metadata has no token counts")
+    prompt = counts.get("prompt_token_count", 0)
+    cached = counts.get("cached_content_token_count", 0)
     return TokenUsage(
         input=_cached_part(prompt, cached, where=f"{where}.prompt_token_count"),
-        output=candidates + thoughts,
+        output=counts.get("candidates_token_count", 0) + counts.get("thoughts_token_count", 0),
         cache_read=cached,
     )
 
@@ -172,7 +187,7 @@ def _from_usage(usage: Any) -> TokenUsage:
         return _openai_responses(usage)
     if _get(usage, "input_tokens") is not None or _get(usage, "output_tokens") is not None:
         return _anthropic(usage)
-    if _get(usage, "prompt_token_count") is not None:
+    if _get(usage, "prompt_token_count") is not None or _get(usage, "promptTokenCount") is not None:
         return _gemini(usage)
     if isinstance(usage, Mapping) and not usage:
         raise InvalidInput("usage is empty")
@@ -187,12 +202,17 @@ def _read_response(response: Any) -> TokenUsage | None:  # noqa: PLR0911 - one r
     kind = _get(response, "type")
     if kind == "message_start":  # an Anthropic stream event
         return _read_response(_get(response, "message"))
+    if kind == "message_delta":  # an Anthropic stream event: cumulative counts so far
+        usage = _get(response, "usage")
+        return None if usage is None else _anthropic(usage, delta=True)
     if kind in ("response.completed", "response.incomplete", "response.failed"):
         return _read_response(_get(response, "response"))  # an OpenAI Responses stream event
     usage = _get(response, "usage")
     if usage is not None:
         return _from_usage(usage)
     metadata = _get(response, "usage_metadata")
+    if metadata is None:
+        metadata = _get(response, "usageMetadata")
     if metadata is not None:
         return _gemini(metadata)
     return None
