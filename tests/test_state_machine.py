@@ -7,6 +7,7 @@ whose account is stale, and the compare-and-set retry path runs all the time.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from datetime import timedelta
@@ -19,6 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from creditmeter import (
+    AsyncBalanceManager,
+    AsyncMemoryStore,
+    AsyncSQLiteStore,
     BalanceConfig,
     BalanceManager,
     IdempotencyConflict,
@@ -26,7 +30,7 @@ from creditmeter import (
     MemoryStore,
     SQLiteStore,
 )
-from creditmeter.testing import FakeClock
+from creditmeter.testing import Blocking, FakeClock
 
 USERS = st.sampled_from(["alice", "bob"])
 REQUEST_IDS = st.sampled_from([None, None, "r1", "r2", "r3"])
@@ -88,20 +92,40 @@ class BalanceMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.model = Model(self.config)
         self.folder = tempfile.mkdtemp(prefix="creditmeter-sm-")
+        path = Path(self.folder) / "credits.db"
+        self.closers = []
         if self.kind == "memory":
             store = MemoryStore()
-            self.stores = [store]
             pair = (store, store)
-        else:
-            path = Path(self.folder) / "credits.db"
+        elif self.kind == "sqlite":
             pair = (SQLiteStore(path, durability="normal"), SQLiteStore(path, durability="normal"))
-            self.stores = list(pair)
-        self.managers = [BalanceManager(s, self.config, clock=self.clock) for s in pair]
-        self.reader = pair[0]
+        if self.kind in ("memory", "sqlite"):
+            self.closers = list({id(s): s for s in pair}.values())
+            self.managers = [BalanceManager(s, self.config, clock=self.clock) for s in pair]
+            self.reader = pair[0]
+            return
+        # Async stores and managers, driven through Blocking on one private loop.
+        self.loop = asyncio.new_event_loop()
+        if self.kind == "async-memory":
+            shared = AsyncMemoryStore()
+            stores = [shared, shared]
+        else:
+            stores = [
+                AsyncSQLiteStore(path, durability="normal"),
+                AsyncSQLiteStore(path, durability="normal"),
+            ]
+        self.managers = [
+            Blocking(AsyncBalanceManager(s, self.config, clock=self.clock), loop=self.loop)
+            for s in stores
+        ]
+        self.closers = [Blocking(s, loop=self.loop) for s in {id(s): s for s in stores}.values()]
+        self.reader = Blocking(stores[0], loop=self.loop)
 
     def teardown(self) -> None:
-        for store in self.stores:
-            store.close()
+        for closer in self.closers:
+            closer.close()
+        if self.kind.startswith("async"):
+            self.loop.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _request(self, user, request_id, key, call):
@@ -258,6 +282,14 @@ class SQLiteMachine(BalanceMachine):
     kind = "sqlite"
 
 
+class AsyncMemoryMachine(BalanceMachine):
+    kind = "async-memory"
+
+
+class AsyncSQLiteMachine(BalanceMachine):
+    kind = "async-sqlite"
+
+
 class SQLiteTopUpMachine(NegativeTopUpMachine):
     kind = "sqlite"
 
@@ -285,3 +317,7 @@ TestSQLiteMachine = SQLiteMachine.TestCase
 TestSQLiteMachine.settings = SLOWER
 TestSQLiteTopUpMachine = SQLiteTopUpMachine.TestCase
 TestSQLiteTopUpMachine.settings = SLOWER
+TestAsyncMemoryMachine = AsyncMemoryMachine.TestCase
+TestAsyncMemoryMachine.settings = FAST
+TestAsyncSQLiteMachine = AsyncSQLiteMachine.TestCase
+TestAsyncSQLiteMachine.settings = SLOWER

@@ -6,6 +6,7 @@ it returns, grant credits and refill them on a schedule, with LibreChat's
 """
 
 from creditmeter._version import __version__
+from creditmeter.aio import AsyncBalanceManager
 from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
 from creditmeter.exceptions import (
     ConfigError,
@@ -18,13 +19,28 @@ from creditmeter.exceptions import (
     VersionConflict,
 )
 from creditmeter.manager import BalanceManager
+from creditmeter.metering import AsyncMeteredStream, MeteredStream, acting_as, metered
 from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry
 from creditmeter.pricing import Cost, ModelRate, Pricing, Rates
-from creditmeter.stores import BalanceStore, MemoryStore, SQLiteStore, open_store
+from creditmeter.stores import (
+    AsyncBalanceStore,
+    AsyncMemoryStore,
+    AsyncSQLiteStore,
+    BalanceStore,
+    MemoryStore,
+    SQLiteStore,
+    open_async_store,
+    open_store,
+)
 from creditmeter.usage import StreamUsage, TokenUsage, usage_from_stream
 
 __all__ = [
     "Account",
+    "AsyncBalanceManager",
+    "AsyncBalanceStore",
+    "AsyncMemoryStore",
+    "AsyncMeteredStream",
+    "AsyncSQLiteStore",
     "BalanceCheck",
     "BalanceConfig",
     "BalanceManager",
@@ -40,6 +56,7 @@ __all__ = [
     "InvalidInput",
     "LedgerEntry",
     "MemoryStore",
+    "MeteredStream",
     "ModelRate",
     "Pricing",
     "Rates",
@@ -51,6 +68,9 @@ __all__ = [
     "TokenUsage",
     "VersionConflict",
     "__version__",
+    "acting_as",
+    "metered",
+    "open_async_store",
     "open_store",
     "usage_from_stream",
 ]

@@ -14,7 +14,7 @@ import tenacity
 from creditmeter.config import RetryPolicy
 from creditmeter.exceptions import VersionConflict
 
-__all__ = ["retrying"]
+__all__ = ["async_retrying", "retrying"]
 
 
 def _arguments(policy: RetryPolicy) -> dict[str, object]:
@@ -36,3 +36,8 @@ def _arguments(policy: RetryPolicy) -> dict[str, object]:
 def retrying(policy: RetryPolicy) -> tenacity.Retrying:
     """A fresh ``Retrying`` for one operation (never shared: tenacity keeps state on it)."""
     return tenacity.Retrying(**_arguments(policy))  # type: ignore[arg-type]
+
+
+def async_retrying(policy: RetryPolicy) -> tenacity.AsyncRetrying:
+    """A fresh ``AsyncRetrying`` for one operation; it sleeps with ``asyncio.sleep``."""
+    return tenacity.AsyncRetrying(**_arguments(policy))  # type: ignore[arg-type]

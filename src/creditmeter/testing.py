@@ -14,13 +14,26 @@ store::
             with MyStore(...) as store:
                 yield store
 
+An async store runs the same suite through ``Blocking``, which drives its
+coroutines on a private event loop::
+
+    class TestMyAsyncStore(StoreContract):
+        @pytest.fixture
+        def store(self):
+            store = Blocking(MyAsyncStore(...))
+            yield store
+            store.close()
+
 The suite needs pytest, which creditmeter itself does not depend on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -34,7 +47,7 @@ from creditmeter.usage import TokenUsage
 if TYPE_CHECKING:
     from creditmeter.stores.base import BalanceStore
 
-__all__ = ["FakeClock", "StoreContract", "make_account", "make_entry"]
+__all__ = ["Blocking", "FakeClock", "StoreContract", "make_account", "make_entry"]
 
 _EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -67,6 +80,46 @@ class FakeClock:
 
     def __repr__(self) -> str:
         return f"FakeClock({self._now.isoformat()})"
+
+
+class Blocking:
+    """A blocking view of an async object: each coroutine method runs to completion when called.
+
+    Made for tests: it lets one suite drive ``AsyncMemoryStore`` and friends
+    (or an ``AsyncBalanceManager``) exactly as it drives their sync twins.
+    ``close()`` awaits the target's ``aclose()`` and closes the loop if it
+    made it. Pass ``loop`` to share one loop between several views.
+    """
+
+    def __init__(self, target: Any, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.target = target
+        self._owns_loop = loop is None
+        self.loop = loop if loop is not None else asyncio.new_event_loop()
+
+    def run(self, awaitable: Any) -> Any:
+        """Run one awaitable on the private loop and return its result."""
+        return self.loop.run_until_complete(awaitable)
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.target, name)
+        if not inspect.iscoroutinefunction(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.run(attribute(*args, **kwargs))
+
+        return call
+
+    def close(self) -> None:
+        """Close the target (``aclose``) and the loop."""
+        try:
+            closer: Callable[[], Any] | None = getattr(self.target, "aclose", None)
+            if closer is not None:
+                self.run(closer())
+        finally:
+            if self._owns_loop:
+                self.loop.close()
 
 
 def make_account(user_id: str = "alice", *, version: int = 1, **fields: Any) -> Account:

@@ -225,19 +225,23 @@ class StreamUsage:
     (``None`` if no chunk reported any). OpenAI and Gemini chunks report a
     running or final total, so the last report wins; Anthropic reports input
     counts in ``message_start`` and cumulative counts in ``message_delta``,
-    which are merged. ``chunks`` counts the chunks seen.
+    which are merged. ``chunks`` counts the chunks seen and ``content_chunks``
+    those that carried generated content (not usage reports or control events).
     """
 
-    __slots__ = ("_anthropic", "_usage", "chunks")
+    __slots__ = ("_anthropic", "_usage", "chunks", "content_chunks")
 
     def __init__(self) -> None:
         self.chunks = 0
+        self.content_chunks = 0
         self._usage: TokenUsage | None = None
         self._anthropic: dict[str, int] | None = None
 
     def add(self, chunk: Any) -> None:
         """Take note of one chunk or event."""
         self.chunks += 1
+        if _is_content(chunk):
+            self.content_chunks += 1
         kind = _get(chunk, "type")
         if kind == "message_start":
             usage = _get(_get(chunk, "message"), "usage")
@@ -266,6 +270,33 @@ class StreamUsage:
     def usage(self) -> TokenUsage | None:
         """The usage reported so far, or ``None`` if no chunk reported any."""
         return self._usage
+
+
+_CONTENT_EVENTS = frozenset(
+    {
+        "content_block_delta",  # Anthropic
+        "response.output_text.delta",  # OpenAI Responses
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.reasoning_summary_text.delta",
+    }
+)
+
+
+def _is_content(chunk: Any) -> bool:
+    """Whether a chunk carried generated content, as far as its shape tells."""
+    if isinstance(chunk, (str, bytes)):
+        return bool(chunk)
+    kind = _get(chunk, "type")
+    if isinstance(kind, str):
+        return kind in _CONTENT_EVENTS
+    choices = _get(chunk, "choices")  # OpenAI chat: the final usage chunk has none
+    if choices is not None:
+        return bool(choices)
+    candidates = _get(chunk, "candidates")  # Gemini
+    if candidates is not None:
+        return bool(candidates)
+    return _get(chunk, "usage") is None and _get(chunk, "usage_metadata") is None
 
 
 _ANTHROPIC_FIELDS = (

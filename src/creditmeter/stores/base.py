@@ -15,12 +15,12 @@ the retry policy alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 from creditmeter.models import Account, LedgerEntry
 
-__all__ = ["BalanceStore", "ExclusiveStore"]
+__all__ = ["AsyncBalanceStore", "AsyncExclusiveStore", "BalanceStore", "ExclusiveStore"]
 
 
 @runtime_checkable
@@ -70,5 +70,53 @@ class ExclusiveStore(BalanceStore, Protocol):
     """A store that can keep other writers of one user out for a while."""
 
     def exclusive(self, user_id: str) -> AbstractContextManager[None]:
+        """Hold off every other writer of ``user_id`` until the block ends."""
+        ...
+
+
+@runtime_checkable
+class AsyncBalanceStore(Protocol):
+    """The async twin of ``BalanceStore``: the same contract, awaited, closed with ``aclose``.
+
+    It may also offer ``exclusive(user_id)`` as an async context manager, with
+    the same meaning as on a sync store.
+    """
+
+    async def load(self, user_id: str) -> Account | None:
+        """Return the stored account, or ``None`` if the user has none."""
+        ...
+
+    async def commit(
+        self,
+        account: Account,
+        entries: Sequence[LedgerEntry],
+        *,
+        expected_version: int | None,
+    ) -> None:
+        """Store ``account`` and append ``entries`` atomically if the version still matches."""
+        ...
+
+    async def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
+        """Return the entry recorded under ``request_id`` for the user, if any."""
+        ...
+
+    async def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
+        """Return the user's entries oldest first; with ``limit``, only the newest ``limit``."""
+        ...
+
+    async def users(self) -> list[str]:
+        """Return the ids of every user with an account, sorted."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store's connections."""
+        ...
+
+
+@runtime_checkable
+class AsyncExclusiveStore(AsyncBalanceStore, Protocol):
+    """An async store that can keep other writers of one user out for a while."""
+
+    def exclusive(self, user_id: str) -> AbstractAsyncContextManager[None]:
         """Hold off every other writer of ``user_id`` until the block ends."""
         ...

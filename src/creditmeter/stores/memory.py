@@ -9,7 +9,7 @@ from types import TracebackType
 from creditmeter.exceptions import DuplicateRequest, StoreError, VersionConflict
 from creditmeter.models import Account, LedgerEntry
 
-__all__ = ["MemoryStore"]
+__all__ = ["AsyncMemoryStore", "MemoryStore"]
 
 
 class MemoryStore:
@@ -93,3 +93,51 @@ class MemoryStore:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("the store is closed")
+
+
+class AsyncMemoryStore:
+    """``MemoryStore`` for asyncio: the same dict and lock, awaited (nothing ever blocks)."""
+
+    def __init__(self) -> None:
+        self.sync = MemoryStore()
+
+    async def load(self, user_id: str) -> Account | None:
+        """Return the stored account, or ``None``."""
+        return self.sync.load(user_id)
+
+    async def commit(
+        self,
+        account: Account,
+        entries: Sequence[LedgerEntry],
+        *,
+        expected_version: int | None,
+    ) -> None:
+        """Store the account and entries if the stored version is ``expected_version``."""
+        self.sync.commit(account, entries, expected_version=expected_version)
+
+    async def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
+        """Return the entry recorded under ``request_id``, if any."""
+        return self.sync.find_request(user_id, request_id)
+
+    async def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
+        """Return the user's entries, oldest first (the newest ``limit`` if given)."""
+        return self.sync.ledger(user_id, limit=limit)
+
+    async def users(self) -> list[str]:
+        """Return every user id, sorted."""
+        return self.sync.users()
+
+    async def aclose(self) -> None:
+        """Mark the store closed."""
+        self.sync.close()
+
+    async def __aenter__(self) -> AsyncMemoryStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

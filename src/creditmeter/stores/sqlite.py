@@ -13,13 +13,16 @@ blocking lock is handed over in order.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
 
 from creditmeter.exceptions import ConfigError, DuplicateRequest, StoreError, VersionConflict
 from creditmeter.models import Account, LedgerEntry
@@ -30,9 +33,10 @@ try:
 except ImportError:  # pragma: no cover - Windows: SQLite's busy handler alone
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Durability", "SQLiteStore"]
+__all__ = ["AsyncSQLiteStore", "Durability", "SQLiteStore"]
 
 Durability = Literal["full", "normal"]
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS creditmeter_meta (
@@ -186,6 +190,12 @@ class SQLiteStore:
             self._handles.append(handle)
         self._local.handle = handle
         return handle
+
+    def _hold_writer(self) -> None:
+        self._handle().acquire()
+
+    def _release_writer(self) -> None:
+        self._handle().release()
 
     @contextlib.contextmanager
     def exclusive(self, user_id: str) -> Iterator[None]:  # noqa: ARG002 - one lock for the file
@@ -351,3 +361,90 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, durability={self.durability!r})"
+
+
+class AsyncSQLiteStore:
+    """``SQLiteStore`` for asyncio: every call runs on one worker thread, never on the loop.
+
+    One thread keeps each connection (and the writer lock it holds) on the
+    thread that opened it; SQLite serializes writers anyway. Opening the
+    store (creating the file and schema) happens in the constructor.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "full",
+        busy_timeout: float = 30.0,
+    ) -> None:
+        self.sync = SQLiteStore(path, durability=durability, busy_timeout=busy_timeout)
+        self.path = self.sync.path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="creditmeter-sqlite")
+        self._closed = False
+
+    async def _run(self, call: Callable[..., _T], *args: object, **kwargs: object) -> _T:
+        if self._closed:
+            raise StoreError("the store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(call, *args, **kwargs))
+
+    async def load(self, user_id: str) -> Account | None:
+        """Return the stored account, or ``None``."""
+        return await self._run(self.sync.load, user_id)
+
+    async def commit(
+        self,
+        account: Account,
+        entries: Sequence[LedgerEntry],
+        *,
+        expected_version: int | None,
+    ) -> None:
+        """Store the account and entries in one transaction if the version still matches."""
+        await self._run(self.sync.commit, account, entries, expected_version=expected_version)
+
+    async def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
+        """Return the entry recorded under ``request_id``, if any."""
+        return await self._run(self.sync.find_request, user_id, request_id)
+
+    async def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
+        """Return the user's entries, oldest first (the newest ``limit`` if given)."""
+        return await self._run(self.sync.ledger, user_id, limit=limit)
+
+    async def users(self) -> list[str]:
+        """Return every user id, sorted."""
+        return await self._run(self.sync.users)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, user_id: str) -> AsyncIterator[None]:  # noqa: ARG002 - one lock
+        """Keep every other writer of this file out until the block ends (see ``SQLiteStore``)."""
+        await self._run(self.sync._hold_writer)  # noqa: SLF001 - the store's own twin
+        try:
+            yield
+        finally:
+            # Shielded: a cancelled caller must still let go of the lock.
+            await asyncio.shield(self._run(self.sync._release_writer))  # noqa: SLF001
+
+    async def aclose(self) -> None:
+        """Close every connection and stop the worker thread."""
+        if self._closed:
+            return
+        try:
+            await self._run(self.sync.close)
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncSQLiteStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncSQLiteStore({self.path!r}, durability={self.sync.durability!r})"

@@ -1,0 +1,307 @@
+"""What the sync and async managers share: validation, and turning a call into a planned write.
+
+A public method of either manager validates its arguments here and gets an
+``Op``: the user, a plan (a pure function from the last account seen and
+``now`` to a ``rules.Change``) and its request id. The managers differ only
+in how they run an ``Op`` against their store: with threads and blocking
+calls, or with tasks and awaits. No business rule lives here either; the
+plans call ``rules``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from creditmeter import _validate, rules
+from creditmeter._ids import new_id
+from creditmeter.config import BalanceConfig, RetryPolicy
+from creditmeter.exceptions import InsufficientBalance, InvalidInput, VersionConflict
+from creditmeter.models import Account, BalanceCheck, EntryKind, LedgerEntry
+from creditmeter.pricing import Pricing, Rates
+from creditmeter.usage import MAX_TOKENS, TokenUsage
+
+Clock = Callable[[], datetime]
+Plan = Callable[[Account | None, datetime], rules.Change]
+
+_ZERO = Decimal(0)
+SEEN_LIMIT = 10_000
+LOCK_STRIPES = 256
+
+
+def utc_now() -> datetime:
+    """The default clock: the current time in UTC."""
+    return datetime.now(timezone.utc)
+
+
+class Op(NamedTuple):
+    """One write, ready to run: whose, what (the plan), and under which request id.
+
+    ``lenient`` plans the same request without refusing; it tells whether a
+    refused request repeats one already applied under its request id.
+    """
+
+    user_id: str
+    plan: Plan
+    request_id: str | None = None
+    lenient: Plan | None = None
+
+
+class Settled(Exception):
+    """Raised by a plan that finds nothing to write; carries the account as it is."""
+
+    def __init__(self, account: Account) -> None:
+        self.change = rules.Change(account, (), account.version)
+
+
+class Replayed(Exception):
+    """Raised when a commit finds its request id already applied with the same parameters."""
+
+    def __init__(self, entry: LedgerEntry) -> None:
+        self.entry = entry
+
+
+class ManagerBase:
+    """State and argument handling shared by ``BalanceManager`` and ``AsyncBalanceManager``."""
+
+    def __init__(
+        self,
+        config: BalanceConfig | None = None,
+        *,
+        pricing: Pricing | None = None,
+        clock: Clock | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, BalanceConfig):
+            raise InvalidInput(f"config must be a BalanceConfig, got {type(config).__name__}")
+        if pricing is not None and not isinstance(pricing, Pricing):
+            raise InvalidInput(f"pricing must be a Pricing, got {type(pricing).__name__}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise InvalidInput(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        if clock is not None and not callable(clock):
+            raise InvalidInput("clock must be a callable returning an aware datetime")
+        self.config = config if config is not None else BalanceConfig()
+        self.pricing = pricing if pricing is not None else Pricing.librechat()
+        self.clock: Clock = clock if clock is not None else utc_now
+        self.retry = retry if retry is not None else RetryPolicy()
+        # The last account seen per user: a write starts from it (one round trip).
+        self._seen: dict[str, Account] = {}
+
+    # --- operations -------------------------------------------------------------
+
+    def _open_op(self, user_id: str) -> Op:
+        config = self.config
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            if account is not None:  # opened by another writer meanwhile
+                raise Settled(account)
+            return rules.open_account(user_id, config=config, now=now, new_id=new_id)
+
+        return Op(user_id, plan)
+
+    def _grant_op(
+        self,
+        user_id: str,
+        amount: object,
+        *,
+        request_id: object,
+        reason: object,
+        metadata: object,
+    ) -> Op:
+        user_id = _validate.user_id(user_id)
+        value = _validate.amount(amount, positive=True)
+        request = _validate.optional_text(request_id, name="request_id")
+        meta = _with_reason(metadata, reason)
+        config = self.config
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            return rules.grant(
+                account,
+                user_id,
+                value,
+                config=config,
+                now=now,
+                new_id=new_id,
+                request_id=request,
+                metadata=meta,
+            )
+
+        return Op(user_id, plan, request)
+
+    def _charge_op(
+        self,
+        user_id: str,
+        amount: object,
+        *,
+        model: object,
+        usage: object,
+        incomplete: object,
+        strict: object,
+        request_id: object,
+        metadata: object,
+    ) -> Op:
+        user_id = _validate.user_id(user_id)
+        model_name = _validate.optional_text(model, name="model")
+        cost, rates = self._cost(amount, model=model_name, usage=usage, incomplete=incomplete)
+        request = _validate.optional_text(request_id, name="request_id")
+        meta = _validate.metadata(metadata)
+        if type(strict) is not bool:
+            raise InvalidInput(f"strict must be True or False, got {strict!r}")
+        refuse = strict
+        config = self.config
+        tokens = usage if isinstance(usage, TokenUsage) else None
+
+        def plan(account: Account | None, now: datetime, *, strict: bool = refuse) -> rules.Change:
+            return rules.charge(
+                account,
+                user_id,
+                cost,
+                config=config,
+                now=now,
+                new_id=new_id,
+                strict=strict,
+                request_id=request,
+                model=model_name,
+                usage=tokens,
+                rates=rates,
+                metadata=meta,
+            )
+
+        def lenient(account: Account | None, now: datetime) -> rules.Change:
+            return plan(account, now, strict=False)
+
+        return Op(user_id, plan, request, lenient)
+
+    def _set_balance_op(
+        self, user_id: str, amount: object, *, request_id: object, reason: object
+    ) -> Op:
+        user_id = _validate.user_id(user_id)
+        target = _validate.amount(amount)
+        request = _validate.optional_text(request_id, name="request_id")
+        meta = _with_reason(None, reason)
+        config = self.config
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            return rules.set_balance(
+                account,
+                user_id,
+                target,
+                config=config,
+                now=now,
+                new_id=new_id,
+                request_id=request,
+                metadata=meta,
+            )
+
+        return Op(user_id, plan, request)
+
+    def _refill_op(self, user_id: str, cost: Decimal) -> Op:
+        config = self.config
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            change = rules.refill(
+                account, user_id, config=config, now=now, new_id=new_id, cost=cost
+            )
+            if change is None:
+                assert account is not None  # refill opens a missing account
+                raise Settled(account)
+            return change
+
+        return Op(user_id, plan)
+
+    # --- results ----------------------------------------------------------------
+
+    @staticmethod
+    def _refill_entry(change: rules.Change) -> LedgerEntry | None:
+        if not change.entries or change.entry.kind is not EntryKind.REFILL:
+            return None
+        return change.entry
+
+    def _check_result(self, change: rules.Change, price: Decimal | None) -> BalanceCheck:
+        return rules.check(change.account, price, config=self.config)
+
+    @staticmethod
+    def _refusal(user_id: str, result: BalanceCheck, input_tokens: int | None) -> None:
+        if not result.allowed:
+            raise InsufficientBalance(
+                user_id,
+                balance=result.balance,
+                available=result.available,
+                cost=result.cost,
+                prompt_tokens=input_tokens,
+            )
+
+    @staticmethod
+    def _ledger_limit(limit: object) -> int | None:
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise InvalidInput(f"limit must be a whole number >= 0 or None, got {limit!r}")
+        return limit
+
+    # --- pricing ----------------------------------------------------------------
+
+    def _cost(
+        self, amount: object, *, model: str | None, usage: object, incomplete: object
+    ) -> tuple[Decimal, Rates | None]:
+        """The cost of a charge: the amount given, else the priced usage (with its rates)."""
+        if usage is not None and not isinstance(usage, TokenUsage):
+            raise InvalidInput(f"usage must be a TokenUsage, got {type(usage).__name__}")
+        if type(incomplete) is not bool:
+            raise InvalidInput(f"incomplete must be True or False, got {incomplete!r}")
+        if amount is not None:
+            if incomplete:
+                raise InvalidInput("incomplete=True applies to priced usage, not to an amount")
+            return _validate.amount(amount), None
+        if usage is None:
+            raise InvalidInput("charge needs an amount, or usage (with model) to price")
+        priced = self.pricing.cost(model, usage, incomplete=incomplete)
+        return _validate.amount(priced.total, name="priced cost"), priced.rates
+
+    def _check_cost(self, cost: object, *, model: object, input_tokens: object) -> Decimal | None:
+        """The cost a check is about: given, or the prompt priced as LibreChat's check does."""
+        if cost is not None:
+            if model is not None or input_tokens is not None:
+                raise InvalidInput("give cost, or model and input_tokens, not both")
+            return _validate.amount(cost, name="cost")
+        if input_tokens is None:
+            if model is not None:
+                raise InvalidInput("a check by model needs input_tokens to price")
+            return None
+        if type(input_tokens) is not int or not 0 <= input_tokens <= MAX_TOKENS:
+            raise InvalidInput(f"input_tokens must be an int in 0..10**10, got {input_tokens!r}")
+        model_name = _validate.optional_text(model, name="model")
+        return self.pricing.prompt_cost(model_name, input_tokens)
+
+    # --- bookkeeping ------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return _validate.aware(self.clock())
+
+    def _remember(self, account: Account) -> None:
+        seen = self._seen
+        if len(seen) >= SEEN_LIMIT:
+            seen.clear()
+        seen[account.user_id] = account
+
+    def _lost(self, conflict: VersionConflict) -> None:
+        """Forget what a lost compare-and-set proved stale; remember what it reported."""
+        self._seen.pop(conflict.user_id, None)
+        if conflict.current is not None:
+            self._remember(conflict.current)
+
+
+def plan_once(op: Op, account: Account | None, now: datetime) -> rules.Change:
+    """Run an op's plan; a plan with nothing to write gives an empty change."""
+    try:
+        return op.plan(account, now)
+    except Settled as settled:
+        return settled.change
+
+
+def _with_reason(metadata: object, reason: object) -> dict[str, Any] | None:
+    meta = _validate.metadata(metadata)
+    text = _validate.optional_text(reason, name="reason", max_length=1000)
+    if text is None:
+        return meta
+    return {**(meta or {}), "reason": text}

@@ -1,0 +1,513 @@
+"""The ``metered`` decorator: check a model call before it runs, charge it after it returns.
+
+``meter.metered(user="user_id", model="model")`` wraps a function that calls
+a model. Before each call a due refill is applied and a user who cannot pay
+is refused with ``InsufficientBalance``; after it, the usage is read from the
+result and charged at the model's rates. A call that raises is not charged.
+A result that is a stream (an iterator, an async iterator, an SDK stream) is
+handed back wrapped: the same chunks, charged once when the stream ends, is
+closed or fails.
+
+Sync functions need a ``BalanceManager``; coroutine functions and async
+generator functions an ``AsyncBalanceManager``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, cast
+
+import attrs
+
+from creditmeter import _validate
+from creditmeter.exceptions import ConfigError, InvalidInput
+from creditmeter.usage import StreamUsage, TokenUsage
+
+if TYPE_CHECKING:
+    from creditmeter.aio import AsyncBalanceManager
+    from creditmeter.manager import BalanceManager
+
+__all__ = ["AsyncMeteredStream", "MeteredStream", "OnMissingUsage", "acting_as", "metered"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+C = TypeVar("C")
+
+OnMissingUsage = Literal["warn", "error", "ignore"]
+Getter = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+
+logger = logging.getLogger("creditmeter")
+
+_acting_user: ContextVar[str | None] = ContextVar("creditmeter_acting_user", default=None)
+
+
+@contextlib.contextmanager
+def acting_as(user_id: str) -> Iterator[None]:
+    """Within the block (and tasks started in it), metered calls without ``user=`` charge it.
+
+    Gateway middleware sets it once per request.
+    """
+    token = _acting_user.set(_validate.user_id(user_id))
+    try:
+        yield
+    finally:
+        _acting_user.reset(token)
+
+
+# --- reading the call's arguments ---------------------------------------------------
+
+
+def _getter(func: Callable[..., Any], spec: object, what: str) -> Getter | None:
+    """Build a fast reader for one argument: a parameter name, or a callable over the call."""
+    if spec is None:
+        return None
+    if callable(spec):
+        call = spec
+        return lambda args, kwargs: call(*args, **kwargs)
+    if not isinstance(spec, str):
+        raise ConfigError(f"{what}= must be a parameter name or a callable, got {spec!r}")
+    parameters = inspect.signature(func).parameters
+    parameter = parameters.get(spec)
+    if parameter is None:
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return lambda _args, kwargs: kwargs.get(spec)
+        raise ConfigError(f"{what}={spec!r} is not a parameter of {func.__qualname__}")
+    default = None if parameter.default is inspect.Parameter.empty else parameter.default
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if parameter.kind in positional:
+        index = list(parameters).index(spec)
+
+        def by_position(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if index < len(args):
+                return args[index]
+            return kwargs.get(spec, default)
+
+        return by_position
+    return lambda _args, kwargs: kwargs.get(spec, default)
+
+
+@attrs.frozen
+class _Call:
+    """What the checks before a call learned, for the charge after it."""
+
+    user: str
+    model: str | None
+    estimate: TokenUsage | None
+    request_id: str | None
+
+
+@attrs.frozen
+class _Meter:
+    """How one decorated function is metered; shared by its sync and async paths."""
+
+    name: str
+    user: Getter | None
+    model: Getter | None
+    estimate: Getter | None
+    usage: Callable[[Any], TokenUsage | None] | None
+    request_id: Getter | None
+    on_missing_usage: OnMissingUsage
+
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        user = self.user(args, kwargs) if self.user is not None else _acting_user.get()
+        if user is None:
+            raise InvalidInput(
+                f"no user for the metered call {self.name}: pass user= to metered() "
+                "or call it inside acting_as(user_id)"
+            )
+        model = self.model(args, kwargs) if self.model is not None else None
+        estimate = None
+        if self.estimate is not None:
+            found = self.estimate(args, kwargs)
+            if isinstance(found, TokenUsage):
+                estimate = found
+            elif found is not None:
+                if type(found) is not int:
+                    raise InvalidInput(
+                        f"estimate= must return input tokens (int) or a TokenUsage, got {found!r}"
+                    )
+                estimate = TokenUsage(input=found)
+        request_id = self.request_id(args, kwargs) if self.request_id is not None else None
+        return _Call(user=user, model=model, estimate=estimate, request_id=request_id)
+
+    def read_usage(self, result: Any) -> TokenUsage | None:
+        if self.usage is not None:
+            found = self.usage(result)
+            if found is not None and not isinstance(found, TokenUsage):
+                raise InvalidInput(f"usage= must return a TokenUsage or None, got {found!r}")
+            return found
+        return TokenUsage.from_response(result)
+
+    def missing(self, call: _Call, problem: str) -> TokenUsage | None:
+        """Decide what to charge when a result carries no usage: the estimate, or nothing."""
+        if self.on_missing_usage == "error":
+            raise InvalidInput(f"{problem} for user {call.user!r}, model {call.model!r}")
+        if self.on_missing_usage == "warn":
+            logger.warning(
+                "%s for user %r, model %r; charging %s",
+                problem,
+                call.user,
+                call.model,
+                "the estimate" if call.estimate is not None else "nothing",
+            )
+        return call.estimate
+
+    def stream_usage(self, call: _Call, seen: StreamUsage) -> TokenUsage | None:
+        """A stream's usage: what its chunks reported, else the estimate plus one per chunk."""
+        if seen.usage is not None:
+            return seen.usage
+        base = call.estimate if call.estimate is not None else TokenUsage()
+        return base + TokenUsage(output=seen.content_chunks)
+
+    def settle_stream(
+        self, call: _Call, seen: StreamUsage, *, complete: bool
+    ) -> tuple[TokenUsage | None, bool]:
+        """What to charge for a stream that ended (``complete``) or was cut short."""
+        if seen.usage is None and seen.content_chunks == 0 and call.estimate is None:
+            return None, False  # nothing was produced and nothing is known
+        if complete and seen.usage is None:
+            self.missing(call, f"no usage reported by the stream of {self.name}")
+            if self.on_missing_usage == "ignore":
+                return None, False
+        return self.stream_usage(call, seen), not complete
+
+
+def _make_meter(
+    func: Callable[..., Any],
+    *,
+    user: object,
+    model: object,
+    estimate: object,
+    usage: object,
+    request_id: object,
+    on_missing_usage: OnMissingUsage,
+) -> _Meter:
+    if on_missing_usage not in ("warn", "error", "ignore"):
+        raise ConfigError(
+            f"on_missing_usage must be 'warn', 'error' or 'ignore', got {on_missing_usage!r}"
+        )
+    if estimate is not None and not callable(estimate):
+        raise ConfigError(
+            f"estimate= must be a callable over the call's arguments, got {estimate!r}"
+        )
+    if usage is not None and not callable(usage):
+        raise ConfigError(f"usage= must be a callable over the result, got {usage!r}")
+    return _Meter(
+        name=getattr(func, "__qualname__", repr(func)),
+        user=_getter(func, user, "user"),
+        model=_getter(func, model, "model"),
+        estimate=_getter(func, estimate, "estimate"),
+        usage=cast("Callable[[Any], TokenUsage | None] | None", usage),
+        request_id=_getter(func, request_id, "request_id"),
+        on_missing_usage=on_missing_usage,
+    )
+
+
+# --- the decorator ------------------------------------------------------------------
+
+
+def metered(
+    manager: BalanceManager | AsyncBalanceManager,
+    *,
+    user: str | Callable[..., str] | None = None,
+    model: str | Callable[..., str | None] | None = None,
+    estimate: Callable[..., int | TokenUsage | None] | None = None,
+    usage: Callable[[Any], TokenUsage | None] | None = None,
+    request_id: str | Callable[..., str | None] | None = None,
+    on_missing_usage: OnMissingUsage = "warn",
+) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """Meter every call of the decorated function against a user's balance.
+
+    ``user``, ``model`` and ``request_id`` name a parameter of the function
+    (defaults count) or are callables taking the call's arguments; without
+    ``user``, the user set by ``acting_as`` is charged. ``estimate`` returns
+    the prompt's input tokens (or a ``TokenUsage``) so the check prices the
+    prompt as LibreChat does; without it a call is refused only when the
+    available balance is zero or less. ``usage`` reads a ``TokenUsage`` from a
+    custom result (default: ``TokenUsage.from_response``). ``request_id``
+    makes the charge idempotent. When a result carries no usage,
+    ``on_missing_usage`` logs a warning and charges the estimate (``"warn"``),
+    raises ``InvalidInput`` (``"error"``) or charges nothing (``"ignore"``).
+    """
+    from creditmeter.aio import AsyncBalanceManager  # noqa: PLC0415 - a cycle otherwise
+    from creditmeter.manager import BalanceManager  # noqa: PLC0415
+
+    def decorate(func: Callable[P, T]) -> Callable[P, T]:
+        meter = _make_meter(
+            func,
+            user=user,
+            model=model,
+            estimate=estimate,
+            usage=usage,
+            request_id=request_id,
+            on_missing_usage=on_missing_usage,
+        )
+        if inspect.isasyncgenfunction(func) or inspect.iscoroutinefunction(func):
+            if not isinstance(manager, AsyncBalanceManager):
+                raise TypeError(
+                    f"{meter.name} is async: meter it with an AsyncBalanceManager, "
+                    f"not {type(manager).__name__}"
+                )
+            if inspect.isasyncgenfunction(func):
+                return cast("Callable[P, T]", _async_generator(func, meter, manager))
+            return cast("Callable[P, T]", _coroutine(func, meter, manager))
+        if isinstance(manager, AsyncBalanceManager):
+            raise TypeError(
+                f"{meter.name} is not async: meter it with a BalanceManager, "
+                "or make it a coroutine function"
+            )
+        if not isinstance(manager, BalanceManager):
+            raise TypeError(f"metered() needs a BalanceManager, got {type(manager).__name__}")
+        return _sync(func, meter, manager)
+
+    return decorate
+
+
+def _require(manager: BalanceManager, call: _Call) -> None:
+    estimate = call.estimate
+    if estimate is None:
+        manager.require(call.user)
+    elif estimate.cache_write or estimate.cache_read:
+        manager.require(call.user, manager.pricing.cost(call.model, estimate).prompt)
+    else:
+        manager.require(call.user, model=call.model, input_tokens=estimate.input)
+
+
+async def _arequire(manager: AsyncBalanceManager, call: _Call) -> None:
+    estimate = call.estimate
+    if estimate is None:
+        await manager.require(call.user)
+    elif estimate.cache_write or estimate.cache_read:
+        await manager.require(call.user, manager.pricing.cost(call.model, estimate).prompt)
+    else:
+        await manager.require(call.user, model=call.model, input_tokens=estimate.input)
+
+
+def _sync(func: Callable[P, T], meter: _Meter, manager: BalanceManager) -> Callable[P, T]:
+    def charge(call: _Call, spent: TokenUsage | None, *, incomplete: bool = False) -> None:
+        if spent is not None:
+            manager.charge(
+                call.user,
+                model=call.model,
+                usage=spent,
+                incomplete=incomplete,
+                request_id=call.request_id,
+            )
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        call = meter.call(args, kwargs)
+        _require(manager, call)
+        result = func(*args, **kwargs)
+        if hasattr(type(result), "__next__"):
+
+            def finish(seen: StreamUsage, complete: bool) -> None:
+                spent, cut = meter.settle_stream(call, seen, complete=complete)
+                charge(call, spent, incomplete=cut)
+
+            return cast("T", MeteredStream(cast("Iterator[Any]", result), finish))
+        charge(call, _usage_or_missing(meter, call, result))
+        return result
+
+    return wrapper
+
+
+def _usage_or_missing(meter: _Meter, call: _Call, result: Any) -> TokenUsage | None:
+    try:
+        found = meter.read_usage(result)
+    except InvalidInput as exc:
+        if meter.on_missing_usage == "error":
+            raise
+        return meter.missing(call, f"unreadable usage in the result of {meter.name} ({exc})")
+    if found is None:
+        return meter.missing(call, f"no usage in the result of {meter.name}")
+    return found
+
+
+def _coroutine(
+    func: Callable[..., Any], meter: _Meter, manager: AsyncBalanceManager
+) -> Callable[..., Any]:
+    async def charge(call: _Call, spent: TokenUsage | None, *, incomplete: bool = False) -> None:
+        if spent is not None:
+            await manager.charge(
+                call.user,
+                model=call.model,
+                usage=spent,
+                incomplete=incomplete,
+                request_id=call.request_id,
+            )
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        call = meter.call(args, kwargs)
+        await _arequire(manager, call)
+        result = await func(*args, **kwargs)
+        if hasattr(type(result), "__anext__"):
+
+            async def finish(seen: StreamUsage, complete: bool) -> None:
+                spent, cut = meter.settle_stream(call, seen, complete=complete)
+                await charge(call, spent, incomplete=cut)
+
+            return AsyncMeteredStream(result, finish)
+        await charge(call, _usage_or_missing(meter, call, result))
+        return result
+
+    return wrapper
+
+
+def _async_generator(
+    func: Callable[..., Any], meter: _Meter, manager: AsyncBalanceManager
+) -> Callable[..., Any]:
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        call = meter.call(args, kwargs)
+        await _arequire(manager, call)
+
+        async def finish(seen: StreamUsage, complete: bool) -> None:
+            spent, cut = meter.settle_stream(call, seen, complete=complete)
+            if spent is not None:
+                await manager.charge(
+                    call.user,
+                    model=call.model,
+                    usage=spent,
+                    incomplete=cut,
+                    request_id=call.request_id,
+                )
+
+        stream = AsyncMeteredStream(func(*args, **kwargs), finish)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+
+    return wrapper
+
+
+# --- stream wrappers ----------------------------------------------------------------
+
+
+class MeteredStream(Generic[C]):
+    """A stream handed back by a metered call: the same chunks, charged exactly once.
+
+    The charge happens when the stream is exhausted (the reported usage),
+    closed early or failed (LibreChat's cancel rate on what was produced:
+    the reported usage if any chunk carried it, else the estimate's input
+    plus one output token per content chunk). Attributes of the wrapped
+    stream stay reachable, and ``with`` closes it as the stream's own would.
+    """
+
+    def __init__(self, inner: Iterator[C], finish: Callable[[StreamUsage, bool], None]) -> None:
+        self._inner = inner
+        self._finish = finish
+        self._seen = StreamUsage()
+        self._done = False
+
+    def __iter__(self) -> MeteredStream[C]:
+        return self
+
+    def __next__(self) -> C:
+        if self._done:
+            raise StopIteration
+        try:
+            chunk = next(self._inner)
+        except StopIteration:
+            self._end(complete=True)
+            raise
+        except BaseException:
+            self._end(complete=False)
+            raise
+        self._seen.add(chunk)
+        return chunk
+
+    def _end(self, *, complete: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._finish(self._seen, complete)
+
+    def close(self) -> None:
+        """Close the stream; if it had not ended, charge what was produced as incomplete."""
+        try:
+            self._end(complete=False)
+        finally:
+            close = getattr(self._inner, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> MeteredStream[C]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __del__(self) -> None:
+        # A stream dropped unfinished is still charged, once; never raise from a finalizer.
+        if not self.__dict__.get("_done", True):
+            try:
+                self._end(complete=False)
+            except Exception:
+                logger.exception("charging an abandoned stream failed")
+
+
+class AsyncMeteredStream(Generic[C]):
+    """The async twin of ``MeteredStream``; close it with ``aclose()`` or ``async with``."""
+
+    def __init__(
+        self,
+        inner: AsyncIterator[C],
+        finish: Callable[[StreamUsage, bool], Any],
+    ) -> None:
+        self._inner = inner
+        self._finish = finish
+        self._seen = StreamUsage()
+        self._done = False
+
+    def __aiter__(self) -> AsyncMeteredStream[C]:
+        return self
+
+    async def __anext__(self) -> C:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._inner.__anext__()
+        except StopAsyncIteration:
+            await self._end(complete=True)
+            raise
+        except BaseException:
+            await self._end(complete=False)
+            raise
+        self._seen.add(chunk)
+        return chunk
+
+    async def _end(self, *, complete: bool) -> None:
+        if not self._done:
+            self._done = True
+            await self._finish(self._seen, complete)
+
+    async def aclose(self) -> None:
+        """Close the stream; if it had not ended, charge what was produced as incomplete."""
+        try:
+            await self._end(complete=False)
+        finally:
+            close = getattr(self._inner, "aclose", None) or getattr(self._inner, "close", None)
+            if close is not None:
+                outcome = close()
+                if inspect.isawaitable(outcome):
+                    await outcome
+
+    async def __aenter__(self) -> AsyncMeteredStream[C]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
