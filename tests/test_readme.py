@@ -1,0 +1,59 @@
+"""The README's Python examples run as written, against a local fake OpenAI server."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from fake_provider import FakeProvider
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def test_readme_has_examples():
+    assert len(python_blocks()) >= 4
+
+
+def test_readme_examples_run(tmp_path, monkeypatch):
+    namespace: dict = {}
+    output = io.StringIO()
+    with FakeProvider() as provider:
+        monkeypatch.setenv("OPENAI_BASE_URL", provider.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "librechat.yaml").write_text("version: 1.2.1\nbalance:\n  enabled: true\n")
+        try:
+            with contextlib.redirect_stdout(output):
+                for block in python_blocks():
+                    if "class TestMyStore" in block:
+                        continue  # a pytest module for a store of your own
+                    exec(compile(block, str(README), "exec"), namespace)
+        finally:
+            for name in ("meter", "client"):  # async_client belonged to a finished loop
+                if name in namespace:
+                    namespace[name].close()
+    printed = output.getvalue().splitlines()
+    # In one example: alice paid for 5 prompt words and 5 reply words at gpt-4o-mini's rates.
+    assert Decimal(printed[1]) == 20000 - (5 * Decimal("0.15") + 5 * Decimal("0.6"))
+    assert "11" in printed  # the async example's ledger length
+    assert "[5, 1]" in printed  # the streaming example
+    assert "8700.0" in printed[-2]
+    assert printed[-1] == "70.0"
+    assert len(provider.requests) == 1 + 11 + 2  # a retried call runs; it is not charged twice
+
+
+@pytest.mark.parametrize("command", ["python3 -m venv .venv"])
+def test_readme_commands_are_the_ci_commands(command):
+    text = README.read_text()
+    assert command in text
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "pip install -e '.[test]' && .venv/bin/pytest" in text
+    assert ".venv/bin/pytest" in ci
