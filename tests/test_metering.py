@@ -427,3 +427,41 @@ def test_fifty_concurrent_async_calls_each_charged_once():
             assert isinstance(balance, Decimal)
 
     asyncio.run(main())
+
+
+def test_a_stream_closed_after_its_usage_report_is_charged_as_complete(meter):
+    @meter.metered(user="user_id", model="model")
+    def stream(user_id, model):
+        yield chunk("a")
+        yield chunk(usage={"prompt_tokens": 8, "completion_tokens": 1})
+        yield "[DONE]"
+
+    chunks = stream("alice", "gpt-4o")
+    next(chunks)
+    next(chunks)  # the usage report: the generation is over
+    chunks.close()
+    (entry,) = charges(meter)
+    assert entry.cost == cost("gpt-4o", TokenUsage(input=8, output=1))  # no cancel rate
+
+
+def test_an_anthropic_stream_cut_short_counts_the_chunks_it_sent(meter):
+    start = {
+        "type": "message_start",
+        "message": {"usage": {"input_tokens": 10, "output_tokens": 1}},
+    }
+    delta = {"type": "content_block_delta", "delta": {"text": "x"}}
+
+    @meter.metered(user="user_id", model="model")
+    def stream(user_id, model):
+        yield start
+        for _ in range(6):
+            yield delta
+
+    chunks = stream("alice", "claude-3-5-sonnet")
+    for _ in range(5):  # message_start and four deltas
+        next(chunks)
+    chunks.close()
+    (entry,) = charges(meter)
+    # message_start's output count is a placeholder: four deltas were sent.
+    assert entry.usage == TokenUsage(input=10, output=4)
+    assert entry.cost == cost("claude-3-5-sonnet", TokenUsage(input=10, output=4), incomplete=True)

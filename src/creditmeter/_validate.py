@@ -18,9 +18,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 MAX_DECIMAL_PLACES = 30
 _ZERO = Decimal(0)
+_MAX_INT = 10**15
 
 
-def amount(value: Any, *, name: str = "amount", positive: bool = False) -> Decimal:
+def amount(value: Any, *, name: str = "amount", positive: bool = False) -> Decimal:  # noqa: C901
     """Return ``value`` as a finite, non-negative Decimal of at most 10**15.
 
     Accepts ``int``, ``Decimal`` or a finite ``float`` (converted through
@@ -29,6 +30,8 @@ def amount(value: Any, *, name: str = "amount", positive: bool = False) -> Decim
     """
     cls = type(value)
     if cls is int:
+        if 0 <= value <= _MAX_INT and (value or not positive):
+            return Decimal(value)  # the common case: whole numbers have no places to check
         result = Decimal(value)
     elif cls is Decimal:
         if not value.is_finite():

@@ -14,6 +14,7 @@ generator functions an ``AsyncBalanceManager``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
@@ -143,38 +144,57 @@ class _Meter:
             return found
         return TokenUsage.from_response(result)
 
-    def missing(self, call: _Call, problem: str) -> TokenUsage | None:
-        """Decide what to charge when a result carries no usage: the estimate, or nothing."""
+    def missing(
+        self, call: _Call, problem: str, fallback: TokenUsage | None = None
+    ) -> TokenUsage | None:
+        """What to charge when a result carries no usage: ``fallback``, the estimate, or nothing."""
         if self.on_missing_usage == "error":
             raise InvalidInput(f"{problem} for user {call.user!r}, model {call.model!r}")
-        if self.on_missing_usage == "warn":
-            logger.warning(
-                "%s for user %r, model %r; charging %s",
-                problem,
-                call.user,
-                call.model,
-                "the estimate" if call.estimate is not None else "nothing",
-            )
-        return call.estimate
-
-    def stream_usage(self, call: _Call, seen: StreamUsage) -> TokenUsage | None:
-        """A stream's usage: what its chunks reported, else the estimate plus one per chunk."""
-        if seen.usage is not None:
-            return seen.usage
-        base = call.estimate if call.estimate is not None else TokenUsage()
-        return base + TokenUsage(output=seen.content_chunks)
+        if self.on_missing_usage == "ignore":
+            return None
+        charged = fallback if fallback is not None else call.estimate
+        logger.warning(
+            "%s for user %r, model %r; charging %s",
+            problem,
+            call.user,
+            call.model,
+            "nothing" if charged is None else _describe(charged),
+        )
+        return charged
 
     def settle_stream(
         self, call: _Call, seen: StreamUsage, *, complete: bool
     ) -> tuple[TokenUsage | None, bool]:
-        """What to charge for a stream that ended (``complete``) or was cut short."""
-        if seen.usage is None and seen.content_chunks == 0 and call.estimate is None:
+        """What to charge for a stream that ended (``complete``) or was cut short.
+
+        A stream whose closing usage report arrived counts as complete even if
+        it was closed before its very end. Without a report, the estimate's
+        input plus one output token per content chunk stands in for usage; a
+        cut-short stream is never charged fewer output tokens than it sent.
+        """
+        complete = complete or seen.finished
+        reported = seen.usage
+        if reported is None and seen.content_chunks == 0 and call.estimate is None:
             return None, False  # nothing was produced and nothing is known
-        if complete and seen.usage is None:
-            self.missing(call, f"no usage reported by the stream of {self.name}")
-            if self.on_missing_usage == "ignore":
-                return None, False
-        return self.stream_usage(call, seen), not complete
+        base = call.estimate if call.estimate is not None else TokenUsage()
+        guess = base + TokenUsage(output=seen.content_chunks)
+        if reported is None:
+            if not complete:
+                return guess, True
+            return self.missing(
+                call, f"no usage reported by the stream of {self.name}", guess
+            ), False
+        if not complete and reported.output < seen.content_chunks:
+            # Anthropic's message_start carries a placeholder output count.
+            reported = attrs.evolve(reported, output=seen.content_chunks)
+        return reported, not complete
+
+
+def _describe(usage: TokenUsage) -> str:
+    return (
+        f"{usage.input} input, {usage.output} output, {usage.cache_write} cache-write and "
+        f"{usage.cache_read} cache-read tokens"
+    )
 
 
 def _make_meter(
@@ -511,3 +531,20 @@ class AsyncMeteredStream(Generic[C]):
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+    def __del__(self) -> None:
+        # Dropped unfinished: charge once, as a task on the running loop (a finalizer
+        # cannot await). Without a running loop nothing can be charged: say so.
+        if self.__dict__.get("_done", True):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            logger.warning("an unfinished metered stream was dropped with no event loop running")
+            return
+        task = loop.create_task(self._end(complete=False))
+        _PENDING.add(task)
+        task.add_done_callback(_PENDING.discard)
+
+
+_PENDING: set[asyncio.Task[None]] = set()  # charges of dropped streams still running

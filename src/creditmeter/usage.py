@@ -226,14 +226,16 @@ class StreamUsage:
     running or final total, so the last report wins; Anthropic reports input
     counts in ``message_start`` and cumulative counts in ``message_delta``,
     which are merged. ``chunks`` counts the chunks seen and ``content_chunks``
-    those that carried generated content (not usage reports or control events).
+    those that carried generated content (not usage reports or control events);
+    ``finished`` tells that a closing usage report arrived.
     """
 
-    __slots__ = ("_anthropic", "_usage", "chunks", "content_chunks")
+    __slots__ = ("_anthropic", "_usage", "chunks", "content_chunks", "finished")
 
     def __init__(self) -> None:
         self.chunks = 0
         self.content_chunks = 0
+        self.finished = False  # a closing usage report was seen: the generation is over
         self._usage: TokenUsage | None = None
         self._anthropic: dict[str, int] | None = None
 
@@ -254,6 +256,7 @@ class StreamUsage:
             return
         if kind == "message_delta":
             usage = _get(chunk, "usage")
+            self.finished = True  # Anthropic sends it once, after the last content block
             if usage is not None:
                 state = self._anthropic if self._anthropic is not None else {}
                 for name in _ANTHROPIC_FIELDS:
@@ -265,6 +268,10 @@ class StreamUsage:
         found = _read_response(chunk)
         if found is not None:
             self._usage = found
+            # OpenAI's usage chunk (no choices) and Responses' completed event close a stream;
+            # Gemini's running totals do not.
+            if _get(chunk, "choices") == [] or kind == "response.completed":
+                self.finished = True
 
     @property
     def usage(self) -> TokenUsage | None:

@@ -279,33 +279,62 @@ class SQLiteStore:
         user_id = account.user_id
         data = account_to_json(account)
         rows = [(user_id, entry.request_id, entry_to_json(entry)) for entry in entries]
+        handle = self._handle()
+        conn = handle.conn
+        # The body of _writing(), inline: this is every write's path.
+        handle.acquire()
         try:
-            with self._writing() as conn:
-                if expected_version is None:
-                    cursor = conn.execute(_INSERT_ACCOUNT, (user_id, account.version, data))
-                else:
-                    cursor = conn.execute(
-                        _UPDATE_ACCOUNT, (account.version, data, user_id, expected_version)
-                    )
-                if cursor.rowcount != 1:
-                    row = conn.execute(_LOAD, (user_id,)).fetchone()
-                    current = None if row is None else account_from_json(row[0])
-                    raise VersionConflict(user_id, expected=expected_version, current=current)
-                for row in rows:
-                    try:
-                        conn.execute(_INSERT_ENTRY, row)
-                    except sqlite3.IntegrityError:  # noqa: PERF203 - the rare duplicate path
-                        request_id = row[1]
-                        if request_id is None:
-                            raise
-                        found = conn.execute(_FIND_REQUEST, (user_id, request_id)).fetchone()
-                        if found is None:
-                            raise
-                        raise DuplicateRequest(
-                            user_id, request_id, entry=entry_from_json(found[0])
-                        ) from None
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._apply(
+                    conn,
+                    user_id=user_id,
+                    version=account.version,
+                    data=data,
+                    rows=rows,
+                    expected_version=expected_version,
+                )
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite commit failed: {exc}") from exc
+        finally:
+            handle.release()
+
+    @staticmethod
+    def _apply(
+        conn: sqlite3.Connection,
+        *,
+        user_id: str,
+        version: int,
+        data: str,
+        rows: list[tuple[str, str | None, str]],
+        expected_version: int | None,
+    ) -> None:
+        if expected_version is None:
+            cursor = conn.execute(_INSERT_ACCOUNT, (user_id, version, data))
+        else:
+            cursor = conn.execute(_UPDATE_ACCOUNT, (version, data, user_id, expected_version))
+        if cursor.rowcount != 1:
+            row = conn.execute(_LOAD, (user_id,)).fetchone()
+            current = None if row is None else account_from_json(row[0])
+            raise VersionConflict(user_id, expected=expected_version, current=current)
+        for row in rows:
+            try:
+                conn.execute(_INSERT_ENTRY, row)
+            except sqlite3.IntegrityError:  # noqa: PERF203 - the rare duplicate path
+                request_id = row[1]
+                if request_id is None:
+                    raise
+                found = conn.execute(_FIND_REQUEST, (user_id, request_id)).fetchone()
+                if found is None:
+                    raise
+                raise DuplicateRequest(
+                    user_id, request_id, entry=entry_from_json(found[0])
+                ) from None
 
     def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""

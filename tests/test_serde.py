@@ -1,0 +1,113 @@
+"""Stored text: the hand-written fast path writes exactly what the cattrs converter writes."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from creditmeter import EntryKind, StoreError
+from creditmeter.models import Account, LedgerEntry
+from creditmeter.serde import (
+    _dumps,
+    account_from_json,
+    account_to_json,
+    entry_from_json,
+    entry_to_json,
+    to_plain,
+)
+
+TEXT = st.text(min_size=1, max_size=40).filter(
+    lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s)
+)
+AMOUNTS = st.decimals(
+    min_value=-(10**15), max_value=10**15, places=6, allow_nan=False, allow_infinity=False
+)
+TIMES = st.datetimes(  # hypothesis wants naive bounds and adds the zone itself
+    min_value=datetime(2000, 1, 1),  # noqa: DTZ001
+    max_value=datetime(2100, 1, 1),  # noqa: DTZ001
+    timezones=st.just(timezone.utc),
+)
+ZONES = st.sampled_from(
+    [timezone.utc, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
+)
+
+
+@given(
+    user=TEXT,
+    balance=AMOUNTS,
+    version=st.integers(1, 2**40),
+    times=st.lists(TIMES, min_size=3, max_size=3),
+    zone=ZONES,
+)
+def test_account_fast_path_matches_the_converter(user, balance, version, times, zone):
+    created, updated, refilled = (t.astimezone(zone) for t in times)
+    account = Account(
+        user_id=user,
+        balance=balance,
+        version=version,
+        created_at=created,
+        updated_at=updated,
+        last_refill=refilled,
+    )
+    text = account_to_json(account)
+    assert text == _dumps(to_plain(account))
+    assert account_from_json(text) == account
+
+
+@given(
+    entry_id=TEXT,
+    user=TEXT,
+    kind=st.sampled_from(list(EntryKind)),
+    amount=AMOUNTS,
+    after=AMOUNTS,
+    at=TIMES,
+    request_id=st.none() | TEXT,
+    model=st.none() | TEXT,
+    cost=st.none() | AMOUNTS,
+)
+def test_entry_fast_path_matches_the_converter(
+    entry_id, user, kind, amount, after, at, request_id, model, cost
+):
+    entry = LedgerEntry(
+        id=entry_id,
+        user_id=user,
+        kind=kind,
+        amount=amount,
+        balance_after=after,
+        at=at,
+        request_id=request_id,
+        model=model,
+        cost=cost,
+    )
+    text = entry_to_json(entry)
+    assert text == _dumps(to_plain(entry))
+    assert entry_from_json(text) == entry
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"schema": 99}', "[]", "{", '{"schema": 1}', '{"schema":1,"user_id":"a","balance":"NaN"}'],
+    ids=["future-schema", "not-an-object", "not-json", "missing-fields", "nan-balance"],
+)
+def test_corrupt_text_is_a_store_error(text):
+    with pytest.raises(StoreError):
+        account_from_json(text)
+
+
+def test_times_come_back_in_utc():
+    moment = datetime(2025, 6, 1, 12, tzinfo=timezone(timedelta(hours=2)))
+    account = Account(
+        user_id="u",
+        balance=Decimal(1),
+        version=1,
+        created_at=moment,
+        updated_at=moment,
+        last_refill=moment,
+    )
+    loaded = account_from_json(account_to_json(account))
+    assert loaded.created_at == moment
+    assert loaded.created_at.tzinfo is timezone.utc
