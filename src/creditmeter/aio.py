@@ -252,15 +252,22 @@ class AsyncBalanceManager(ManagerBase):
                 return rules.replay(found, attempted.entry)
 
     async def _write(self, op: Op, account: Account | None, *, fresh: bool) -> rules.Change:
-        try:
-            return await self._attempt(op, account, fresh=fresh)
-        except VersionConflict as conflict:
-            if self.retry.attempts <= 1:
-                raise
-            seen: Account | None = conflict.current
         exclusive: Callable[[str], AbstractAsyncContextManager[None]] | None = getattr(
             self.store, "exclusive", None
         )
+        if exclusive is not None and self._is_hot(op.user_id):
+            async with exclusive(op.user_id):
+                try:
+                    return await self._attempt(op, None, fresh=False)
+                except VersionConflict as conflict:  # a writer that ignores the lock
+                    seen: Account | None = conflict.current
+        else:
+            try:
+                return await self._attempt(op, account, fresh=fresh)
+            except VersionConflict as conflict:
+                if self.retry.attempts <= 1:
+                    raise
+                seen = conflict.current
         if exclusive is not None:
             async with exclusive(op.user_id):
                 try:

@@ -283,15 +283,22 @@ class BalanceManager(ManagerBase):
 
     def _write(self, op: Op, account: Account | None, *, fresh: bool) -> rules.Change:
         """Plan and commit, retrying lost compare-and-sets; the caller holds the user's lock."""
-        try:
-            return self._attempt(op, account, fresh=fresh)
-        except VersionConflict as conflict:
-            if self.retry.attempts <= 1:
-                raise
-            seen: Account | None = conflict.current
         exclusive: Callable[[str], AbstractContextManager[None]] | None = getattr(
             self.store, "exclusive", None
         )
+        if exclusive is not None and self._is_hot(op.user_id):
+            with exclusive(op.user_id):
+                try:
+                    return self._attempt(op, None, fresh=False)
+                except VersionConflict as conflict:  # a writer that ignores the lock
+                    seen: Account | None = conflict.current
+        else:
+            try:
+                return self._attempt(op, account, fresh=fresh)
+            except VersionConflict as conflict:
+                if self.retry.attempts <= 1:
+                    raise
+                seen = conflict.current
         if exclusive is not None:
             # Under the store's writer lock a fresh load cannot be overtaken.
             with exclusive(op.user_id):
