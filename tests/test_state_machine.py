@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
 
 from creditmeter import (
     AsyncBalanceManager,
@@ -27,9 +34,11 @@ from creditmeter import (
     BalanceManager,
     IdempotencyConflict,
     InsufficientBalance,
+    InvalidInput,
     MemoryStore,
     SQLiteStore,
 )
+from creditmeter.rules import open_holds
 from creditmeter.testing import Blocking, FakeClock
 
 USERS = st.sampled_from(["alice", "bob"])
@@ -39,6 +48,7 @@ AMOUNTS = st.one_of(
     st.decimals(min_value=0, max_value=80, places=3, allow_nan=False, allow_infinity=False),
 )
 INTERVAL = timedelta(hours=1)
+HOLDS = Bundle("holds")
 
 
 class Model:
@@ -49,31 +59,56 @@ class Model:
         self.balance: dict[str, Decimal] = {}
         self.last_refill: dict[str, object] = {}
         self.requests: dict[tuple[str, str], tuple[object, ...]] = {}
+        self.holds: dict[str, dict[str, tuple[Decimal, object]]] = {}
+        self.resolved: dict[str, tuple[str, object]] = {}  # hold id -> (how, entry)
+        # Users an admin set below what their holds set aside: available may be
+        # negative until those holds resolve (calls in flight were authorized).
+        self.set_below: set[str] = set()
 
     def touch(self, user, now):
         if user not in self.balance:
             self.balance[user] = self.config.start_balance
             self.last_refill[user] = now
+            self.holds[user] = {}
+
+    def snapshot(self):
+        return (
+            dict(self.balance),
+            dict(self.last_refill),
+            {user: dict(holds) for user, holds in self.holds.items()},
+        )
+
+    def restore(self, saved):
+        self.balance, self.last_refill, self.holds = saved
+
+    def wrote(self, user, now):
+        """A write to the account drops the holds that expired."""
+        self.holds[user] = {k: v for k, v in self.holds[user].items() if v[1] > now}
+
+    def available(self, user, now):
+        live = sum((a for a, expires in self.holds[user].values() if expires > now), Decimal(0))
+        return self.balance[user] - live
 
     def refill(self, user, now, cost):
         c = self.config
         if now < self.last_refill[user] + INTERVAL:
-            return
-        if c.refill_mode == "when_depleted" and self.balance[user] - cost > 0:
-            return
+            return False
+        if c.refill_mode == "when_depleted" and self.available(user, now) - cost > 0:
+            return False
         if c.refill_mode == "top_up":
             if self.balance[user] >= c.refill_amount:
-                return
+                return False
             self.balance[user] = c.refill_amount
         else:
             self.balance[user] += c.refill_amount
         self.last_refill[user] = max(self.last_refill[user], now)
+        return True
 
-    def spend(self, user, cost):
+    def spend(self, user, cost, now):
         if self.config.allow_negative_balance:
             self.balance[user] -= cost
         else:
-            self.balance[user] -= min(cost, max(self.balance[user], Decimal(0)))
+            self.balance[user] -= min(cost, max(self.available(user, now), Decimal(0)))
 
 
 class BalanceMachine(RuleBasedStateMachine):
@@ -151,6 +186,9 @@ class BalanceMachine(RuleBasedStateMachine):
     )
     def grant(self, user, amount, request_id, which):
         self.model.touch(user, self.clock())
+        replayed = request_id and (user, request_id) in self.model.requests
+        if not replayed:
+            self.model.wrote(user, self.clock())
         replay = request_id and (user, request_id) in self.model.requests
         self._request(
             user,
@@ -170,7 +208,7 @@ class BalanceMachine(RuleBasedStateMachine):
     )
     def charge(self, user, amount, request_id, strict, which):
         now = self.clock()
-        saved = (dict(self.model.balance), dict(self.model.last_refill))
+        saved = self.model.snapshot()
         self.model.touch(user, now)
         cost = Decimal(amount)
         manager = self.managers[which]
@@ -184,11 +222,11 @@ class BalanceMachine(RuleBasedStateMachine):
             return
         if strict:
             self.model.refill(user, now, cost)
-            if self.model.balance[user] < cost:
+            if self.model.available(user, now) < cost:
                 with pytest.raises(InsufficientBalance):
                     manager.charge(user, amount, strict=True, request_id=request_id)
                 # A refused strict charge writes nothing: no opening, no refill.
-                self.model.balance, self.model.last_refill = saved
+                self.model.restore(saved)
                 return
         self._request(
             user,
@@ -196,20 +234,25 @@ class BalanceMachine(RuleBasedStateMachine):
             ("charge", cost),
             lambda: manager.charge(user, amount, strict=strict, request_id=request_id),
         )
-        self.model.spend(user, cost)
+        self.model.wrote(user, now)
+        self.model.spend(user, cost, now)
 
     @rule(user=USERS, amount=AMOUNTS, which=st.integers(0, 1))
     def set_balance(self, user, amount, which):
         self.model.touch(user, self.clock())
+        self.model.wrote(user, self.clock())
         self.managers[which].set_balance(user, amount)
         self.model.balance[user] = Decimal(amount)
+        if self.model.available(user, self.clock()) < 0:
+            self.model.set_below.add(user)
 
     @rule(user=USERS, cost=AMOUNTS, which=st.integers(0, 1))
     def refill(self, user, cost, which):
         now = self.clock()
         self.model.touch(user, now)
         before = self.model.balance[user]
-        self.model.refill(user, now, Decimal(cost))
+        if self.model.refill(user, now, Decimal(cost)):
+            self.model.wrote(user, now)
         entry = self.managers[which].maybe_refill(user, cost=cost)
         added = self.model.balance[user] - before
         if added:
@@ -222,11 +265,75 @@ class BalanceMachine(RuleBasedStateMachine):
     def check(self, user, cost, which):
         now = self.clock()
         self.model.touch(user, now)
-        self.model.refill(user, now, Decimal(cost or 0))
+        if self.model.refill(user, now, Decimal(cost or 0)):
+            self.model.wrote(user, now)
         result = self.managers[which].check(user, cost)
-        balance = self.model.balance[user]
-        assert result.balance == balance
-        assert result.allowed == (balance > 0 if cost is None else balance >= Decimal(cost))
+        assert result.balance == self.model.balance[user]
+        available = self.model.available(user, now)
+        assert result.available == available
+        assert result.allowed == (available > 0 if cost is None else available >= Decimal(cost))
+
+    @rule(
+        target=HOLDS,
+        user=USERS,
+        amount=AMOUNTS,
+        minutes=st.integers(min_value=30, max_value=180),
+        which=st.integers(0, 1),
+    )
+    def hold(self, user, amount, minutes, which):
+        now = self.clock()
+        saved = self.model.snapshot()
+        self.model.touch(user, now)
+        cost = Decimal(amount)
+        self.model.refill(user, now, cost)
+        manager = self.managers[which]
+        if self.model.available(user, now) < cost:
+            with pytest.raises(InsufficientBalance):
+                manager.hold(user, amount, ttl=timedelta(minutes=minutes))
+            self.model.restore(saved)
+            return multiple()
+        held = manager.hold(user, amount, ttl=timedelta(minutes=minutes))
+        assert held.amount == cost
+        assert held.expires_at == now + timedelta(minutes=minutes)
+        self.model.wrote(user, now)
+        self.model.holds[user][held.id] = (cost, held.expires_at)
+        return held
+
+    @rule(held=HOLDS, amount=AMOUNTS, which=st.integers(0, 1))
+    def settle(self, held, amount, which):
+        now = self.clock()
+        user = held.user_id
+        manager = self.managers[which]
+        done = self.model.resolved.get(held.id)
+        if done is not None:
+            how, entry = done
+            if how == "released":
+                with pytest.raises(InvalidInput, match="released"):
+                    manager.settle(held, amount)
+            else:
+                assert manager.settle(held, amount) == entry
+            return
+        entry = manager.settle(held, amount)
+        self.model.wrote(user, now)
+        self.model.holds[user].pop(held.id, None)
+        self.model.spend(user, Decimal(amount), now)
+        assert entry.cost == Decimal(amount)
+        self.model.resolved[held.id] = ("settled", entry)
+
+    @rule(held=HOLDS, which=st.integers(0, 1))
+    def release(self, held, which):
+        now = self.clock()
+        user = held.user_id
+        manager = self.managers[which]
+        done = self.model.resolved.get(held.id)
+        if done is not None:
+            assert manager.release(held) == done[1]
+            return
+        entry = manager.release(held)
+        assert entry.amount == 0
+        self.model.wrote(user, now)
+        self.model.holds[user].pop(held.id, None)
+        self.model.resolved[held.id] = ("released", entry)
 
     @rule(minutes=st.integers(min_value=-120, max_value=300))
     def move_clock(self, minutes):
@@ -235,10 +342,21 @@ class BalanceMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model.balance)
     @invariant()
     def ledgers_match_the_model(self):
+        now = self.clock()
         for user, balance in self.model.balance.items():
-            account = self.reader.load(user)
-            assert account is not None
-            assert account.balance == balance
+            stored = self.reader.load(user)
+            assert stored is not None
+            assert stored.balance == balance
+            assert stored.held == sum((h.amount for h in stored.holds), Decimal(0))
+            account = open_holds(stored, now)
+            assert account.available == self.model.available(user, now)
+            assert {h.id for h in stored.holds} == set(self.model.holds[user])
+            if not self.config.allow_negative_balance:
+                assert account.balance >= 0
+                if account.available >= 0:
+                    self.model.set_below.discard(user)
+                else:
+                    assert user in self.model.set_below
             entries = self.reader.ledger(user)
             running = Decimal(0)
             request_ids = set()

@@ -12,7 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from creditmeter import BalanceConfig, BalanceManager, SQLiteStore, VersionConflict
+from creditmeter import (
+    BalanceConfig,
+    BalanceManager,
+    InsufficientBalance,
+    SQLiteStore,
+    VersionConflict,
+)
 
 CONFIG = BalanceConfig(enabled=True, start_balance=10**9)
 
@@ -61,6 +67,24 @@ def crash(path: str, user: str, tag: str) -> None:
             number += 1
 
 
+def hold(path: str, user: str, count: str, go: str) -> None:
+    """Hold and settle 1 credit ``count`` times once ``go`` exists; print "ok refused"."""
+    with BalanceManager(SQLiteStore(path), BalanceConfig(enabled=True)) as manager:
+        manager.account(user)
+        print("ready", flush=True)
+        wait_for(Path(go))
+        ok = refused = 0
+        for _ in range(int(count)):
+            try:
+                held = manager.hold(user, 1)
+            except InsufficientBalance:
+                refused += 1
+                continue
+            manager.settle(held, 1)
+            ok += 1
+        print(ok, refused, flush=True)
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    {"charge": charge, "crash": crash}[command](*arguments)
+    {"charge": charge, "crash": crash, "hold": hold}[command](*arguments)

@@ -22,6 +22,7 @@ from creditmeter.manager import BalanceManager
 from creditmeter.metering import AsyncMeteredStream, MeteredStream, acting_as, metered
 from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry
 from creditmeter.pricing import Cost, ModelRate, Pricing, Rates
+from creditmeter.reservations import AsyncReservation, Reservation
 from creditmeter.stores import (
     AsyncBalanceStore,
     AsyncMemoryStore,
@@ -40,6 +41,7 @@ __all__ = [
     "AsyncBalanceStore",
     "AsyncMemoryStore",
     "AsyncMeteredStream",
+    "AsyncReservation",
     "AsyncSQLiteStore",
     "BalanceCheck",
     "BalanceConfig",
@@ -61,6 +63,7 @@ __all__ = [
     "Pricing",
     "Rates",
     "RefillSettings",
+    "Reservation",
     "RetryPolicy",
     "SQLiteStore",
     "StoreError",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -20,7 +20,7 @@ from creditmeter import _validate, rules
 from creditmeter._ids import new_id
 from creditmeter.config import BalanceConfig, RetryPolicy
 from creditmeter.exceptions import InsufficientBalance, InvalidInput, VersionConflict
-from creditmeter.models import Account, BalanceCheck, EntryKind, LedgerEntry
+from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry
 from creditmeter.pricing import Pricing, Rates
 from creditmeter.usage import MAX_TOKENS, TokenUsage
 
@@ -116,7 +116,7 @@ class ManagerBase:
     ) -> Op:
         user_id = _validate.user_id(user_id)
         value = _validate.amount(amount, positive=True)
-        request = _validate.optional_text(request_id, name="request_id")
+        request = request_id_of(request_id)
         meta = _with_reason(metadata, reason)
         config = self.config
 
@@ -149,7 +149,7 @@ class ManagerBase:
         user_id = _validate.user_id(user_id)
         model_name = _validate.optional_text(model, name="model")
         cost, rates = self._cost(amount, model=model_name, usage=usage, incomplete=incomplete)
-        request = _validate.optional_text(request_id, name="request_id")
+        request = request_id_of(request_id)
         meta = _validate.metadata(metadata)
         if type(strict) is not bool:
             raise InvalidInput(f"strict must be True or False, got {strict!r}")
@@ -183,7 +183,7 @@ class ManagerBase:
     ) -> Op:
         user_id = _validate.user_id(user_id)
         target = _validate.amount(amount)
-        request = _validate.optional_text(request_id, name="request_id")
+        request = request_id_of(request_id)
         meta = _with_reason(None, reason)
         config = self.config
 
@@ -210,10 +210,114 @@ class ManagerBase:
             )
             if change is None:
                 assert account is not None  # refill opens a missing account
-                raise Settled(account)
+                raise Settled(rules.open_holds(account, now))
             return change
 
         return Op(user_id, plan)
+
+    def _hold_op(
+        self,
+        user_id: str,
+        amount: object,
+        *,
+        model: object,
+        usage: object,
+        ttl: object,
+        request_id: object,
+    ) -> tuple[Op, str]:
+        user_id = _validate.user_id(user_id)
+        model_name = _validate.optional_text(model, name="model")
+        cost, _ = self._cost(amount, model=model_name, usage=usage, incomplete=False)
+        if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
+            raise InvalidInput(f"ttl must be a positive timedelta, got {ttl!r}")
+        request = request_id_of(request_id)
+        # A hold asked for with a request id gets an id made from it, so that a retried
+        # call resolves the same hold id, which the ledger lets resolve only once.
+        hold_id = new_id() if request is None else "req:" + request
+        config = self.config
+        lifetime = ttl
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            return rules.hold(
+                account,
+                user_id,
+                cost,
+                hold_id=hold_id,
+                ttl=lifetime,
+                config=config,
+                now=now,
+                new_id=new_id,
+                request_id=request,
+            )
+
+        return Op(user_id, plan, None), hold_id
+
+    def _settle_op(
+        self,
+        hold: object,
+        amount: object,
+        *,
+        model: object,
+        usage: object,
+        incomplete: object,
+        metadata: object,
+    ) -> Op:
+        held = _hold(hold)
+        model_name = _validate.optional_text(model, name="model")
+        cost, rates = self._cost(amount, model=model_name, usage=usage, incomplete=incomplete)
+        meta = _validate.metadata(metadata)
+        tokens = usage if isinstance(usage, TokenUsage) else None
+        config = self.config
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            return rules.settle(
+                account,
+                held.user_id,
+                held,
+                cost,
+                config=config,
+                now=now,
+                new_id=new_id,
+                model=model_name,
+                usage=tokens,
+                rates=rates,
+                metadata=meta,
+            )
+
+        return Op(held.user_id, plan, rules.HOLD_PREFIX + held.id)
+
+    def _release_op(self, hold: object) -> Op:
+        held = _hold(hold)
+        config = self.config
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            return rules.release(account, held.user_id, held, config=config, now=now, new_id=new_id)
+
+        return Op(held.user_id, plan, rules.HOLD_PREFIX + held.id)
+
+    def _drop_op(self, hold: Hold) -> Op:
+        config = self.config
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            if account is None:
+                raise Settled(
+                    rules.open_account(hold.user_id, config=config, now=now, new_id=new_id).account
+                )
+            return rules.drop_hold(account, hold, config=config, now=now)
+
+        return Op(hold.user_id, plan)
+
+    def _leftover(self, hold: Hold) -> bool:
+        """Tell whether a resolved hold may still sit in the account (after a retried call)."""
+        seen = self._seen.get(hold.user_id)
+        return seen is None or any(h.id == hold.id for h in seen.holds)
+
+    @staticmethod
+    def _found_hold(change: rules.Change, hold_id: str) -> Hold:
+        for held in change.account.holds:
+            if held.id == hold_id:
+                return held
+        raise AssertionError("a committed hold is in its account")  # pragma: no cover
 
     # --- results ----------------------------------------------------------------
 
@@ -258,7 +362,7 @@ class ManagerBase:
                 raise InvalidInput("incomplete=True applies to priced usage, not to an amount")
             return _validate.amount(amount), None
         if usage is None:
-            raise InvalidInput("charge needs an amount, or usage (with model) to price")
+            raise InvalidInput("an amount is needed, or usage (with model) to price")
         priced = self.pricing.cost(model, usage, incomplete=incomplete)
         return _validate.amount(priced.total, name="priced cost"), priced.rates
 
@@ -318,12 +422,33 @@ class ManagerBase:
         return False
 
 
+def is_noop(change: rules.Change) -> bool:
+    """A change that writes nothing: the version was not moved on."""
+    return change.account.version == change.expected_version
+
+
 def plan_once(op: Op, account: Account | None, now: datetime) -> rules.Change:
     """Run an op's plan; a plan with nothing to write gives an empty change."""
     try:
         return op.plan(account, now)
     except Settled as settled:
         return settled.change
+
+
+def _hold(value: object) -> Hold:
+    if not isinstance(value, Hold):
+        raise InvalidInput(f"expected a Hold (from hold()), got {type(value).__name__}")
+    return value
+
+
+def request_id_of(value: object) -> str | None:
+    """Validate a caller's request id; ``hold:`` starts the ids of hold resolutions only."""
+    request = _validate.optional_text(value, name="request_id")
+    if request is not None and request.startswith(rules.HOLD_PREFIX):
+        raise InvalidInput(
+            f"request ids starting with {rules.HOLD_PREFIX!r} are reserved for holds"
+        )
+    return request
 
 
 def _with_reason(metadata: object, reason: object) -> dict[str, Any] | None:

@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from creditmeter import _validate, rules
-from creditmeter._base import LOCK_STRIPES, Clock, ManagerBase, Op, Replayed, plan_once
+from creditmeter._base import LOCK_STRIPES, Clock, ManagerBase, Op, Replayed, is_noop, plan_once
 from creditmeter._retry import async_retrying
 from creditmeter.config import BalanceConfig, RetryPolicy
 from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, VersionConflict
-from creditmeter.models import Account, BalanceCheck, LedgerEntry
+from creditmeter.models import Account, BalanceCheck, Hold, LedgerEntry
 from creditmeter.pricing import Pricing
+from creditmeter.reservations import DEFAULT_TTL, AsyncReservation
 from creditmeter.stores.base import AsyncBalanceStore
 from creditmeter.usage import TokenUsage
 
@@ -67,7 +69,7 @@ class AsyncBalanceManager(ManagerBase):
             if account is None:
                 account = (await self._write(op, None, fresh=True)).account
             self._remember(account)
-            return account
+            return rules.open_holds(account, self._now())
 
     async def balance(self, user_id: str) -> Decimal:
         """Return the user's balance, opening the account on first sight."""
@@ -171,6 +173,91 @@ class AsyncBalanceManager(ManagerBase):
         self._refusal(user_id, result, input_tokens)
         return result
 
+    async def hold(
+        self,
+        user_id: str,
+        amount: Decimal | float | None = None,
+        *,
+        model: str | None = None,
+        usage: TokenUsage | None = None,
+        ttl: timedelta = DEFAULT_TTL,
+        request_id: str | None = None,
+    ) -> Hold:
+        """Set credits aside for a call about to run: ``amount``, or the priced ``usage``.
+
+        A due refill is applied first; the hold is refused with
+        ``InsufficientBalance`` unless the available balance (balance less
+        open holds) covers it. Resolve it with ``settle`` or ``release``; one
+        left alone expires after ``ttl`` and stops counting.
+        """
+        op, hold_id = self._hold_op(
+            user_id, amount, model=model, usage=usage, ttl=ttl, request_id=request_id
+        )
+        async with self._lock(op.user_id):
+            change = await self._from_seen(op)
+        return self._found_hold(change, hold_id)
+
+    async def settle(
+        self,
+        hold: Hold,
+        amount: Decimal | float | None = None,
+        *,
+        model: str | None = None,
+        usage: TokenUsage | None = None,
+        incomplete: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> LedgerEntry:
+        """Resolve a hold with a charge of what the call really cost; return the ``CHARGE`` entry.
+
+        The cost may be more or less than was held (more is clamped like any
+        charge). A hold is resolved once: settling it again returns the first
+        entry; settling a released hold is ``InvalidInput``; an expired hold
+        is still charged, once.
+        """
+        op = self._settle_op(
+            hold, amount, model=model, usage=usage, incomplete=incomplete, metadata=metadata
+        )
+        entry = await self._apply(op)
+        await self._tidy(hold)
+        return entry
+
+    async def release(self, hold: Hold) -> LedgerEntry:
+        """Resolve a hold without a charge; return its ``RELEASE`` entry (or the one before it)."""
+        entry = await self._apply(self._release_op(hold))
+        await self._tidy(hold)
+        return entry
+
+    def reserve(
+        self,
+        user_id: str,
+        amount: Decimal | float | None = None,
+        *,
+        model: str | None = None,
+        usage: TokenUsage | None = None,
+        ttl: timedelta = DEFAULT_TTL,
+        request_id: str | None = None,
+    ) -> AsyncReservation:
+        """``async with meter.reserve(user, amount) as held:``: hold, and release unless settled.
+
+        Inside the block call ``await held.settle(...)`` with the real cost; on an
+        exception, or if the block settles nothing, the hold is released.
+        """
+        return AsyncReservation(
+            self,
+            user_id,
+            amount,
+            model=model,
+            usage=usage,
+            ttl=ttl,
+            request_id=request_id,
+        )
+
+    async def _tidy(self, hold: Hold) -> None:
+        """After resolving a hold that a retry took again, drop the copy left in the account."""
+        if self._leftover(hold):
+            async with self._lock(hold.user_id):
+                await self._from_seen(self._drop_op(hold))
+
     def metered(
         self,
         *,
@@ -231,15 +318,20 @@ class AsyncBalanceManager(ManagerBase):
             self._remember(change.account)
             return change
 
+    async def _from_seen(self, op: Op) -> rules.Change:
+        """Run a write from the last account seen; the caller holds the user's lock."""
+        account = self._seen.get(op.user_id)
+        fresh = account is None
+        if fresh:
+            account = await self.store.load(op.user_id)
+        return await self._write(op, account, fresh=fresh)
+
     async def _apply(self, op: Op) -> LedgerEntry:
+        """Run a write and return the operation's entry (the first one, for a repeat)."""
         user_id = op.user_id
         async with self._lock(user_id):
-            account = self._seen.get(user_id)
-            fresh = account is None
-            if fresh:
-                account = await self.store.load(user_id)
             try:
-                return (await self._write(op, account, fresh=fresh)).entry
+                return (await self._from_seen(op)).entry
             except Replayed as replayed:
                 return replayed.entry
             except InsufficientBalance:
@@ -248,6 +340,7 @@ class AsyncBalanceManager(ManagerBase):
                 found = await self.store.find_request(user_id, op.request_id)
                 if found is None:
                     raise
+                # An applied request is answered with its entry, even if it could not pay now.
                 attempted = op.lenient(await self.store.load(user_id), self._now())
                 return rules.replay(found, attempted.entry)
 
@@ -293,7 +386,7 @@ class AsyncBalanceManager(ManagerBase):
             if fresh:
                 raise
             change = plan_once(op, await self.store.load(op.user_id), now)
-        if not change.entries:
+        if is_noop(change):
             return change
         try:
             await self.store.commit(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -26,14 +27,16 @@ from creditmeter._base import (
     ManagerBase,
     Op,
     Replayed,
+    is_noop,
     plan_once,
     utc_now,
 )
 from creditmeter._retry import retrying
 from creditmeter.config import BalanceConfig, RetryPolicy
 from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, VersionConflict
-from creditmeter.models import Account, BalanceCheck, LedgerEntry
+from creditmeter.models import Account, BalanceCheck, Hold, LedgerEntry
 from creditmeter.pricing import Pricing
+from creditmeter.reservations import DEFAULT_TTL, Reservation
 from creditmeter.stores.base import BalanceStore
 from creditmeter.usage import TokenUsage
 
@@ -81,7 +84,7 @@ class BalanceManager(ManagerBase):
             if account is None:
                 account = self._write(op, None, fresh=True).account
             self._remember(account)
-            return account
+            return rules.open_holds(account, self._now())
 
     def balance(self, user_id: str) -> Decimal:
         """Return the user's balance, opening the account on first sight."""
@@ -198,6 +201,91 @@ class BalanceManager(ManagerBase):
         self._refusal(user_id, result, input_tokens)
         return result
 
+    def hold(
+        self,
+        user_id: str,
+        amount: Decimal | float | None = None,
+        *,
+        model: str | None = None,
+        usage: TokenUsage | None = None,
+        ttl: timedelta = DEFAULT_TTL,
+        request_id: str | None = None,
+    ) -> Hold:
+        """Set credits aside for a call about to run: ``amount``, or the priced ``usage``.
+
+        A due refill is applied first; the hold is refused with
+        ``InsufficientBalance`` unless the available balance (balance less
+        open holds) covers it. Resolve it with ``settle`` or ``release``; one
+        left alone expires after ``ttl`` and stops counting.
+        """
+        op, hold_id = self._hold_op(
+            user_id, amount, model=model, usage=usage, ttl=ttl, request_id=request_id
+        )
+        with self._lock(op.user_id):
+            change = self._from_seen(op)
+        return self._found_hold(change, hold_id)
+
+    def settle(
+        self,
+        hold: Hold,
+        amount: Decimal | float | None = None,
+        *,
+        model: str | None = None,
+        usage: TokenUsage | None = None,
+        incomplete: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> LedgerEntry:
+        """Resolve a hold with a charge of what the call really cost; return the ``CHARGE`` entry.
+
+        The cost may be more or less than was held (more is clamped like any
+        charge). A hold is resolved once: settling it again returns the first
+        entry; settling a released hold is ``InvalidInput``; an expired hold
+        is still charged, once.
+        """
+        op = self._settle_op(
+            hold, amount, model=model, usage=usage, incomplete=incomplete, metadata=metadata
+        )
+        entry = self._apply(op)
+        self._tidy(hold)
+        return entry
+
+    def release(self, hold: Hold) -> LedgerEntry:
+        """Resolve a hold without a charge; return its ``RELEASE`` entry (or the one before it)."""
+        entry = self._apply(self._release_op(hold))
+        self._tidy(hold)
+        return entry
+
+    def reserve(
+        self,
+        user_id: str,
+        amount: Decimal | float | None = None,
+        *,
+        model: str | None = None,
+        usage: TokenUsage | None = None,
+        ttl: timedelta = DEFAULT_TTL,
+        request_id: str | None = None,
+    ) -> Reservation:
+        """``with meter.reserve(user, amount) as held:`` hold on entry, release unless settled.
+
+        Inside the block call ``held.settle(...)`` with the real cost; on an
+        exception, or if the block settles nothing, the hold is released.
+        """
+        return Reservation(
+            self,
+            user_id,
+            amount,
+            model=model,
+            usage=usage,
+            ttl=ttl,
+            request_id=request_id,
+        )
+
+    def _tidy(self, hold: Hold) -> None:
+        """After resolving a hold that a retry took again, drop the copy left in the account."""
+        if self._leftover(hold):
+            with self._lock(hold.user_id):
+                self._from_seen(self._drop_op(hold))
+
     def metered(
         self,
         *,
@@ -259,16 +347,20 @@ class BalanceManager(ManagerBase):
             self._remember(change.account)
             return change
 
+    def _from_seen(self, op: Op) -> rules.Change:
+        """Run a write from the last account seen; the caller holds the user's lock."""
+        account = self._seen.get(op.user_id)
+        fresh = account is None
+        if fresh:
+            account = self.store.load(op.user_id)
+        return self._write(op, account, fresh=fresh)
+
     def _apply(self, op: Op) -> LedgerEntry:
-        """Run a write from the last account seen and return the operation's entry."""
+        """Run a write and return the operation's entry (the first one, for a repeat)."""
         user_id = op.user_id
         with self._lock(user_id):
-            account = self._seen.get(user_id)
-            fresh = account is None
-            if fresh:
-                account = self.store.load(user_id)
             try:
-                return self._write(op, account, fresh=fresh).entry
+                return (self._from_seen(op)).entry
             except Replayed as replayed:
                 return replayed.entry
             except InsufficientBalance:
@@ -326,7 +418,7 @@ class BalanceManager(ManagerBase):
                 raise
             # Refused on a remembered account: decide again on the stored one.
             change = plan_once(op, self.store.load(op.user_id), now)
-        if not change.entries:
+        if is_noop(change):
             return change
         try:
             self.store.commit(

@@ -26,12 +26,15 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, cas
 import attrs
 
 from creditmeter import _validate
-from creditmeter.exceptions import ConfigError, InvalidInput
+from creditmeter.exceptions import ConfigError, InsufficientBalance, InvalidInput
 from creditmeter.usage import StreamUsage, TokenUsage
 
 if TYPE_CHECKING:
+    from decimal import Decimal
+
     from creditmeter.aio import AsyncBalanceManager
     from creditmeter.manager import BalanceManager
+    from creditmeter.models import Hold
 
 __all__ = ["AsyncMeteredStream", "MeteredStream", "OnMissingUsage", "acting_as", "metered"]
 
@@ -100,6 +103,7 @@ class _Call:
     model: str | None
     estimate: TokenUsage | None
     request_id: str | None
+    max_tokens: int | None = None
 
 
 @attrs.frozen
@@ -113,6 +117,7 @@ class _Meter:
     usage: Callable[[Any], TokenUsage | None] | None
     request_id: Getter | None
     on_missing_usage: OnMissingUsage
+    max_tokens: Getter | None = None
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         user = self.user(args, kwargs) if self.user is not None else _acting_user.get()
@@ -134,7 +139,16 @@ class _Meter:
                     )
                 estimate = TokenUsage(input=found)
         request_id = self.request_id(args, kwargs) if self.request_id is not None else None
-        return _Call(user=user, model=model, estimate=estimate, request_id=request_id)
+        max_tokens = self.max_tokens(args, kwargs) if self.max_tokens is not None else None
+        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 0):
+            max_tokens = None  # not a token limit this library can price
+        return _Call(
+            user=user,
+            model=model,
+            estimate=estimate,
+            request_id=request_id,
+            max_tokens=max_tokens,
+        )
 
     def read_usage(self, result: Any) -> TokenUsage | None:
         if self.usage is not None:
@@ -225,7 +239,34 @@ def _make_meter(
         usage=cast("Callable[[Any], TokenUsage | None] | None", usage),
         request_id=_getter(func, request_id, "request_id"),
         on_missing_usage=on_missing_usage,
+        max_tokens=_max_tokens_getter(func),
     )
+
+
+_LIMIT_NAMES = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def _max_tokens_getter(func: Callable[..., Any]) -> Getter | None:
+    """Read the completion limit (``max_tokens`` and its newer names) from a call, if it has one."""
+    parameters = inspect.signature(func).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    getters = [
+        _getter(func, name, "max_tokens")
+        for name in _LIMIT_NAMES
+        if name in parameters or takes_any
+    ]
+    found = [getter for getter in getters if getter is not None]
+    if not found:
+        return None
+
+    def read(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        for getter in found:
+            value = getter(args, kwargs)
+            if value is not None:
+                return value
+        return None
+
+    return read
 
 
 # --- the decorator ------------------------------------------------------------------
@@ -288,28 +329,51 @@ def metered(
     return decorate
 
 
-def _require(manager: BalanceManager, call: _Call) -> None:
-    estimate = call.estimate
-    if estimate is None:
+def _hold_amount(manager: BalanceManager | AsyncBalanceManager, call: _Call) -> Decimal | None:
+    """What to hold for a call: the estimated prompt plus ``max_tokens`` of completion, if known."""
+    if call.estimate is None and call.max_tokens is None:
+        return None
+    planned = (call.estimate or TokenUsage()) + TokenUsage(output=call.max_tokens or 0)
+    return manager.pricing.cost(call.model, planned).total
+
+
+# A call is checked and charged in one of two ways. Without an estimate: a check
+# before it (is anything left?) and a charge after. With one: a hold of the
+# estimate before it, settled with the real usage after, released if it fails;
+# parallel calls then cannot all pass the check and overspend together.
+
+
+def _begin(manager: BalanceManager, call: _Call) -> Hold | None:
+    amount = _hold_amount(manager, call)
+    if amount is None:
         manager.require(call.user)
-    elif estimate.cache_write or estimate.cache_read:
-        manager.require(call.user, manager.pricing.cost(call.model, estimate).prompt)
-    else:
-        manager.require(call.user, model=call.model, input_tokens=estimate.input)
+        return None
+    try:
+        return manager.hold(call.user, amount, request_id=call.request_id)
+    except InsufficientBalance as refused:
+        raise _with_prompt(refused, call) from None
 
 
-async def _arequire(manager: AsyncBalanceManager, call: _Call) -> None:
-    estimate = call.estimate
-    if estimate is None:
-        await manager.require(call.user)
-    elif estimate.cache_write or estimate.cache_read:
-        await manager.require(call.user, manager.pricing.cost(call.model, estimate).prompt)
-    else:
-        await manager.require(call.user, model=call.model, input_tokens=estimate.input)
+def _with_prompt(refused: InsufficientBalance, call: _Call) -> InsufficientBalance:
+    """The refusal, naming the prompt's tokens as LibreChat's payload does."""
+    return InsufficientBalance(
+        refused.user_id,
+        balance=refused.balance,
+        available=refused.available,
+        cost=refused.cost,
+        prompt_tokens=call.estimate.prompt_total if call.estimate is not None else None,
+    )
 
 
-def _sync(func: Callable[P, T], meter: _Meter, manager: BalanceManager) -> Callable[P, T]:
-    def charge(call: _Call, spent: TokenUsage | None, *, incomplete: bool = False) -> None:
+def _end(
+    manager: BalanceManager,
+    call: _Call,
+    held: Hold | None,
+    spent: TokenUsage | None,
+    *,
+    incomplete: bool = False,
+) -> None:
+    if held is None:
         if spent is not None:
             manager.charge(
                 call.user,
@@ -318,20 +382,65 @@ def _sync(func: Callable[P, T], meter: _Meter, manager: BalanceManager) -> Calla
                 incomplete=incomplete,
                 request_id=call.request_id,
             )
+    elif spent is None:
+        manager.release(held)
+    else:
+        manager.settle(held, model=call.model, usage=spent, incomplete=incomplete)
 
+
+async def _abegin(manager: AsyncBalanceManager, call: _Call) -> Hold | None:
+    amount = _hold_amount(manager, call)
+    if amount is None:
+        await manager.require(call.user)
+        return None
+    try:
+        return await manager.hold(call.user, amount, request_id=call.request_id)
+    except InsufficientBalance as refused:
+        raise _with_prompt(refused, call) from None
+
+
+async def _aend(
+    manager: AsyncBalanceManager,
+    call: _Call,
+    held: Hold | None,
+    spent: TokenUsage | None,
+    *,
+    incomplete: bool = False,
+) -> None:
+    if held is None:
+        if spent is not None:
+            await manager.charge(
+                call.user,
+                model=call.model,
+                usage=spent,
+                incomplete=incomplete,
+                request_id=call.request_id,
+            )
+    elif spent is None:
+        await manager.release(held)
+    else:
+        await manager.settle(held, model=call.model, usage=spent, incomplete=incomplete)
+
+
+def _sync(func: Callable[P, T], meter: _Meter, manager: BalanceManager) -> Callable[P, T]:
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         call = meter.call(args, kwargs)
-        _require(manager, call)
-        result = func(*args, **kwargs)
+        held = _begin(manager, call)
+        try:
+            result = func(*args, **kwargs)
+        except BaseException:
+            if held is not None:
+                manager.release(held)
+            raise
         if hasattr(type(result), "__next__"):
 
             def finish(seen: StreamUsage, complete: bool) -> None:
                 spent, cut = meter.settle_stream(call, seen, complete=complete)
-                charge(call, spent, incomplete=cut)
+                _end(manager, call, held, spent, incomplete=cut)
 
             return cast("T", MeteredStream(cast("Iterator[Any]", result), finish))
-        charge(call, _usage_or_missing(meter, call, result))
+        _end(manager, call, held, _usage_or_missing(meter, call, result))
         return result
 
     return wrapper
@@ -352,29 +461,24 @@ def _usage_or_missing(meter: _Meter, call: _Call, result: Any) -> TokenUsage | N
 def _coroutine(
     func: Callable[..., Any], meter: _Meter, manager: AsyncBalanceManager
 ) -> Callable[..., Any]:
-    async def charge(call: _Call, spent: TokenUsage | None, *, incomplete: bool = False) -> None:
-        if spent is not None:
-            await manager.charge(
-                call.user,
-                model=call.model,
-                usage=spent,
-                incomplete=incomplete,
-                request_id=call.request_id,
-            )
-
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = meter.call(args, kwargs)
-        await _arequire(manager, call)
-        result = await func(*args, **kwargs)
+        held = await _abegin(manager, call)
+        try:
+            result = await func(*args, **kwargs)
+        except BaseException:
+            if held is not None:
+                await manager.release(held)
+            raise
         if hasattr(type(result), "__anext__"):
 
             async def finish(seen: StreamUsage, complete: bool) -> None:
                 spent, cut = meter.settle_stream(call, seen, complete=complete)
-                await charge(call, spent, incomplete=cut)
+                await _aend(manager, call, held, spent, incomplete=cut)
 
             return AsyncMeteredStream(result, finish)
-        await charge(call, _usage_or_missing(meter, call, result))
+        await _aend(manager, call, held, _usage_or_missing(meter, call, result))
         return result
 
     return wrapper
@@ -386,18 +490,11 @@ def _async_generator(
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         call = meter.call(args, kwargs)
-        await _arequire(manager, call)
+        held = await _abegin(manager, call)
 
         async def finish(seen: StreamUsage, complete: bool) -> None:
             spent, cut = meter.settle_stream(call, seen, complete=complete)
-            if spent is not None:
-                await manager.charge(
-                    call.user,
-                    model=call.model,
-                    usage=spent,
-                    incomplete=cut,
-                    request_id=call.request_id,
-                )
+            await _aend(manager, call, held, spent, incomplete=cut)
 
         stream = AsyncMeteredStream(func(*args, **kwargs), finish)
         try:

@@ -60,7 +60,8 @@ class Account:
 
     ``version`` grows by one with every committed change; stores use it for
     compare-and-set. ``refill`` is ``None`` when the account follows the
-    current config's refill settings.
+    current config's refill settings. ``holds`` are kept in order of expiry,
+    and ``held`` is their total (worked out when not given).
     """
 
     user_id: str
@@ -71,14 +72,10 @@ class Account:
     last_refill: datetime
     refill: RefillSettings | None = None
     holds: tuple[Hold, ...] = ()
-
-    @property
-    def held(self) -> Decimal:
-        """Credits set aside by the account's holds."""
-        total = _ZERO
-        for hold in self.holds:
-            total = EXACT.add(total, hold.amount)
-        return total
+    held: Decimal = attrs.field(
+        default=attrs.Factory(lambda self: total_held(self.holds), takes_self=True)
+    )
+    """Credits set aside by the account's holds: the sum of their amounts."""
 
     @property
     def available(self) -> Decimal:
@@ -86,6 +83,14 @@ class Account:
         if not self.holds:
             return self.balance
         return EXACT.subtract(self.balance, self.held)
+
+
+def total_held(holds: tuple[Hold, ...]) -> Decimal:
+    """The sum of the holds' amounts, exactly."""
+    total = _ZERO
+    for hold in holds:
+        total = EXACT.add(total, hold.amount)
+    return total
 
 
 @attrs.frozen(kw_only=True)

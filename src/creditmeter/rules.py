@@ -13,6 +13,7 @@ and the version the store must still hold for the change to apply.
 
 from __future__ import annotations
 
+import bisect
 import calendar
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -23,27 +24,35 @@ import attrs
 
 from creditmeter._exact import EXACT
 from creditmeter.config import BalanceConfig, RefillSettings
-from creditmeter.exceptions import IdempotencyConflict, InsufficientBalance
-from creditmeter.models import Account, BalanceCheck, EntryKind, LedgerEntry
+from creditmeter.exceptions import IdempotencyConflict, InsufficientBalance, InvalidInput
+from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry, total_held
 from creditmeter.pricing import Rates
 from creditmeter.usage import TokenUsage
 
 __all__ = [
+    "HOLD_PREFIX",
     "Change",
     "add_interval",
     "charge",
     "check",
+    "drop_hold",
     "effective_refill",
     "grant",
+    "hold",
     "open_account",
+    "open_holds",
     "refill",
     "refill_due",
+    "release",
     "replay",
     "set_balance",
+    "settle",
 ]
 
 IdFactory = Callable[[], str]
 _ZERO = Decimal(0)
+HOLD_PREFIX = "hold:"
+"""Request ids of the entries that resolve holds: ``hold:<hold id>``."""
 
 
 class Change(NamedTuple):
@@ -124,7 +133,16 @@ def open_account(
 class _Draft:
     """The account being changed by one operation, and the entries so far."""
 
-    __slots__ = ("account", "balance", "entries", "expected", "last_refill", "user_id")
+    __slots__ = (
+        "account",
+        "balance",
+        "entries",
+        "expected",
+        "held",
+        "holds",
+        "last_refill",
+        "user_id",
+    )
 
     def __init__(
         self,
@@ -149,11 +167,33 @@ class _Draft:
         self.user_id = user_id
         self.balance = account.balance
         self.last_refill = account.last_refill
+        self.holds = account.holds
+        self.held = account.held
 
     @property
     def available(self) -> Decimal:
-        held = self.account.held if self.account.holds else _ZERO
-        return EXACT.subtract(self.balance, held)
+        return EXACT.subtract(self.balance, self.held) if self.holds else self.balance
+
+    def put_hold(self, hold: Hold) -> None:
+        """Add a hold, keeping the holds in order of expiry."""
+        holds = list(self.holds)
+        bisect.insort_right(holds, hold, key=_expiry)
+        self.holds = tuple(holds)
+        self.held = EXACT.add(self.held, hold.amount)
+
+    def take_hold(self, hold: Hold) -> Hold | None:
+        """Remove a hold; return it, or ``None`` if it is not (or no longer) open."""
+        holds = self.holds
+        start = bisect.bisect_left(holds, hold.expires_at, key=_expiry)
+        for index in range(start, len(holds)):
+            found = holds[index]
+            if found.expires_at != hold.expires_at:
+                break
+            if found.id == hold.id:
+                self.holds = holds[:index] + holds[index + 1 :]
+                self.held = EXACT.subtract(self.held, found.amount)
+                return found
+        return None
 
     def add(
         self,
@@ -189,14 +229,26 @@ class _Draft:
 
     def finish(self, now: datetime) -> Change:
         return Change(
-            _next_version(self.account, self.balance, now, self.last_refill),
+            _next_version(
+                self.account, self.balance, now, self.last_refill, holds=self.holds, held=self.held
+            ),
             tuple(self.entries),
             self.expected,
         )
 
 
+def _expiry(hold: Hold) -> datetime:
+    return hold.expires_at
+
+
 def _next_version(
-    account: Account, balance: Decimal, now: datetime, last_refill: datetime
+    account: Account,
+    balance: Decimal,
+    now: datetime,
+    last_refill: datetime,
+    *,
+    holds: tuple[Hold, ...] | None = None,
+    held: Decimal | None = None,
 ) -> Account:
     return Account(
         user_id=account.user_id,
@@ -206,15 +258,25 @@ def _next_version(
         updated_at=max(account.updated_at, now),
         last_refill=last_refill,
         refill=account.refill,
-        holds=account.holds,
+        holds=account.holds if holds is None else holds,
+        held=account.held if held is None else held,
     )
 
 
 def _drop_expired_holds(account: Account, now: datetime) -> Account:
-    live = tuple(hold for hold in account.holds if hold.expires_at > now)
-    if len(live) == len(account.holds):
+    holds = account.holds
+    if holds[0].expires_at > now:  # in order of expiry: the first lives, all do
         return account
-    return attrs.evolve(account, holds=live)
+    # A hold expires when ``now`` reaches its expiry.
+    cut = bisect.bisect_right(holds, now, key=_expiry)
+    return attrs.evolve(
+        account, holds=holds[cut:], held=EXACT.subtract(account.held, total_held(holds[:cut]))
+    )
+
+
+def open_holds(account: Account, now: datetime) -> Account:
+    """The account as of ``now``: holds that expired are left out (and so not counted)."""
+    return _drop_expired_holds(account, now) if account.holds else account
 
 
 # --- refills ----------------------------------------------------------------
@@ -358,8 +420,9 @@ def charge(
 ) -> Change:
     """Spend ``cost`` credits.
 
-    The balance drops by ``cost``, clamped at zero unless the config allows a
-    negative balance; the entry keeps the full cost. With balances disabled
+    The balance drops by ``cost``, clamped so that the available balance
+    (balance less open holds) stays at zero or above, unless the config allows
+    a negative balance; the entry keeps the full cost. With balances disabled
     the charge is recorded but moves nothing. ``strict=True`` first applies a
     due refill, then raises ``InsufficientBalance`` (nothing to commit) when
     the available balance cannot pay.
@@ -396,7 +459,7 @@ def charge(
             )
     draft.add(
         EntryKind.CHARGE,
-        _applied(cost, draft.balance, config).copy_negate(),
+        _applied(cost, draft.available, config).copy_negate(),
         now=now,
         new_id=new_id,
         request_id=request_id,
@@ -409,8 +472,125 @@ def charge(
     return draft.finish(now)
 
 
+def hold(
+    account: Account | None,
+    user_id: str,
+    amount: Decimal,
+    *,
+    hold_id: str,
+    ttl: timedelta,
+    config: BalanceConfig,
+    now: datetime,
+    new_id: IdFactory,
+    request_id: str | None = None,
+) -> Change:
+    """Set ``amount`` credits aside for a call in flight, until settled, released or expired.
+
+    A due refill is applied first; then, with balances enabled, the hold is
+    refused (``InsufficientBalance``) unless the available balance covers it.
+    A hold writes no ledger entry: the entry that resolves it does. Asking
+    again with the ``request_id`` of a hold still open changes nothing.
+    """
+    draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
+    if request_id is not None:
+        for held in draft.holds:
+            if held.request_id == request_id:
+                if held.amount != amount:
+                    raise IdempotencyConflict(
+                        user_id, request_id, detail=f"hold amount was {held.amount}, now {amount}"
+                    )
+                return Change(draft.account, (), draft.account.version)
+    if config.enabled:
+        _apply_refill(draft, config=config, now=now, new_id=new_id, cost=amount)
+        available = draft.available
+        if available < amount:
+            raise InsufficientBalance(
+                user_id, balance=draft.balance, available=available, cost=amount
+            )
+    draft.put_hold(
+        Hold(
+            id=hold_id,
+            user_id=user_id,
+            amount=amount,
+            created_at=now,
+            expires_at=now + ttl,
+            request_id=request_id,
+        )
+    )
+    return draft.finish(now)
+
+
+def settle(
+    account: Account | None,
+    user_id: str,
+    hold: Hold,
+    cost: Decimal,
+    *,
+    config: BalanceConfig,
+    now: datetime,
+    new_id: IdFactory,
+    model: str | None = None,
+    usage: TokenUsage | None = None,
+    rates: Rates | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Change:
+    """Resolve a hold with a charge of the actual ``cost`` (more or less than was held).
+
+    The hold is removed if it is still open; an expired hold is charged all
+    the same (the work was done). The charge is clamped like any charge. Its
+    entry's request id, ``hold:<id>``, makes a hold resolvable only once.
+    """
+    draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
+    draft.take_hold(hold)
+    draft.add(
+        EntryKind.CHARGE,
+        _applied(cost, draft.available, config).copy_negate(),
+        now=now,
+        new_id=new_id,
+        request_id=HOLD_PREFIX + hold.id,
+        model=model,
+        usage=usage,
+        cost=cost,
+        rates=rates,
+        metadata=metadata,
+    )
+    return draft.finish(now)
+
+
+def release(
+    account: Account | None,
+    user_id: str,
+    hold: Hold,
+    *,
+    config: BalanceConfig,
+    now: datetime,
+    new_id: IdFactory,
+) -> Change:
+    """Resolve a hold without a charge: remove it and record a zero ``RELEASE`` entry."""
+    draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
+    draft.take_hold(hold)
+    draft.add(EntryKind.RELEASE, _ZERO, now=now, new_id=new_id, request_id=HOLD_PREFIX + hold.id)
+    return draft.finish(now)
+
+
+def drop_hold(account: Account, hold: Hold, *, config: BalanceConfig, now: datetime) -> Change:
+    """Remove a hold without an entry (it was resolved already); a no-op change if absent."""
+    draft = _Draft(account, account.user_id, config=config, now=now, new_id=_no_ids)
+    if draft.take_hold(hold) is None and draft.holds == account.holds:
+        return Change(account, (), account.version)
+    return draft.finish(now)
+
+
+def _no_ids() -> str:  # pragma: no cover - drop_hold writes no entry
+    raise AssertionError("drop_hold writes no ledger entry")
+
+
 def _applied(cost: Decimal, balance: Decimal, config: BalanceConfig) -> Decimal:
-    """How much of ``cost`` leaves the balance: all, clamped at zero, or none when disabled."""
+    """How much of ``cost`` leaves the balance: all, or none when disabled, or clamped.
+
+    Clamping keeps what is left of ``balance`` (the available balance: held
+    credits are set aside for other calls) at zero or above.
+    """
     if not config.enabled:
         return _ZERO
     if config.allow_negative_balance:
@@ -446,12 +626,24 @@ _REQUEST_FIELDS: dict[EntryKind, tuple[str, ...]] = {
 def replay(existing: LedgerEntry, attempted: LedgerEntry) -> LedgerEntry:
     """Return ``existing`` if ``attempted`` repeats the same request, else raise.
 
+    Entries that resolve a hold (request id ``hold:<id>``) follow the hold
+    rules: a hold is resolved once; a second settle gets the first settle's
+    entry, a release after anything is a no-op, a settle after a release is
+    ``InvalidInput``.
+
     Two requests with one request id are the same when they are of the same
     kind and ask for the same thing: a grant the same amount, a charge the
     same cost for the same model and usage, a set the same target balance.
     Metadata is not compared.
     """
     request_id = attempted.request_id or ""
+    if request_id.startswith(HOLD_PREFIX):
+        if attempted.kind is EntryKind.CHARGE and existing.kind is EntryKind.RELEASE:
+            raise InvalidInput(
+                f"hold {request_id[len(HOLD_PREFIX) :]!r} of user {attempted.user_id!r} "
+                "was released; it cannot be settled"
+            )
+        return existing
     if existing.kind is not attempted.kind:
         raise IdempotencyConflict(
             attempted.user_id,
