@@ -90,6 +90,13 @@ class FakeProvider(ThreadingHTTPServer):
         self.requests: list[dict[str, Any]] = []
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that closes a stream early is normal here; stay quiet about it."""
+        import sys  # noqa: PLC0415
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
     @property
     def base_url(self) -> str:
         host, port = self.server_address[:2]
