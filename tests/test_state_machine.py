@@ -121,34 +121,40 @@ class BalanceMachine(RuleBasedStateMachine):
         refill_amount=100,
     )
     kind = "memory"
+    is_async = False
+
+    def open_stores(self, folder: Path) -> list:
+        """Two stores over one set of data (or one store twice). Subclasses add backends."""
+        path = folder / "credits.db"
+        if self.kind == "memory":
+            store = MemoryStore()
+            return [store, store]
+        if self.kind == "sqlite":
+            return [SQLiteStore(path, durability="normal"), SQLiteStore(path, durability="normal")]
+        if self.kind == "async-memory":
+            shared = AsyncMemoryStore()
+            return [shared, shared]
+        return [
+            AsyncSQLiteStore(path, durability="normal"),
+            AsyncSQLiteStore(path, durability="normal"),
+        ]
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
         self.model = Model(self.config)
         self.folder = tempfile.mkdtemp(prefix="creditmeter-sm-")
-        path = Path(self.folder) / "credits.db"
-        self.closers = []
-        if self.kind == "memory":
-            store = MemoryStore()
-            pair = (store, store)
-        elif self.kind == "sqlite":
-            pair = (SQLiteStore(path, durability="normal"), SQLiteStore(path, durability="normal"))
-        if self.kind in ("memory", "sqlite"):
+        self.is_async = self.is_async or self.kind.startswith("async")
+        if not self.is_async:
+            pair = self.open_stores(Path(self.folder))
             self.closers = list({id(s): s for s in pair}.values())
             self.managers = [BalanceManager(s, self.config, clock=self.clock) for s in pair]
             self.reader = pair[0]
             return
         # Async stores and managers, driven through Blocking on one private loop.
         self.loop = asyncio.new_event_loop()
-        if self.kind == "async-memory":
-            shared = AsyncMemoryStore()
-            stores = [shared, shared]
-        else:
-            stores = [
-                AsyncSQLiteStore(path, durability="normal"),
-                AsyncSQLiteStore(path, durability="normal"),
-            ]
+        asyncio.set_event_loop(self.loop)  # async stores that bind a loop when built find it
+        stores = self.open_stores(Path(self.folder))
         self.managers = [
             Blocking(AsyncBalanceManager(s, self.config, clock=self.clock), loop=self.loop)
             for s in stores
@@ -159,7 +165,8 @@ class BalanceMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for closer in self.closers:
             closer.close()
-        if self.kind.startswith("async"):
+        if self.is_async:
+            asyncio.set_event_loop(None)
             self.loop.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -353,9 +360,9 @@ class BalanceMachine(RuleBasedStateMachine):
             assert {h.id for h in stored.holds} == set(self.model.holds[user])
             if not self.config.allow_negative_balance:
                 assert account.balance >= 0
-                if account.available >= 0:
-                    self.model.set_below.discard(user)
-                else:
+                if not self.model.holds[user]:
+                    self.model.set_below.discard(user)  # every hold it was set below is gone
+                if account.available < 0:
                     assert user in self.model.set_below
             entries = self.reader.ledger(user)
             running = Decimal(0)
@@ -413,13 +420,13 @@ class SQLiteTopUpMachine(NegativeTopUpMachine):
 
 
 FAST = settings(
-    max_examples=60,
+    max_examples=150,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 SLOWER = settings(
-    max_examples=25,
+    max_examples=40,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -210,7 +210,7 @@ class ManagerBase:
             )
             if change is None:
                 assert account is not None  # refill opens a missing account
-                raise Settled(rules.open_holds(account, now))
+                raise Settled(account)  # as stored: it is remembered as the last seen
             return change
 
         return Op(user_id, plan)
@@ -328,7 +328,8 @@ class ManagerBase:
         return change.entry
 
     def _check_result(self, change: rules.Change, price: Decimal | None) -> BalanceCheck:
-        return rules.check(change.account, price, config=self.config)
+        account = rules.open_holds(change.account, self._now())
+        return rules.check(account, price, config=self.config)
 
     @staticmethod
     def _refusal(user_id: str, result: BalanceCheck, input_tokens: int | None) -> None:
