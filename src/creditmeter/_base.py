@@ -327,6 +327,18 @@ class ManagerBase:
             return None
         return change.entry
 
+    def _check_without_refill(
+        self, account: Account | None, price: Decimal | None
+    ) -> BalanceCheck | None:
+        """Answer a check from a read when no refill is due (no write then); else ``None``."""
+        if account is None:
+            return None
+        now = self._now()
+        view = rules.open_holds(account, now)
+        if rules.refill_due(view, config=self.config, now=now, cost=price or _ZERO):
+            return None
+        return rules.check(view, price, config=self.config)
+
     def _check_result(self, change: rules.Change, price: Decimal | None) -> BalanceCheck:
         account = rules.open_holds(change.account, self._now())
         return rules.check(account, price, config=self.config)
@@ -364,8 +376,10 @@ class ManagerBase:
             return _validate.amount(amount), None
         if usage is None:
             raise InvalidInput("an amount is needed, or usage (with model) to price")
-        priced = self.pricing.cost(model, usage, incomplete=incomplete)
-        return _validate.amount(priced.total, name="priced cost"), priced.rates
+        total, rates = self.pricing.price(model, usage, incomplete=incomplete)
+        if total > _validate.MAX_AMOUNT:
+            raise InvalidInput(f"the priced cost {total} is above 10**15 credits")
+        return total, rates
 
     def _check_cost(self, cost: object, *, model: object, input_tokens: object) -> Decimal | None:
         """The cost a check is about: given, or the prompt priced as LibreChat's check does."""

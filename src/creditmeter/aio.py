@@ -157,6 +157,9 @@ class AsyncBalanceManager(ManagerBase):
         """Can the user pay ``cost`` now? A due refill is applied first (see ``BalanceManager``)."""
         user_id = _validate.user_id(user_id)
         price = self._check_cost(cost, model=model, input_tokens=input_tokens)
+        quick = self._check_without_refill(await self.store.load(user_id), price)
+        if quick is not None:
+            return quick
         change = await self._fresh(self._refill_op(user_id, price if price is not None else _ZERO))
         return self._check_result(change, price)
 

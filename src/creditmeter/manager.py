@@ -185,6 +185,9 @@ class BalanceManager(ManagerBase):
         """
         user_id = _validate.user_id(user_id)
         price = self._check_cost(cost, model=model, input_tokens=input_tokens)
+        quick = self._check_without_refill(self.store.load(user_id), price)
+        if quick is not None:
+            return quick
         change = self._fresh(self._refill_op(user_id, price if price is not None else _ZERO))
         return self._check_result(change, price)
 

@@ -433,7 +433,7 @@ def _sync(func: Callable[P, T], meter: _Meter, manager: BalanceManager) -> Calla
             if held is not None:
                 manager.release(held)
             raise
-        if hasattr(type(result), "__next__"):
+        if _is_iterator(result):
 
             def finish(seen: StreamUsage, complete: bool) -> None:
                 spent, cut = meter.settle_stream(call, seen, complete=complete)
@@ -444,6 +444,28 @@ def _sync(func: Callable[P, T], meter: _Meter, manager: BalanceManager) -> Calla
         return result
 
     return wrapper
+
+
+_ITERATOR: dict[type, bool] = {}
+_ASYNC_ITERATOR: dict[type, bool] = {}
+
+
+def _is_iterator(result: object) -> bool:
+    """Is the result a stream? Asked once per result type (hasattr is slow on pydantic)."""
+    cls = type(result)
+    known = _ITERATOR.get(cls)
+    if known is None:
+        known = _ITERATOR[cls] = hasattr(cls, "__next__")
+    return known
+
+
+def _is_async_iterator(result: object) -> bool:
+    """Is the result an async stream? Asked once per result type."""
+    cls = type(result)
+    known = _ASYNC_ITERATOR.get(cls)
+    if known is None:
+        known = _ASYNC_ITERATOR[cls] = hasattr(cls, "__anext__")
+    return known
 
 
 def _usage_or_missing(meter: _Meter, call: _Call, result: Any) -> TokenUsage | None:
@@ -471,7 +493,7 @@ def _coroutine(
             if held is not None:
                 await manager.release(held)
             raise
-        if hasattr(type(result), "__anext__"):
+        if _is_async_iterator(result):
 
             async def finish(seen: StreamUsage, complete: bool) -> None:
                 spent, cut = meter.settle_stream(call, seen, complete=complete)

@@ -33,6 +33,7 @@ RateKind = Literal["prompt", "completion", "cache_write", "cache_read"]
 RATE_KINDS: tuple[RateKind, ...] = ("prompt", "completion", "cache_write", "cache_read")
 
 _ONE = Decimal(1)
+_ZERO = Decimal(0)
 _CANCEL_RATE = Decimal("1.15")  # LibreChat's multiplier for an incomplete (cancelled) completion
 _KEY_CACHE_LIMIT = 4096
 
@@ -145,6 +146,7 @@ class Pricing:
     # Table keys in the order a match is tried: longest first, later-defined first.
     _search: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
     _keys: dict[str, str | None] = attrs.field(init=False, eq=False, repr=False, factory=dict)
+    _resolved: dict[str, _Resolved] = attrs.field(init=False, eq=False, repr=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         order = list(self.token_values)
@@ -215,47 +217,79 @@ class Pricing:
         an unknown model gets the default rate (6) and no model at all gets 1.
         Cache rates fall back to the (possibly premium) prompt rate.
         """
-        return self._rates(model, input_token_count)[0][RATE_KINDS.index(kind)]
+        rates = self._pick(model, input_token_count)[0]
+        return getattr(rates, kind)  # type: ignore[no-any-return]
 
-    def _rates(
-        self, model: str | None, input_token_count: int | None
-    ) -> tuple[tuple[Decimal, Decimal, Decimal, Decimal], str | None, bool]:
+    def _pick(self, model: str | None, input_token_count: int | None) -> tuple[Rates, _Resolved]:
+        """The rates for a model at an input size: resolved once per model name, then cached."""
         if model is None:
-            return (_ONE, _ONE, _ONE, _ONE), None, False
+            return _UNIT_RATES, _NO_MODEL
+        resolved = self._resolved.get(model)
+        if resolved is None:
+            resolved = self._resolve(model)
+            if len(self._resolved) >= _KEY_CACHE_LIMIT:
+                self._resolved.clear()
+            self._resolved[model] = resolved
+        premium = resolved.premium
+        if (
+            premium is not None
+            and input_token_count is not None
+            and input_token_count > resolved.threshold
+        ):
+            return premium, resolved
+        return resolved.standard, resolved
+
+    def _resolve(self, model: str) -> _Resolved:
         default = self.default_rate
         override = self.overrides.get(model)
         key = self.key_for(model)
-        premium = False
         if override is not None:
             # An exact override: its own rates, no premium tier; cache rates from it,
             # else from the table's cache entry for the key, else the prompt rate.
             prompt = _first(override.prompt, default)
-            completion = _first(override.completion, default)
             table_cache = self.cache_values.get(key) if key is not None else None
-            write = _first(
-                override.cache_write, table_cache.cache_write if table_cache else None, prompt
+            standard = Rates(
+                prompt=prompt,
+                completion=_first(override.completion, default),
+                cache_write=_first(
+                    override.cache_write, table_cache.cache_write if table_cache else None, prompt
+                ),
+                cache_read=_first(
+                    override.cache_read, table_cache.cache_read if table_cache else None, prompt
+                ),
             )
-            read = _first(
-                override.cache_read, table_cache.cache_read if table_cache else None, prompt
-            )
-            return (prompt, completion, write, read), None, False
+            return _Resolved(standard=standard, key=None)
         if key is None:
-            return (default, default, default, default), None, False
-        tier = self.premium_values.get(key)
-        if (
-            tier is not None
-            and input_token_count is not None
-            and input_token_count > tier.threshold
-        ):
-            prompt, completion, premium = tier.prompt, tier.completion, True
-        else:
-            entry = self.token_values.get(key)
-            prompt = _first(entry.prompt if entry else None, default)
-            completion = _first(entry.completion if entry else None, default)
+            return _Resolved(
+                standard=Rates(
+                    prompt=default, completion=default, cache_write=default, cache_read=default
+                ),
+                key=None,
+            )
+        entry = self.token_values.get(key)
         cache = self.cache_values.get(key)
-        write = _first(cache.cache_write if cache else None, prompt)
-        read = _first(cache.cache_read if cache else None, prompt)
-        return (prompt, completion, write, read), key, premium
+
+        def rates(prompt: Decimal, completion: Decimal) -> Rates:
+            return Rates(
+                prompt=prompt,
+                completion=completion,
+                cache_write=_first(cache.cache_write if cache else None, prompt),
+                cache_read=_first(cache.cache_read if cache else None, prompt),
+            )
+
+        standard = rates(
+            _first(entry.prompt if entry else None, default),
+            _first(entry.completion if entry else None, default),
+        )
+        tier = self.premium_values.get(key)
+        if tier is None:
+            return _Resolved(standard=standard, key=key)
+        return _Resolved(
+            standard=standard,
+            key=key,
+            premium=rates(tier.prompt, tier.completion),
+            threshold=tier.threshold,
+        )
 
     def cost(self, model: str | None, usage: TokenUsage, *, incomplete: bool = False) -> Cost:
         """Price one call's usage in credits, exactly.
@@ -266,28 +300,57 @@ class Pricing:
         """
         if not isinstance(usage, TokenUsage):
             raise InvalidInput(f"usage must be a TokenUsage, got {type(usage).__name__}")
-        (prompt, completion, write, read), key, premium = self._rates(model, usage.prompt_total)
-        mul, add = EXACT.multiply, EXACT.add
-        prompt_cost = add(
-            add(mul(usage.input, prompt), mul(usage.cache_write, write)),
-            mul(usage.cache_read, read),
-        )
-        completion_cost = mul(usage.output, completion)
-        if incomplete:
-            completion = mul(completion, _CANCEL_RATE)
-            completion_cost = mul(completion_cost, _CANCEL_RATE).to_integral_value(ROUND_DOWN)
+        rates, resolved = self._pick(model, usage.prompt_total)
+        prompt_cost, completion_cost, rates = _priced(usage, rates, incomplete=incomplete)
         return Cost(
             prompt=prompt_cost,
             completion=completion_cost,
-            total=add(prompt_cost, completion_cost),
-            rates=Rates(prompt=prompt, completion=completion, cache_write=write, cache_read=read),
-            key=key,
-            premium=premium,
+            total=EXACT.add(prompt_cost, completion_cost),
+            rates=rates,
+            key=resolved.key,
+            premium=resolved.premium is not None and usage.prompt_total > resolved.threshold,
         )
+
+    def price(
+        self, model: str | None, usage: TokenUsage, *, incomplete: bool = False
+    ) -> tuple[Decimal, Rates]:
+        """The total of ``cost()`` and the rates it used, without building a ``Cost``."""
+        rates = self._pick(model, usage.prompt_total)[0]
+        prompt_cost, completion_cost, rates = _priced(usage, rates, incomplete=incomplete)
+        return EXACT.add(prompt_cost, completion_cost), rates
 
     def prompt_cost(self, model: str | None, input_tokens: int) -> Decimal:
         """The cost of ``input_tokens`` prompt tokens: what LibreChat's balance check prices."""
         return self.cost(model, TokenUsage(input=input_tokens)).total
+
+
+@attrs.frozen
+class _Resolved:
+    """A model's rates worked out once: standard, and premium above ``threshold``."""
+
+    standard: Rates
+    key: str | None
+    premium: Rates | None = None
+    threshold: int = 0
+
+
+_UNIT_RATES = Rates(prompt=_ONE, completion=_ONE, cache_write=_ONE, cache_read=_ONE)
+_NO_MODEL = _Resolved(standard=_UNIT_RATES, key=None)
+
+
+def _priced(usage: TokenUsage, rates: Rates, *, incomplete: bool) -> tuple[Decimal, Decimal, Rates]:
+    """Prompt and completion cost of ``usage`` at ``rates`` (with the cancel rate if cut short)."""
+    mul, add = EXACT.multiply, EXACT.add
+    prompt_cost = mul(usage.input, rates.prompt) if usage.input else _ZERO
+    if usage.cache_write:
+        prompt_cost = add(prompt_cost, mul(usage.cache_write, rates.cache_write))
+    if usage.cache_read:
+        prompt_cost = add(prompt_cost, mul(usage.cache_read, rates.cache_read))
+    completion_cost = mul(usage.output, rates.completion) if usage.output else _ZERO
+    if incomplete:
+        rates = attrs.evolve(rates, completion=mul(rates.completion, _CANCEL_RATE))
+        completion_cost = mul(completion_cost, _CANCEL_RATE).to_integral_value(ROUND_DOWN)
+    return prompt_cost, completion_cost, rates
 
 
 def _first(*rates: Decimal | None) -> Decimal:
