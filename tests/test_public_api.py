@@ -70,7 +70,8 @@ def test_exports_come_from_creditmeter() -> None:
     for name in creditmeter.__all__:
         value = getattr(creditmeter, name)
         module = getattr(value, "__module__", None)
-        if module is not None and not isinstance(value, str):
+        if module is not None and not isinstance(value, str) and module != "typing":
+            # (typing aliases such as the Event union report typing as their module)
             assert module.startswith("creditmeter"), (name, module)
 
 

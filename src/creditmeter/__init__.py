@@ -7,7 +7,16 @@ it returns, grant credits and refill them on a schedule, with LibreChat's
 
 from creditmeter._version import __version__
 from creditmeter.aio import AsyncBalanceManager
-from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
+from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy, load_config
+from creditmeter.events import (
+    Charged,
+    ConflictRetried,
+    Denied,
+    Event,
+    Granted,
+    LowBalance,
+    Refilled,
+)
 from creditmeter.exceptions import (
     ConfigError,
     CreditMeterError,
@@ -47,22 +56,29 @@ __all__ = [
     "BalanceConfig",
     "BalanceManager",
     "BalanceStore",
+    "Charged",
     "ConfigError",
+    "ConflictRetried",
     "Cost",
     "CreditMeterError",
+    "Denied",
     "DuplicateRequest",
     "EntryKind",
+    "Event",
+    "Granted",
     "Hold",
     "IdempotencyConflict",
     "InsufficientBalance",
     "InvalidInput",
     "LedgerEntry",
+    "LowBalance",
     "MemoryStore",
     "MeteredStream",
     "ModelRate",
     "Pricing",
     "Rates",
     "RefillSettings",
+    "Refilled",
     "Reservation",
     "RetryPolicy",
     "SQLiteStore",
@@ -72,6 +88,7 @@ __all__ = [
     "VersionConflict",
     "__version__",
     "acting_as",
+    "load_config",
     "metered",
     "open_async_store",
     "open_store",

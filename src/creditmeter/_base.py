@@ -10,6 +10,7 @@ plans call ``rules``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -18,11 +19,14 @@ from typing import Any, NamedTuple
 
 from creditmeter import _validate, rules
 from creditmeter._ids import new_id
-from creditmeter.config import BalanceConfig, RetryPolicy
+from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
+from creditmeter.events import ConflictRetried, Denied, Event
 from creditmeter.exceptions import InsufficientBalance, InvalidInput, VersionConflict
 from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry
 from creditmeter.pricing import Pricing, Rates
 from creditmeter.usage import MAX_TOKENS, TokenUsage
+
+logger = logging.getLogger("creditmeter")
 
 Clock = Callable[[], datetime]
 Plan = Callable[[Account | None, datetime], rules.Change]
@@ -49,6 +53,7 @@ class Op(NamedTuple):
     plan: Plan
     request_id: str | None = None
     lenient: Plan | None = None
+    started: float = 0.0  # time.perf_counter() when the call began, for event durations
 
 
 class Settled(Exception):
@@ -75,7 +80,17 @@ class ManagerBase:
         pricing: Pricing | None = None,
         clock: Clock | None = None,
         retry: RetryPolicy | None = None,
+        on_event: Callable[[Event], object] | None = None,
+        low_balance_threshold: Decimal | float | None = None,
     ) -> None:
+        if on_event is not None and not callable(on_event):
+            raise InvalidInput("on_event must be a callable taking an event")
+        self.on_event = on_event
+        self.low_balance_threshold = (
+            None
+            if low_balance_threshold is None
+            else _validate.amount(low_balance_threshold, name="low_balance_threshold")
+        )
         if config is not None and not isinstance(config, BalanceConfig):
             raise InvalidInput(f"config must be a BalanceConfig, got {type(config).__name__}")
         if pricing is not None and not isinstance(pricing, Pricing):
@@ -103,7 +118,7 @@ class ManagerBase:
                 raise Settled(account)
             return rules.open_account(user_id, config=config, now=now, new_id=new_id)
 
-        return Op(user_id, plan)
+        return Op(user_id, plan, started=self._clock_start())
 
     def _grant_op(
         self,
@@ -132,7 +147,7 @@ class ManagerBase:
                 metadata=meta,
             )
 
-        return Op(user_id, plan, request)
+        return Op(user_id, plan, request, started=self._clock_start())
 
     def _charge_op(
         self,
@@ -176,7 +191,8 @@ class ManagerBase:
         def lenient(account: Account | None, now: datetime) -> rules.Change:
             return plan(account, now, strict=False)
 
-        return Op(user_id, plan, request, lenient if refuse and request is not None else None)
+        lenient_plan = lenient if refuse and request is not None else None
+        return Op(user_id, plan, request, lenient_plan, started=self._clock_start())
 
     def _set_balance_op(
         self, user_id: str, amount: object, *, request_id: object, reason: object
@@ -199,7 +215,7 @@ class ManagerBase:
                 metadata=meta,
             )
 
-        return Op(user_id, plan, request)
+        return Op(user_id, plan, request, started=self._clock_start())
 
     def _refill_op(self, user_id: str, cost: Decimal) -> Op:
         config = self.config
@@ -213,7 +229,7 @@ class ManagerBase:
                 raise Settled(account)  # as stored: it is remembered as the last seen
             return change
 
-        return Op(user_id, plan)
+        return Op(user_id, plan, started=self._clock_start())
 
     def _hold_op(
         self,
@@ -250,7 +266,7 @@ class ManagerBase:
                 request_id=request,
             )
 
-        return Op(user_id, plan, None), hold_id
+        return Op(user_id, plan, None, started=self._clock_start()), hold_id
 
     def _settle_op(
         self,
@@ -284,7 +300,7 @@ class ManagerBase:
                 metadata=meta,
             )
 
-        return Op(held.user_id, plan, rules.HOLD_PREFIX + held.id)
+        return Op(held.user_id, plan, rules.HOLD_PREFIX + held.id, started=self._clock_start())
 
     def _release_op(self, hold: object) -> Op:
         held = _hold(hold)
@@ -293,7 +309,7 @@ class ManagerBase:
         def plan(account: Account | None, now: datetime) -> rules.Change:
             return rules.release(account, held.user_id, held, config=config, now=now, new_id=new_id)
 
-        return Op(held.user_id, plan, rules.HOLD_PREFIX + held.id)
+        return Op(held.user_id, plan, rules.HOLD_PREFIX + held.id, started=self._clock_start())
 
     def _drop_op(self, hold: Hold) -> Op:
         config = self.config
@@ -305,7 +321,7 @@ class ManagerBase:
                 )
             return rules.drop_hold(account, hold, config=config, now=now)
 
-        return Op(hold.user_id, plan)
+        return Op(hold.user_id, plan, started=self._clock_start())
 
     def _leftover(self, hold: Hold) -> bool:
         """Tell whether a resolved hold may still sit in the account (after a retried call)."""
@@ -318,6 +334,63 @@ class ManagerBase:
             if held.id == hold_id:
                 return held
         raise AssertionError("a committed hold is in its account")  # pragma: no cover
+
+    def _configure_refill_op(self, user_id: str, settings: object) -> Op:
+        user_id = _validate.user_id(user_id)
+        if settings is not None and not isinstance(settings, RefillSettings):
+            raise InvalidInput(
+                f"settings must be RefillSettings or None, got {type(settings).__name__}"
+            )
+        config = self.config
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            return rules.configure_refill(
+                account, user_id, settings, config=config, now=now, new_id=new_id
+            )
+
+        return Op(user_id, plan, started=self._clock_start())
+
+    # --- events -----------------------------------------------------------------
+
+    def _clock_start(self) -> float:
+        return time.perf_counter() if self.on_event is not None else 0.0
+
+    def _emit(self, events: list[Event]) -> None:
+        """Tell ``on_event``; a callback that fails is logged and never breaks an operation."""
+        callback = self.on_event
+        if callback is None:
+            return
+        for event in events:
+            try:
+                callback(event)
+            except Exception:  # noqa: PERF203 - each event gets its own chance
+                logger.exception("the on_event callback failed on %s", type(event).__name__)
+
+    def _committed(self, op: Op, change: rules.Change) -> None:
+        if self.on_event is not None:
+            duration = time.perf_counter() - op.started
+            self._emit(
+                rules.events_for(change, duration=duration, low_balance=self.low_balance_threshold)
+            )
+
+    def _denied(self, refused: InsufficientBalance, started: float = 0.0) -> None:
+        if self.on_event is not None:
+            duration = time.perf_counter() - started if started else 0.0
+            self._emit(
+                [
+                    Denied(
+                        user_id=refused.user_id,
+                        balance=refused.balance,
+                        available=refused.available,
+                        cost=refused.cost,
+                        duration=duration,
+                    )
+                ]
+            )
+
+    def _retried(self, conflict: VersionConflict) -> None:
+        if self.on_event is not None:
+            self._emit([ConflictRetried(user_id=conflict.user_id)])
 
     # --- results ----------------------------------------------------------------
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from creditmeter import _validate, rules
 from creditmeter._base import LOCK_STRIPES, Clock, ManagerBase, Op, Replayed, is_noop, plan_once
 from creditmeter._retry import async_retrying
-from creditmeter.config import BalanceConfig, RetryPolicy
+from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
+from creditmeter.events import Event
 from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, VersionConflict
 from creditmeter.models import Account, BalanceCheck, Hold, LedgerEntry
 from creditmeter.pricing import Pricing
@@ -54,8 +55,17 @@ class AsyncBalanceManager(ManagerBase):
         pricing: Pricing | None = None,
         clock: Clock | None = None,
         retry: RetryPolicy | None = None,
+        on_event: Callable[[Event], object] | None = None,
+        low_balance_threshold: Decimal | float | None = None,
     ) -> None:
-        super().__init__(config, pricing=pricing, clock=clock, retry=retry)
+        super().__init__(
+            config,
+            pricing=pricing,
+            clock=clock,
+            retry=retry,
+            on_event=on_event,
+            low_balance_threshold=low_balance_threshold,
+        )
         self.store = store
         self._locks = tuple(asyncio.Lock() for _ in range(LOCK_STRIPES))
 
@@ -173,7 +183,11 @@ class AsyncBalanceManager(ManagerBase):
     ) -> BalanceCheck:
         """Like ``check``, but raise ``InsufficientBalance`` when the user cannot pay."""
         result = await self.check(user_id, cost, model=model, input_tokens=input_tokens)
-        self._refusal(user_id, result, input_tokens)
+        try:
+            self._refusal(user_id, result, input_tokens)
+        except InsufficientBalance as refused:
+            self._denied(refused)
+            raise
         return result
 
     async def hold(
@@ -196,8 +210,12 @@ class AsyncBalanceManager(ManagerBase):
         op, hold_id = self._hold_op(
             user_id, amount, model=model, usage=usage, ttl=ttl, request_id=request_id
         )
-        async with self._lock(op.user_id):
-            change = await self._from_seen(op)
+        try:
+            async with self._lock(op.user_id):
+                change = await self._from_seen(op)
+        except InsufficientBalance as refused:
+            self._denied(refused, op.started)
+            raise
         return self._found_hold(change, hold_id)
 
     async def settle(
@@ -229,6 +247,16 @@ class AsyncBalanceManager(ManagerBase):
         entry = await self._apply(self._release_op(hold))
         await self._tidy(hold)
         return entry
+
+    async def configure_refill(self, user_id: str, settings: RefillSettings | None) -> Account:
+        """Give one user their own refill settings (``None``: follow the config again).
+
+        Written like any change, with an ``ADJUST`` entry of amount 0 that
+        records what the settings became; returns the account.
+        """
+        op = self._configure_refill_op(user_id, settings)
+        async with self._lock(op.user_id):
+            return (await self._from_seen(op)).account
 
     def reserve(
         self,
@@ -337,11 +365,13 @@ class AsyncBalanceManager(ManagerBase):
                 return (await self._from_seen(op)).entry
             except Replayed as replayed:
                 return replayed.entry
-            except InsufficientBalance:
+            except InsufficientBalance as refused:
                 if op.request_id is None or op.lenient is None:
+                    self._denied(refused, op.started)
                     raise
                 found = await self.store.find_request(user_id, op.request_id)
                 if found is None:
+                    self._denied(refused, op.started)
                     raise
                 # An applied request is answered with its entry, even if it could not pay now.
                 attempted = op.lenient(await self.store.load(user_id), self._now())
@@ -364,6 +394,7 @@ class AsyncBalanceManager(ManagerBase):
                 if self.retry.attempts <= 1:
                     raise
                 seen = conflict.current
+                self._retried(conflict)
         if exclusive is not None:
             async with exclusive(op.user_id):
                 try:
@@ -401,4 +432,5 @@ class AsyncBalanceManager(ManagerBase):
             self._lost(conflict)
             raise
         self._remember(change.account)
+        self._committed(op, change)
         return change

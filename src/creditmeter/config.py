@@ -19,7 +19,14 @@ import attrs
 from creditmeter import _validate
 from creditmeter.exceptions import ConfigError, InvalidInput
 
-__all__ = ["BalanceConfig", "IntervalUnit", "RefillMode", "RefillSettings", "RetryPolicy"]
+__all__ = [
+    "BalanceConfig",
+    "IntervalUnit",
+    "RefillMode",
+    "RefillSettings",
+    "RetryPolicy",
+    "load_config",
+]
 
 IntervalUnit = Literal["seconds", "minutes", "hours", "days", "weeks", "months"]
 RefillMode = Literal["when_depleted", "on_interval", "top_up"]
@@ -135,6 +142,55 @@ class BalanceConfig:
         """
         return cls.from_mapping(balance_section(load_yaml(path), source=os.fspath(path)))
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BalanceConfig:
+        """Read LibreChat's legacy variables: ``CHECK_BALANCE`` and ``START_BALANCE``."""
+        return cls.from_mapping(_legacy_env(os.environ if env is None else env))
+
+
+def load_config(
+    yaml_path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> BalanceConfig:
+    """Build the config as LibreChat's ``getBalanceConfig`` does.
+
+    Start from the legacy environment variables (``CHECK_BALANCE`` turns
+    balances on, ``START_BALANCE`` sets the start balance), then overlay the
+    ``balance:`` section of the YAML file, if one is given and has one.
+    """
+    merged: dict[str, Any] = dict(_legacy_env(os.environ if env is None else env))
+    if yaml_path is not None:
+        document = load_yaml(yaml_path)
+        if (
+            isinstance(document, Mapping)
+            and "balance" not in document
+            and not any(key in _KEYS for key in document)
+        ):
+            section: Mapping[str, Any] = {}  # a librechat.yaml without a balance section
+        else:
+            section = balance_section(document, source=os.fspath(yaml_path))
+        for key, value in section.items():
+            name = _KEYS.get(key) if isinstance(key, str) else None
+            merged.pop(_SNAKE_TO_CAMEL.get(name or "", ""), None)
+            merged[key] = value
+    return BalanceConfig.from_mapping(merged)
+
+
+def _legacy_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """LibreChat's legacy balance variables as config keys (absent ones left out)."""
+    found: dict[str, Any] = {}
+    check = env.get("CHECK_BALANCE")
+    if check is not None:
+        found["enabled"] = check.strip().lower() == "true"  # LibreChat's isEnabled
+    start = env.get("START_BALANCE")
+    if start is not None and start.strip():
+        try:
+            found["startBalance"] = int(start.strip())
+        except ValueError:
+            raise ConfigError(
+                f"START_BALANCE must be a whole number of credits, got {start!r}"
+            ) from None
+    return found
+
 
 def load_yaml(path: str | os.PathLike[str]) -> Any:
     """Parse a YAML file with PyYAML's safe loader; errors become ``ConfigError``."""
@@ -211,6 +267,7 @@ _CAMEL = {
     "allowNegativeBalance": "allow_negative_balance",
 }
 _KEYS = {**_CAMEL, **{snake: snake for snake in _CAMEL.values()}}
+_SNAKE_TO_CAMEL = {snake: camel for camel, snake in _CAMEL.items()}
 
 _EXPECTED: dict[str, tuple[str, tuple[type, ...]]] = {
     "enabled": ("true or false", (bool,)),

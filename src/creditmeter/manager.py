@@ -32,7 +32,8 @@ from creditmeter._base import (
     utc_now,
 )
 from creditmeter._retry import retrying
-from creditmeter.config import BalanceConfig, RetryPolicy
+from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
+from creditmeter.events import Event
 from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, VersionConflict
 from creditmeter.models import Account, BalanceCheck, Hold, LedgerEntry
 from creditmeter.pricing import Pricing
@@ -69,8 +70,17 @@ class BalanceManager(ManagerBase):
         pricing: Pricing | None = None,
         clock: Clock | None = None,
         retry: RetryPolicy | None = None,
+        on_event: Callable[[Event], object] | None = None,
+        low_balance_threshold: Decimal | float | None = None,
     ) -> None:
-        super().__init__(config, pricing=pricing, clock=clock, retry=retry)
+        super().__init__(
+            config,
+            pricing=pricing,
+            clock=clock,
+            retry=retry,
+            on_event=on_event,
+            low_balance_threshold=low_balance_threshold,
+        )
         self.store = store
         self._locks = tuple(threading.Lock() for _ in range(LOCK_STRIPES))
 
@@ -201,7 +211,11 @@ class BalanceManager(ManagerBase):
     ) -> BalanceCheck:
         """Like ``check``, but raise ``InsufficientBalance`` when the user cannot pay."""
         result = self.check(user_id, cost, model=model, input_tokens=input_tokens)
-        self._refusal(user_id, result, input_tokens)
+        try:
+            self._refusal(user_id, result, input_tokens)
+        except InsufficientBalance as refused:
+            self._denied(refused)
+            raise
         return result
 
     def hold(
@@ -224,8 +238,12 @@ class BalanceManager(ManagerBase):
         op, hold_id = self._hold_op(
             user_id, amount, model=model, usage=usage, ttl=ttl, request_id=request_id
         )
-        with self._lock(op.user_id):
-            change = self._from_seen(op)
+        try:
+            with self._lock(op.user_id):
+                change = self._from_seen(op)
+        except InsufficientBalance as refused:
+            self._denied(refused, op.started)
+            raise
         return self._found_hold(change, hold_id)
 
     def settle(
@@ -257,6 +275,16 @@ class BalanceManager(ManagerBase):
         entry = self._apply(self._release_op(hold))
         self._tidy(hold)
         return entry
+
+    def configure_refill(self, user_id: str, settings: RefillSettings | None) -> Account:
+        """Give one user their own refill settings (``None``: follow the config again).
+
+        Written like any change, with an ``ADJUST`` entry of amount 0 that
+        records what the settings became; returns the account.
+        """
+        op = self._configure_refill_op(user_id, settings)
+        with self._lock(op.user_id):
+            return (self._from_seen(op)).account
 
     def reserve(
         self,
@@ -366,11 +394,13 @@ class BalanceManager(ManagerBase):
                 return (self._from_seen(op)).entry
             except Replayed as replayed:
                 return replayed.entry
-            except InsufficientBalance:
+            except InsufficientBalance as refused:
                 if op.request_id is None or op.lenient is None:
+                    self._denied(refused, op.started)
                     raise
                 found = self.store.find_request(user_id, op.request_id)
                 if found is None:
+                    self._denied(refused, op.started)
                     raise
                 # An applied request is answered with its entry, even if it could not pay now.
                 attempted = op.lenient(self.store.load(user_id), self._now())
@@ -394,6 +424,7 @@ class BalanceManager(ManagerBase):
                 if self.retry.attempts <= 1:
                     raise
                 seen = conflict.current
+                self._retried(conflict)
         if exclusive is not None:
             # Under the store's writer lock a fresh load cannot be overtaken.
             with exclusive(op.user_id):
@@ -433,4 +464,5 @@ class BalanceManager(ManagerBase):
             self._lost(conflict)
             raise
         self._remember(change.account)
+        self._committed(op, change)
         return change

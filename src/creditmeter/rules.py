@@ -24,6 +24,7 @@ import attrs
 
 from creditmeter._exact import EXACT
 from creditmeter.config import BalanceConfig, RefillSettings
+from creditmeter.events import Charged, Event, Granted, LowBalance, Refilled
 from creditmeter.exceptions import IdempotencyConflict, InsufficientBalance, InvalidInput
 from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry, total_held
 from creditmeter.pricing import Rates
@@ -35,8 +36,10 @@ __all__ = [
     "add_interval",
     "charge",
     "check",
+    "configure_refill",
     "drop_hold",
     "effective_refill",
+    "events_for",
     "grant",
     "hold",
     "open_account",
@@ -579,6 +582,64 @@ def drop_hold(account: Account, hold: Hold, *, config: BalanceConfig, now: datet
     if draft.take_hold(hold) is None:
         return Change(account, (), account.version)
     return draft.finish(now)
+
+
+def configure_refill(
+    account: Account | None,
+    user_id: str,
+    settings: RefillSettings | None,
+    *,
+    config: BalanceConfig,
+    now: datetime,
+    new_id: IdFactory,
+) -> Change:
+    """Give the account its own refill settings (``None``: follow the config again).
+
+    The change is audited with an ``ADJUST`` entry of amount 0 that says what
+    the settings became.
+    """
+    draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
+    if settings is None:
+        described = "follow the config"
+    else:
+        described = (
+            f"{'enabled' if settings.enabled else 'disabled'}, {settings.amount} every "
+            f"{settings.interval_value} {settings.interval_unit}"
+        )
+    draft.add(EntryKind.ADJUST, _ZERO, now=now, new_id=new_id, metadata={"refill": described})
+    change = draft.finish(now)
+    return Change(
+        attrs.evolve(change.account, refill=settings), change.entries, change.expected_version
+    )
+
+
+def events_for(change: Change, *, duration: float, low_balance: Decimal | None) -> list[Event]:
+    """The events a committed change reports, in order.
+
+    One per charge, grant or refill entry, and ``LowBalance`` when the balance
+    went from at or above ``low_balance`` to below it in this change.
+    """
+    found: list[Event] = []
+    user_id = change.account.user_id
+    for entry in change.entries:
+        kind = entry.kind
+        if kind is EntryKind.CHARGE:
+            found.append(Charged(user_id=user_id, entry=entry, duration=duration))
+        elif kind is EntryKind.GRANT:
+            found.append(Granted(user_id=user_id, entry=entry, duration=duration))
+        elif kind is EntryKind.REFILL:
+            found.append(Refilled(user_id=user_id, entry=entry, duration=duration))
+    if low_balance is not None and change.entries:
+        first = change.entries[0]
+        before = (
+            first.balance_after
+            if first.kind is EntryKind.OPEN
+            else EXACT.subtract(first.balance_after, first.amount)
+        )
+        after = change.account.balance
+        if before >= low_balance > after:
+            found.append(LowBalance(user_id=user_id, balance=after, threshold=low_balance))
+    return found
 
 
 def _no_ids() -> str:  # pragma: no cover - drop_hold writes no entry

@@ -1,0 +1,87 @@
+"""What happened, as typed events: pass ``on_event=`` to a manager to hear them.
+
+Each event is a frozen attrs record. A manager calls ``on_event(event)``
+after the change it reports was committed (or, for ``Denied``, refused); a
+callback that raises is logged on the ``creditmeter`` logger and never
+breaks the operation. ``duration`` is the seconds the operation took.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Union
+
+import attrs
+
+from creditmeter.models import LedgerEntry
+
+__all__ = [
+    "Charged",
+    "ConflictRetried",
+    "Denied",
+    "Event",
+    "Granted",
+    "LowBalance",
+    "Refilled",
+]
+
+
+@attrs.frozen(kw_only=True)
+class Charged:
+    """A charge (or a hold's settlement) was committed."""
+
+    user_id: str
+    entry: LedgerEntry
+    duration: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class Granted:
+    """Credits were granted."""
+
+    user_id: str
+    entry: LedgerEntry
+    duration: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class Refilled:
+    """A due refill was applied."""
+
+    user_id: str
+    entry: LedgerEntry
+    duration: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class Denied:
+    """A check, strict charge or hold was refused for want of credits."""
+
+    user_id: str
+    balance: Decimal
+    available: Decimal
+    cost: Decimal | None
+    duration: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class LowBalance:
+    """A balance went from at or above ``threshold`` to below it.
+
+    Fired once per crossing: it fires again only after the balance has risen
+    to the threshold or above and fallen below it again.
+    """
+
+    user_id: str
+    balance: Decimal
+    threshold: Decimal
+
+
+@attrs.frozen(kw_only=True)
+class ConflictRetried:
+    """A write lost a compare-and-set to another writer and is being retried."""
+
+    user_id: str
+
+
+Event = Union[Charged, Granted, Refilled, Denied, LowBalance, ConflictRetried]  # noqa: UP007
