@@ -182,11 +182,12 @@ class AsyncBalanceManager(ManagerBase):
         input_tokens: int | None = None,
     ) -> BalanceCheck:
         """Like ``check``, but raise ``InsufficientBalance`` when the user cannot pay."""
+        started = self._clock_start()
         result = await self.check(user_id, cost, model=model, input_tokens=input_tokens)
         try:
             self._refusal(user_id, result, input_tokens)
         except InsufficientBalance as refused:
-            self._denied(refused)
+            self._denied(refused, started)
             raise
         return result
 
