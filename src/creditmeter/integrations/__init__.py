@@ -1,0 +1,1 @@
+"""Ready-made hooks for the gateways creditmeter runs in (ASGI apps, LiteLLM)."""
