@@ -315,7 +315,7 @@ def refill_due(  # noqa: PLR0911 - one return per reason a refill is not due
         return _ZERO
     try:
         due_at = add_interval(account.last_refill, value, unit)
-    except OverflowError:  # an interval past year 9999 never comes
+    except (OverflowError, ValueError):  # an interval past year 9999 never comes
         return _ZERO
     if now < due_at:
         return _ZERO

@@ -78,13 +78,25 @@ _OPENERS: dict[str, tuple[Callable[[str], BalanceStore], Callable[[str], AsyncBa
 }
 
 
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***``, for messages."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    return url.replace(f":{password}@", ":***@", 1)
+
+
 def _scheme(url: object) -> str:
     if not isinstance(url, str):
         raise ConfigError(f"a store URL must be a str, got {type(url).__name__}")
     scheme = url.partition(":")[0].lower()
     if scheme not in _OPENERS or ":" not in url:
         known = ", ".join(f"{name}://" for name in sorted(_OPENERS))
-        raise ConfigError(f"unknown store URL {url!r}; known schemes: {known}")
+        raise ConfigError(f"unknown store URL {redact(url)!r}; known schemes: {known}")
     return scheme
 
 

@@ -1,0 +1,639 @@
+"""The ``creditmeter`` command's helpers: reading its arguments, describing what it found.
+
+Nothing here opens a store. ``cli.py`` reads accounts and entries and hands
+them here: to be described as JSON-ready dicts (amounts as exact decimal
+strings, times as ISO-8601 UTC), as CSV rows or JSON lines, or as ``rich``
+tables for people. The argument types (credits, refill intervals) live here
+too, and so do the refill questions ("which settings apply?", "when is the
+next refill due, and if none applies now, why not?"), worked out with
+``rules`` so ``balance``, ``refill`` and ``refill-settings`` answer alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from creditmeter import _validate, rules
+from creditmeter.config import BalanceConfig, IntervalUnit, RefillSettings
+from creditmeter.exceptions import InvalidInput
+from creditmeter.models import Account, LedgerEntry
+from creditmeter.pricing import Cost
+from creditmeter.serde import to_plain
+from creditmeter.usage import TokenUsage
+
+__all__ = [
+    "CSV_HEADER",
+    "Amount",
+    "Every",
+    "RefillStatus",
+    "account_plain",
+    "account_table",
+    "console",
+    "csv_row",
+    "dumps",
+    "entry_line",
+    "every",
+    "ledger_table",
+    "money",
+    "next_refill_text",
+    "parse_every",
+    "password_of",
+    "price_plain",
+    "price_view",
+    "redact",
+    "refill_plain",
+    "refill_status",
+    "settings_text",
+    "users_plain",
+    "users_view",
+    "when",
+    "write_ledgers",
+]
+
+if TYPE_CHECKING:  # click >= 8.4 makes ParamType generic; older ones cannot subscript it
+    _DecimalParam = click.ParamType[Decimal]
+    _IntervalParam = click.ParamType[tuple[int, IntervalUnit]]
+else:
+    _DecimalParam = _IntervalParam = click.ParamType
+
+_ZERO = Decimal(0)
+_MILLION = Decimal(1_000_000)
+Source = Literal["account", "config"]
+
+
+# --- plain values -------------------------------------------------------------
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def dumps(data: object, *, indent: int | None = 2) -> str:
+    """JSON text: decimals as exact strings, datetimes as ISO-8601, non-ASCII kept."""
+    separators = (",", ": ") if indent is not None else (",", ":")
+    return json.dumps(
+        data, indent=indent, ensure_ascii=False, separators=separators, default=_json_default
+    )
+
+
+def password_of(url: str) -> str | None:
+    """The password in a store URL, if it has one."""
+    try:
+        return urlsplit(url).password or None
+    except ValueError:
+        return None
+
+
+def redact(url: str) -> str:
+    """A store URL fit to print: any password replaced by ``***``."""
+    password = password_of(url)
+    if password is None:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1)))
+
+
+def money(value: Decimal) -> str:
+    """Credits for people: thousands separated, no exponent, no trailing zeros (still exact)."""
+    text = f"{value:,f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def when(moment: datetime) -> str:
+    """A UTC time for people, to the second."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _plural(count: int, unit: str) -> str:
+    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
+
+
+def every(value: int, unit: str) -> str:
+    """An interval for people: ``30 days``, ``1 second``."""
+    return _plural(value, unit.removesuffix("s"))
+
+
+def _span(delta: timedelta) -> str:
+    """A rough length of time: its two largest units."""
+    seconds = int(delta.total_seconds())
+    parts: list[str] = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(_plural(count, unit))
+    return ", ".join(parts[:2]) or "less than a second"
+
+
+# --- arguments ----------------------------------------------------------------
+
+
+class Amount(_DecimalParam):
+    """A number of credits, read as a Decimal; a bad one is ``InvalidInput`` (exit status 1)."""
+
+    name = "amount"
+
+    def __init__(self, label: str, *, positive: bool) -> None:
+        self.label = label
+        self.positive = positive
+
+    def convert(
+        self,
+        value: Any,
+        param: click.Parameter | None,  # noqa: ARG002 - click's signature
+        ctx: click.Context | None,  # noqa: ARG002
+    ) -> Decimal:
+        """Parse ``value`` as a finite, non-negative Decimal of at most 10**15."""
+        if isinstance(value, Decimal):
+            return value
+        text = str(value)
+        try:
+            number = Decimal(text.strip())
+        except InvalidOperation:
+            raise InvalidInput(f"{self.label} must be a number of credits, got {text!r}") from None
+        if not number.is_finite():
+            raise InvalidInput(f"{self.label} must be a finite number, got {text!r}")
+        try:
+            return _validate.amount(number, name=self.label, positive=self.positive)
+        except InvalidInput as exc:
+            raise InvalidInput(str(exc).replace(repr(number), repr(text))) from None
+
+
+_UNITS: dict[str, IntervalUnit] = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), "seconds"),
+    **dict.fromkeys(("min", "mins", "minute", "minutes"), "minutes"),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), "hours"),
+    **dict.fromkeys(("d", "day", "days"), "days"),
+    **dict.fromkeys(("w", "wk", "wks", "week", "weeks"), "weeks"),
+    **dict.fromkeys(("mo", "mon", "month", "months"), "months"),
+}
+_EVERY = re.compile(r"([0-9]{1,9})\s*([a-z]+)")
+
+
+def parse_every(text: str, *, label: str = "--every") -> tuple[int, IntervalUnit]:
+    """Read an interval such as ``30d``, ``12h``, ``2weeks``, ``1month`` or ``90s``."""
+    match = _EVERY.fullmatch(text.strip().lower())
+    if match is None:
+        raise InvalidInput(
+            f"{label} must be a whole number and a unit, such as 30d, 12h, 2weeks, 1month "
+            f"or 90s, got {text!r}"
+        )
+    value, word = int(match[1]), match[2]
+    unit = _UNITS.get(word)
+    if unit is None:
+        if word == "m":
+            raise InvalidInput(f"{label}: 'm' is ambiguous; write min (minutes) or mo (months)")
+        raise InvalidInput(
+            f"{label} has an unknown unit {word!r} in {text!r}; "
+            "units: s, min, h, d, w, mo (or seconds, minutes, hours, days, weeks, months)"
+        )
+    if value < 1:
+        raise InvalidInput(f"{label} must be at least 1 {unit.removesuffix('s')}, got {text!r}")
+    try:
+        rules.add_interval(datetime.now(timezone.utc), value, unit)
+    except (OverflowError, ValueError):
+        raise InvalidInput(f"{label} is too long: {text!r} ends after the year 9999") from None
+    return value, unit
+
+
+class Every(_IntervalParam):
+    """A refill interval (see ``parse_every``); a bad one is ``InvalidInput`` (exit status 1)."""
+
+    name = "interval"
+
+    def convert(
+        self,
+        value: Any,
+        param: click.Parameter | None,  # noqa: ARG002 - click's signature
+        ctx: click.Context | None,  # noqa: ARG002
+    ) -> tuple[int, IntervalUnit]:
+        """Parse ``value`` into ``(value, unit)``."""
+        if isinstance(value, tuple):
+            return value
+        return parse_every(str(value))
+
+
+# --- refill status ------------------------------------------------------------
+
+
+class RefillStatus(NamedTuple):
+    """The refill settings that apply to an account and what they mean now."""
+
+    settings: RefillSettings
+    source: Source
+    mode: str
+    next_at: datetime | None
+    """When the next refill is due; ``None`` when refills are off or never come."""
+    due_amount: Decimal
+    """What a refill would add now (``rules.refill_due``); zero when none applies."""
+    why_not: str | None
+    """Why no refill applies now, or ``None`` when one does."""
+
+
+def refill_status(account: Account, config: BalanceConfig, now: datetime) -> RefillStatus:
+    """Work out which refill settings apply to ``account`` and whether one is due at ``now``."""
+    settings = rules.effective_refill(account, config)
+    source: Source = "account" if account.refill is not None else "config"
+    due_amount = rules.refill_due(account, config=config, now=now)
+    next_at: datetime | None = None
+    why: str | None = None
+    if not config.enabled:
+        why = "balances are disabled in the config (balance.enabled / CHECK_BALANCE)"
+    elif not settings.enabled:
+        why = (
+            "refills are disabled in the account's settings (refill-settings --enabled)"
+            if source == "account"
+            else "refills are disabled in the config (balance.autoRefillEnabled)"
+        )
+    elif settings.amount <= _ZERO:
+        why = "the refill amount is 0"
+    else:
+        try:
+            next_at = rules.add_interval(
+                account.last_refill, settings.interval_value, settings.interval_unit
+            )
+        except (OverflowError, ValueError):  # past year 9999
+            why = "the refill interval never ends"
+    if next_at is not None and due_amount <= _ZERO:
+        if now < next_at:
+            why = f"the next refill is not due until {when(next_at)}"
+        elif config.refill_mode == "when_depleted":
+            why = (
+                f"the balance is not spent yet (available {money(account.available)}; "
+                "refill mode when_depleted refills only a spent balance)"
+            )
+        else:
+            why = f"the balance is already at the top-up amount {money(settings.amount)}"
+    return RefillStatus(settings, source, config.refill_mode, next_at, due_amount, why)
+
+
+def next_refill_text(status: RefillStatus, now: datetime) -> str:
+    """One sentence on the next refill: when it is due, or why none will come."""
+    if status.next_at is None:
+        return f"No refill will come: {status.why_not}."
+    if status.next_at > now:
+        return f"Next refill due {when(status.next_at)}."
+    if status.why_not is not None:
+        return f"A refill is due now, but {status.why_not}."
+    return f"A refill of {money(status.due_amount)} credits is due now."
+
+
+def _next_refill(status: RefillStatus, now: datetime) -> str | None:
+    if status.next_at is None:
+        return None
+    return "now" if status.next_at <= now else status.next_at.isoformat()
+
+
+def refill_plain(status: RefillStatus) -> dict[str, Any]:
+    """The refill settings that apply, as a JSON-ready dict."""
+    settings = status.settings
+    return {
+        "source": status.source,
+        "enabled": settings.enabled,
+        "amount": str(settings.amount),
+        "interval_value": settings.interval_value,
+        "interval_unit": settings.interval_unit,
+        "every": every(settings.interval_value, settings.interval_unit),
+        "mode": status.mode,
+    }
+
+
+def settings_text(status: RefillStatus) -> str:
+    """``10,000 credits every 30 days, enabled (the config's settings; mode when_depleted)``."""
+    settings = status.settings
+    whose = "own settings" if status.source == "account" else "the config's settings"
+    state = "enabled" if settings.enabled else "disabled"
+    return (
+        f"{money(settings.amount)} credits every "
+        f"{every(settings.interval_value, settings.interval_unit)}, {state} "
+        f"({whose}; mode {status.mode})"
+    )
+
+
+# --- accounts -----------------------------------------------------------------
+
+
+def account_plain(account: Account, config: BalanceConfig, now: datetime) -> dict[str, Any]:
+    """Everything ``creditmeter balance --json`` reports about one account."""
+    status = refill_status(account, config, now)
+    return {
+        "user": account.user_id,
+        "balance": str(account.balance),
+        "available": str(account.available),
+        "held": str(account.held),
+        "holds": [to_plain(hold) for hold in account.holds],
+        "balances_enabled": config.enabled,
+        "refill": refill_plain(status),
+        "last_refill": account.last_refill.isoformat(),
+        "next_refill": _next_refill(status, now),
+        "refill_due_now": str(status.due_amount),
+        "created_at": account.created_at.isoformat(),
+        "updated_at": account.updated_at.isoformat(),
+        "version": account.version,
+    }
+
+
+def _facts(title: str) -> Table:
+    table = Table(title=title, show_header=False, box=box.SIMPLE, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    return table
+
+
+def account_table(account: Account, config: BalanceConfig, now: datetime) -> Table:
+    """The ``creditmeter balance`` view of one account."""
+    status = refill_status(account, config, now)
+    table = _facts(f"Account {account.user_id}")
+    table.add_row("Balance", Text(money(account.balance)))
+    held = account.held
+    count = len(account.holds)
+    available = money(account.available)
+    if count:
+        available += f" ({money(held)} held by {_plural(count, 'open hold')})"
+    table.add_row("Available", Text(available))
+    for hold in account.holds:
+        table.add_row(
+            "", Text(f"hold {hold.id}: {money(hold.amount)} until {when(hold.expires_at)}")
+        )
+    table.add_row("Balances", "enabled" if config.enabled else "disabled in the config")
+    table.add_row("Refill", Text(settings_text(status)))
+    table.add_row("Last refill", when(account.last_refill))
+    if status.next_at is None:
+        upcoming = f"never: {status.why_not}"
+    elif status.next_at <= now:
+        upcoming = "now"
+        if status.why_not is not None:
+            upcoming += f", but {status.why_not}"
+    else:
+        upcoming = f"{when(status.next_at)} (in {_span(status.next_at - now)})"
+    table.add_row("Next refill", Text(upcoming))
+    return table
+
+
+def users_plain(
+    accounts: list[Account], *, total: int, offset: int, limit: int, next_page: str | None
+) -> dict[str, Any]:
+    """What ``creditmeter list --json`` reports: one page of accounts."""
+    after = offset + limit
+    return {
+        "users": [
+            {
+                "user": account.user_id,
+                "balance": str(account.balance),
+                "available": str(account.available),
+                "updated_at": account.updated_at.isoformat(),
+            }
+            for account in accounts
+        ],
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "next_offset": after if after < total else None,
+        "next_page": next_page,
+    }
+
+
+def users_view(
+    accounts: list[Account], *, total: int, offset: int, next_page: str | None
+) -> list[object]:
+    """One page of accounts as a table, and a line saying which page and how to get the next."""
+    if not total:
+        return ["The store has no users yet."]
+    if not accounts:
+        return [f"No users at offset {offset}: the store has {total}."]
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("User")
+    table.add_column("Balance", justify="right")
+    table.add_column("Available", justify="right")
+    table.add_column("Last change (UTC)", no_wrap=True)
+    for account in accounts:
+        table.add_row(
+            Text(account.user_id),
+            money(account.balance),
+            money(account.available),
+            account.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    shown = f"Users {offset + 1}-{offset + len(accounts)} of {total}."
+    return [table, shown + (f" Next page: {next_page}" if next_page else "")]
+
+
+# --- ledger entries -----------------------------------------------------------
+
+CSV_HEADER = (
+    "id",
+    "user_id",
+    "kind",
+    "amount",
+    "balance_after",
+    "at",
+    "request_id",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cache_write_tokens",
+    "cache_read_tokens",
+    "cost",
+    "rate_prompt",
+    "rate_completion",
+    "rate_cache_write",
+    "rate_cache_read",
+    "metadata",
+)
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def csv_row(entry: LedgerEntry) -> list[str]:
+    """One entry as a row under ``CSV_HEADER``."""
+    usage, rates = entry.usage, entry.rates
+    tokens = (
+        ["", "", "", ""]
+        if usage is None
+        else [str(usage.input), str(usage.output), str(usage.cache_write), str(usage.cache_read)]
+    )
+    priced = (
+        ["", "", "", ""]
+        if rates is None
+        else [
+            str(rates.prompt),
+            str(rates.completion),
+            str(rates.cache_write),
+            str(rates.cache_read),
+        ]
+    )
+    return [
+        entry.id,
+        entry.user_id,
+        entry.kind.value,
+        str(entry.amount),
+        str(entry.balance_after),
+        entry.at.isoformat(),
+        _text(entry.request_id),
+        _text(entry.model),
+        *tokens,
+        _text(entry.cost),
+        *priced,
+        "" if entry.metadata is None else dumps(entry.metadata, indent=None),
+    ]
+
+
+def entry_line(entry: LedgerEntry) -> str:
+    """One ``creditmeter export`` JSON line: the entry as ``serde.to_plain`` writes it."""
+    return dumps(to_plain(entry), indent=None)
+
+
+def write_ledgers(
+    users: Iterable[str],
+    ledger: Callable[[str], Iterable[LedgerEntry]],
+    handle: IO[str],
+    form: str,
+) -> tuple[int, int]:
+    """Write each user's ``ledger(user)`` as it is read, as JSON lines or CSV.
+
+    Only one user's entries are held at a time. Returns (users, entries).
+    """
+    writer = csv.writer(handle, lineterminator="\n") if form == "csv" else None
+    if writer is not None:
+        writer.writerow(CSV_HEADER)
+    users_seen = entries = 0
+    for user in users:
+        users_seen += 1
+        for entry in ledger(user):
+            if writer is None:
+                handle.write(entry_line(entry) + "\n")
+            else:
+                writer.writerow(csv_row(entry))
+            entries += 1
+    return users_seen, entries
+
+
+def _tokens(usage: TokenUsage) -> str:
+    parts = [f"{usage.input:,} in", f"{usage.output:,} out"]
+    if usage.cache_write:
+        parts.append(f"{usage.cache_write:,} cache write")
+    if usage.cache_read:
+        parts.append(f"{usage.cache_read:,} cache read")
+    return ", ".join(parts)
+
+
+def _detail(entry: LedgerEntry) -> str:
+    parts: list[str] = []
+    if entry.model is not None:
+        parts.append(entry.model)
+    if entry.usage is not None:
+        parts.append(_tokens(entry.usage))
+    if entry.cost is not None and entry.cost != -entry.amount:
+        parts.append(f"cost {money(entry.cost)}")
+    metadata: Mapping[str, Any] = entry.metadata or {}
+    parts.extend(f"{key}: {value}" for key, value in metadata.items())
+    if entry.request_id is not None:
+        parts.append(f"request {entry.request_id}")
+    return "; ".join(parts)
+
+
+def ledger_table(user_id: str, entries: Iterable[LedgerEntry]) -> Table:
+    """A user's ledger entries, oldest first."""
+    table = Table(title=f"Ledger of {user_id}", box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("When (UTC)", no_wrap=True)
+    table.add_column("Kind")
+    table.add_column("Amount", justify="right")
+    table.add_column("Balance", justify="right")
+    table.add_column("Detail")
+    for entry in entries:
+        sign = "+" if entry.amount > _ZERO else ""
+        table.add_row(
+            entry.at.strftime("%Y-%m-%d %H:%M:%S"),
+            entry.kind.value,
+            Text(sign + money(entry.amount)),
+            Text(money(entry.balance_after)),
+            Text(_detail(entry)),
+        )
+    return table
+
+
+# --- prices -------------------------------------------------------------------
+
+
+def _usd(amount: Decimal) -> str:
+    return f"{(amount / _MILLION).normalize():f}"
+
+
+def price_plain(model: str, usage: TokenUsage, cost: Cost, *, incomplete: bool) -> dict[str, Any]:
+    """What ``creditmeter price --json`` reports."""
+    return {
+        "model": model,
+        "key": cost.key,
+        "premium": cost.premium,
+        "incomplete": incomplete,
+        "usage": {
+            "input": usage.input,
+            "output": usage.output,
+            "cache_write": usage.cache_write,
+            "cache_read": usage.cache_read,
+        },
+        "rates": {
+            "prompt": str(cost.rates.prompt),
+            "completion": str(cost.rates.completion),
+            "cache_write": str(cost.rates.cache_write),
+            "cache_read": str(cost.rates.cache_read),
+        },
+        "prompt": str(cost.prompt),
+        "completion": str(cost.completion),
+        "total": str(cost.total),
+        "usd": _usd(cost.total),
+    }
+
+
+def price_view(model: str, usage: TokenUsage, cost: Cost, *, incomplete: bool) -> list[object]:
+    """What one call of ``model`` with ``usage`` would be charged, and at which rates."""
+    table = Table(title=f"Price of {model}", box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("Tokens")
+    table.add_column("Count", justify="right")
+    table.add_column("Rate (credits/token)", justify="right")
+    table.add_column("Credits", justify="right")
+    rates = cost.rates
+    for name, count, rate, charged in (
+        ("input", usage.input, rates.prompt, usage.input * rates.prompt),
+        (
+            "cache write",
+            usage.cache_write,
+            rates.cache_write,
+            usage.cache_write * rates.cache_write,
+        ),
+        ("cache read", usage.cache_read, rates.cache_read, usage.cache_read * rates.cache_read),
+        ("output", usage.output, rates.completion, cost.completion),
+    ):
+        table.add_row(name, f"{count:,}", str(rate), money(charged))
+    table.add_section()
+    table.add_row("total", f"{usage.total:,}", "", money(cost.total), style="bold")
+    matched = f"table key {cost.key!r}" if cost.key is not None else "no table key (default rate)"
+    notes = [matched, "premium (long-context) rates" if cost.premium else "standard rates"]
+    if incomplete:
+        notes.append("completion at the 1.15 cancel rate")
+    notes.append(f"{_usd(cost.total)} USD")
+    return [table, "; ".join(notes) + "."]
+
+
+def console(*, markup: bool = False) -> Console:
+    """A console for people; without ``markup``, user data is never read as markup or emoji."""
+    return Console(markup=markup, emoji=markup, highlight=False)
