@@ -44,12 +44,25 @@ from creditmeter.stores import (
 )
 from creditmeter.usage import StreamUsage, TokenUsage, usage_from_stream
 
+
+def __getattr__(name: str) -> object:
+    """The Redis and PostgreSQL store classes, imported on first use (their drivers are extras)."""
+    if name in _LAZY_STORES:
+        from creditmeter import stores  # noqa: PLC0415
+
+        return getattr(stores, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_LAZY_STORES = frozenset({"AsyncRedisStore", "RedisStore"})
+
 __all__ = [
     "Account",
     "AsyncBalanceManager",
     "AsyncBalanceStore",
     "AsyncMemoryStore",
     "AsyncMeteredStream",
+    "AsyncRedisStore",
     "AsyncReservation",
     "AsyncSQLiteStore",
     "BalanceCheck",
@@ -77,6 +90,7 @@ __all__ = [
     "ModelRate",
     "Pricing",
     "Rates",
+    "RedisStore",
     "RefillSettings",
     "Refilled",
     "Reservation",

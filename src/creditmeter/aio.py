@@ -404,6 +404,8 @@ class AsyncBalanceManager(ManagerBase):
                     seen = conflict.current
         async for attempt in async_retrying(self.retry):
             with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    seen = None  # it slept: what the last conflict reported is stale now
                 try:
                     return await self._attempt(op, seen, fresh=seen is not None)
                 except VersionConflict as conflict:

@@ -435,6 +435,8 @@ class BalanceManager(ManagerBase):
                     seen = conflict.current
         for attempt in retrying(self.retry):
             with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    seen = None  # it slept: what the last conflict reported is stale now
                 try:
                     return self._attempt(op, seen, fresh=seen is not None)
                 except VersionConflict as conflict:

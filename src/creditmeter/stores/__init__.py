@@ -1,13 +1,15 @@
 """Storage backends, and ``open_store(url)`` to pick one by URL.
 
-``memory://`` and ``sqlite:///relative.db`` / ``sqlite:////absolute.db``
-(SQLAlchemy's convention). An unknown scheme is a ``ConfigError`` naming the
-known ones.
+``memory://``, ``sqlite:///relative.db`` / ``sqlite:////absolute.db``
+(SQLAlchemy's convention) and ``redis://host:6379/0``. An unknown scheme is a
+``ConfigError`` naming the known ones. The Redis classes are imported only
+when used: their driver is the ``[redis]`` extra.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from creditmeter.exceptions import ConfigError
@@ -18,9 +20,11 @@ from creditmeter.stores.sqlite import AsyncSQLiteStore, Durability, SQLiteStore
 __all__ = [
     "AsyncBalanceStore",
     "AsyncMemoryStore",
+    "AsyncRedisStore",
     "AsyncSQLiteStore",
     "BalanceStore",
     "MemoryStore",
+    "RedisStore",
     "SQLiteStore",
     "open_async_store",
     "open_store",
@@ -71,11 +75,63 @@ def _open_async_sqlite(url: str) -> AsyncBalanceStore:
     return AsyncSQLiteStore(path, durability=durability)
 
 
-# scheme -> (sync opener, async opener); later stores register here too.
+def _open_redis(url: str) -> BalanceStore:
+    store: BalanceStore = _redis().RedisStore(url)
+    return store
+
+
+def _open_async_redis(url: str) -> AsyncBalanceStore:
+    store: AsyncBalanceStore = _redis().AsyncRedisStore(url)
+    return store
+
+
+def _open_postgres(url: str) -> BalanceStore:
+    store: BalanceStore = _postgres().PostgresStore(url)
+    return store
+
+
+def _open_async_postgres(url: str) -> AsyncBalanceStore:
+    store: AsyncBalanceStore = _postgres().AsyncPostgresStore(url)
+    return store
+
+
+def _redis() -> Any:
+    try:
+        from creditmeter.stores import redis  # noqa: PLC0415 - needs the [redis] extra
+    except ImportError as exc:
+        raise ConfigError(
+            f"the Redis store needs: pip install 'creditmeter[redis]' ({exc})"
+        ) from None
+    return redis
+
+
+def _postgres() -> Any:
+    try:
+        from creditmeter.stores import postgres  # noqa: PLC0415 - needs the [postgres] extra
+    except ImportError as exc:
+        raise ConfigError(
+            f"the PostgreSQL store needs: pip install 'creditmeter[postgres]' ({exc})"
+        ) from None
+    return postgres
+
+
+# scheme -> (sync opener, async opener)
 _OPENERS: dict[str, tuple[Callable[[str], BalanceStore], Callable[[str], AsyncBalanceStore]]] = {
     "memory": (_open_memory, _open_async_memory),
     "sqlite": (_open_sqlite, _open_async_sqlite),
+    "redis": (_open_redis, _open_async_redis),
+    "rediss": (_open_redis, _open_async_redis),
 }
+
+_LAZY = {"RedisStore": _redis, "AsyncRedisStore": _redis}
+
+
+def __getattr__(name: str) -> Any:
+    """The Redis and PostgreSQL classes, imported on first use (their drivers are extras)."""
+    loader = _LAZY.get(name)
+    if loader is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(loader(), name)
 
 
 def redact(url: str) -> str:
