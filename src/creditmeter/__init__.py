@@ -54,7 +54,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_LAZY_STORES = frozenset({"AsyncRedisStore", "RedisStore"})
+_LAZY_STORES = frozenset({"AsyncPostgresStore", "AsyncRedisStore", "PostgresStore", "RedisStore"})
 
 __all__ = [
     "Account",
@@ -62,6 +62,7 @@ __all__ = [
     "AsyncBalanceStore",
     "AsyncMemoryStore",
     "AsyncMeteredStream",
+    "AsyncPostgresStore",
     "AsyncRedisStore",
     "AsyncReservation",
     "AsyncSQLiteStore",
@@ -88,6 +89,7 @@ __all__ = [
     "MemoryStore",
     "MeteredStream",
     "ModelRate",
+    "PostgresStore",
     "Pricing",
     "Rates",
     "RedisStore",

@@ -1,16 +1,18 @@
 """Storage backends, and ``open_store(url)`` to pick one by URL.
 
 ``memory://``, ``sqlite:///relative.db`` / ``sqlite:////absolute.db``
-(SQLAlchemy's convention) and ``redis://host:6379/0``. An unknown scheme is a
-``ConfigError`` naming the known ones. The Redis classes are imported only
-when used: their driver is the ``[redis]`` extra.
+(SQLAlchemy's convention), ``redis://host:6379/0[?prefix=...]`` and
+``postgresql://user@host/db[?prefix=...&schema=...]``. An unknown scheme is a
+``ConfigError`` naming the known ones. The Redis and PostgreSQL classes are
+imported only when used: their drivers are the ``[redis]`` and ``[postgres]``
+extras.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from creditmeter.exceptions import ConfigError
 from creditmeter.stores.base import AsyncBalanceStore, BalanceStore
@@ -20,10 +22,12 @@ from creditmeter.stores.sqlite import AsyncSQLiteStore, Durability, SQLiteStore
 __all__ = [
     "AsyncBalanceStore",
     "AsyncMemoryStore",
+    "AsyncPostgresStore",
     "AsyncRedisStore",
     "AsyncSQLiteStore",
     "BalanceStore",
     "MemoryStore",
+    "PostgresStore",
     "RedisStore",
     "SQLiteStore",
     "open_async_store",
@@ -85,13 +89,27 @@ def _open_async_redis(url: str) -> AsyncBalanceStore:
     return store
 
 
+def _postgres_options(url: str) -> tuple[str, dict[str, Any]]:
+    """Split creditmeter's own options (``prefix``, ``schema``) off a PostgreSQL URL."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    options: dict[str, Any] = {}
+    for name in ("prefix", "schema"):
+        if name in query:
+            options[name] = query.pop(name)[-1]
+    rest = "&".join(f"{key}={value}" for key, values in query.items() for value in values)
+    return urlunsplit(parts._replace(query=rest)), options
+
+
 def _open_postgres(url: str) -> BalanceStore:
-    store: BalanceStore = _postgres().PostgresStore(url)
+    dsn, options = _postgres_options(url)
+    store: BalanceStore = _postgres().PostgresStore(dsn, **options)
     return store
 
 
 def _open_async_postgres(url: str) -> AsyncBalanceStore:
-    store: AsyncBalanceStore = _postgres().AsyncPostgresStore(url)
+    dsn, options = _postgres_options(url)
+    store: AsyncBalanceStore = _postgres().AsyncPostgresStore(dsn, **options)
     return store
 
 
@@ -121,9 +139,16 @@ _OPENERS: dict[str, tuple[Callable[[str], BalanceStore], Callable[[str], AsyncBa
     "sqlite": (_open_sqlite, _open_async_sqlite),
     "redis": (_open_redis, _open_async_redis),
     "rediss": (_open_redis, _open_async_redis),
+    "postgresql": (_open_postgres, _open_async_postgres),
+    "postgres": (_open_postgres, _open_async_postgres),
 }
 
-_LAZY = {"RedisStore": _redis, "AsyncRedisStore": _redis}
+_LAZY = {
+    "RedisStore": _redis,
+    "AsyncRedisStore": _redis,
+    "PostgresStore": _postgres,
+    "AsyncPostgresStore": _postgres,
+}
 
 
 def __getattr__(name: str) -> Any:
