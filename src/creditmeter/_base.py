@@ -526,6 +526,8 @@ def plan_once(op: Op, account: Account | None, now: datetime) -> rules.Change:
 def _hold(value: object) -> Hold:
     if not isinstance(value, Hold):
         raise InvalidInput(f"expected a Hold (from hold()), got {type(value).__name__}")
+    _validate.user_id(value.user_id)
+    _validate.optional_text(value.id, name="hold id")
     return value
 
 

@@ -131,6 +131,8 @@ def metadata(value: Any) -> dict[str, Any] | None:
             raise InvalidInput(f"metadata keys must be str without lone surrogates, got {key!r}")
         if isinstance(item, str) and _SURROGATE.search(item):
             raise InvalidInput(f"metadata[{key!r}] must not contain lone surrogates")
+        if type(item) is int and not -(2**63) <= item < 2**63:
+            raise InvalidInput(f"metadata[{key!r}] must be an int of at most 64 bits")
         if not isinstance(item, _METADATA_VALUE) or (
             isinstance(item, float) and not math.isfinite(item)
         ):

@@ -203,7 +203,7 @@ def load_yaml(path: str | os.PathLike[str]) -> Any:
             return yaml.safe_load(handle)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {os.fspath(path)!r} is not valid YAML: {exc}") from None
 
 
@@ -250,7 +250,11 @@ class RetryPolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
-            if not math.isfinite(value) or value < 0:
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not finite or value < 0:
                 raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
         if self.max_backoff < self.initial_backoff:
             raise ConfigError("max_backoff must be at least initial_backoff")

@@ -510,13 +510,17 @@ def hold(
             raise InsufficientBalance(
                 user_id, balance=draft.balance, available=available, cost=amount
             )
+    try:
+        expires_at = now + ttl
+    except OverflowError:
+        raise InvalidInput(f"ttl {ttl} runs past the year 9999") from None
     draft.put_hold(
         Hold(
             id=hold_id,
             user_id=user_id,
             amount=amount,
             created_at=now,
-            expires_at=now + ttl,
+            expires_at=expires_at,
             request_id=request_id,
         )
     )

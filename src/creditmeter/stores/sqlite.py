@@ -89,6 +89,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
+def _finish(conn: sqlite3.Connection) -> None:
+    """COMMIT; if the COMMIT itself fails, roll back so the connection is clean again."""
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
 class _Handle:
     """One thread's connection and writer-lock file descriptor."""
 
@@ -102,13 +113,19 @@ class _Handle:
 
     def acquire(self) -> None:
         if self.depth == 0 and self.lock_fd is not None:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise StoreError(f"cannot take the SQLite writer lock: {exc}") from exc
         self.depth += 1
 
     def release(self) -> None:
         self.depth -= 1
         if self.depth == 0 and self.lock_fd is not None:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+            except OSError as exc:
+                raise StoreError(f"cannot release the SQLite writer lock: {exc}") from exc
 
 
 class SQLiteStore:
@@ -131,6 +148,10 @@ class SQLiteStore:
         if durability not in ("full", "normal"):
             raise ConfigError(f"durability must be 'full' or 'normal', got {durability!r}")
         self.path = os.fspath(path)
+        if "\x00" in self.path or any(0xD800 <= ord(c) <= 0xDFFF for c in self.path):
+            raise StoreError(
+                f"cannot open SQLite store {self.path!r}: NUL or lone surrogate in path"
+            )
         if self.path in ("", ":memory:") or self.path.startswith("file:"):
             raise ConfigError("SQLiteStore needs a file path; use MemoryStore for memory")
         self.durability: Durability = durability
@@ -181,7 +202,11 @@ class SQLiteStore:
             raise StoreError(f"cannot open SQLite store {self.path!r}: {exc}") from exc
         lock_fd = None
         if fcntl is not None:
-            lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                conn.close()
+                raise StoreError(f"cannot open the SQLite writer lock: {exc.strerror}") from exc
         handle = _Handle(conn, lock_fd, generation)
         with self._handles_lock:
             if self._handles and self._handles[0].generation != generation:
@@ -226,7 +251,7 @@ class SQLiteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            _finish(conn)
         finally:
             handle.release()
 
@@ -298,7 +323,7 @@ class SQLiteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            _finish(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite commit failed: {exc}") from exc
         finally:

@@ -1,0 +1,229 @@
+"""Idempotency race: 16 workers send one request id at the same moment.
+
+Threads (a ``threading.Barrier``), each with its own ``BalanceManager`` over
+one shared store (so the managers' per-user locks do not queue them), on
+MemoryStore and SQLite (``THREAD_KINDS``); and processes (``worker.py race``,
+released together when the parent closes the write end of a pipe they all
+block on) on one SQLite file (``PROCESS_KINDS``; stores are opened by URL, so
+the Redis and PostgreSQL stores join by adding their kinds to these lists).
+Threads, for grant, charge and set_balance, on an account that exists and
+on one the race itself opens:
+
+- the same parameters: one ledger entry, 16 identical results (same entry
+  id), the balance moved once; afterwards the same request id with another
+  amount is ``IdempotencyConflict`` and writes nothing;
+- 8 workers with one amount and 8 with another (existing account): one
+  amount wins; those that sent it get its entry, the others
+  ``IdempotencyConflict``;
+- 16 threads settling one hold: one CHARGE entry, 16 identical results.
+
+Processes, charging: 16 with one amount on an account the race opens (16
+identical results: same entry id, amount, balance after), then 8 + 8 with two
+amounts on an existing account; after each, another amount under the same
+request id is ``IdempotencyConflict`` and writes nothing.
+
+Default and long runs are the same (``CREDITMETER_LONG`` changes nothing here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from creditmeter import BalanceManager, EntryKind, IdempotencyConflict
+
+WORKERS = 16
+USER = "racer"
+REQUEST_ID = "same-request"
+AMOUNT = Decimal(7)
+OTHER = Decimal(8)
+# Kinds of conftest.STORE_KINDS (the Redis and PostgreSQL stores join here).
+THREAD_KINDS = ["memory", "sqlite-full"]
+PROCESS_KINDS = ["sqlite-full"]
+WORKER = Path(__file__).with_name("worker.py")
+
+SEND: dict[str, Callable[[BalanceManager, Decimal], Any]] = {
+    "grant": lambda m, amount: m.grant(USER, amount, request_id=REQUEST_ID),
+    "charge": lambda m, amount: m.charge(USER, amount, request_id=REQUEST_ID),
+    "set_balance": lambda m, amount: m.set_balance(USER, amount, request_id=REQUEST_ID),
+}
+
+
+def balance_after(op: str, start: Decimal, amount: Decimal) -> Decimal:
+    return {"grant": start + amount, "charge": start - amount, "set_balance": amount}[op]
+
+
+def race_threads(store: Any, config: Any, send: Callable[[BalanceManager, int], Any]) -> list[Any]:
+    """Run ``send(manager, number)`` on 16 threads released by one barrier; return the outcomes."""
+    barrier = threading.Barrier(WORKERS)
+    outcomes: list[Any] = [None] * WORKERS
+
+    def run(number: int) -> None:
+        manager = BalanceManager(store, config)
+        try:
+            barrier.wait()
+            outcomes[number] = send(manager, number)
+        except Exception as exc:
+            outcomes[number] = exc
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(WORKERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def recorded(store: Any) -> list[Any]:
+    return [e for e in store.ledger(USER) if e.request_id == REQUEST_ID]
+
+
+@pytest.mark.parametrize("account", ["existing", "new"])
+@pytest.mark.parametrize("op", list(SEND))
+@pytest.mark.parametrize("kind", THREAD_KINDS)
+def test_threads_send_one_request_id_at_once(store_of_kind, worker, report, kind, op, account):
+    store = store_of_kind(kind)
+    config = worker.RACE_CONFIG
+    if account == "existing":
+        BalanceManager(store, config).account(USER)
+    results = race_threads(store, config, lambda manager, _: SEND[op](manager, AMOUNT))
+    assert [r for r in results if isinstance(r, Exception)] == []
+    assert all(r == results[0] for r in results), "the 16 results differ"
+    assert len({r.id for r in results}) == 1
+    assert recorded(store) == [results[0]], "not exactly one ledger entry"
+    assert store.load(USER).balance == balance_after(op, config.start_balance, AMOUNT)
+    worker.check_invariants(store)
+    before = worker.snapshot(store)
+    with pytest.raises(IdempotencyConflict):
+        SEND[op](BalanceManager(store, config), OTHER)
+    assert worker.snapshot(store) == before
+    report(f"race threads {kind} {op} {account}", workers=WORKERS, entries=1, doubled=0)
+
+
+@pytest.mark.parametrize("op", list(SEND))
+@pytest.mark.parametrize("kind", THREAD_KINDS)
+def test_threads_race_one_request_id_with_two_amounts(store_of_kind, worker, kind, op):
+    store = store_of_kind(kind)
+    config = worker.RACE_CONFIG
+    BalanceManager(store, config).account(USER)
+    results = race_threads(
+        store, config, lambda manager, n: SEND[op](manager, AMOUNT if n % 2 else OTHER)
+    )
+    (entry,) = recorded(store)
+    try:  # which amount won? Sending it again replays; sending the other conflicts.
+        replayed = SEND[op](BalanceManager(store, config), AMOUNT)
+    except IdempotencyConflict:
+        winner = OTHER
+    else:
+        assert replayed == entry
+        winner = AMOUNT
+    for number, result in enumerate(results):
+        if (AMOUNT if number % 2 else OTHER) == winner:
+            assert result == entry
+        else:
+            assert isinstance(result, IdempotencyConflict), result
+    assert store.load(USER).balance == balance_after(op, config.start_balance, winner)
+    worker.check_invariants(store)
+
+
+@pytest.mark.parametrize("kind", THREAD_KINDS)
+def test_threads_settle_one_hold_at_once(store_of_kind, worker, kind):
+    store = store_of_kind(kind)
+    config = worker.RACE_CONFIG
+    held = BalanceManager(store, config).hold(USER, 50)
+    results = race_threads(store, config, lambda manager, _: manager.settle(held, 30))
+    assert [r for r in results if isinstance(r, Exception)] == []
+    assert all(r == results[0] for r in results)
+    settles = [e for e in store.ledger(USER) if e.kind is EntryKind.CHARGE]
+    assert settles == [results[0]]
+    account = store.load(USER)
+    assert account.holds == ()
+    assert account.balance == config.start_balance - 30
+    worker.check_invariants(store)
+
+
+def race_processes(url: str, amounts: list[Decimal]) -> list[dict[str, str]]:
+    """Start one ``worker.py race`` per amount, release them together, return their outcomes."""
+    start_read, start_write = os.pipe()
+    procs = []
+    try:
+        for amount in amounts:
+            command = [sys.executable, str(WORKER), "race", url, USER, REQUEST_ID]
+            procs.append(
+                subprocess.Popen(
+                    [*command, str(amount), str(start_read)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    pass_fds=(start_read,),
+                )
+            )
+        os.close(start_read)
+        start_read = -1
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+        os.close(start_write)  # every worker's read returns at once: go
+        start_write = -1
+        outcomes = [json.loads(proc.stdout.readline()) for proc in procs]
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+    finally:
+        for fd in (start_read, start_write):
+            if fd >= 0:
+                os.close(fd)
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    ("account", "mixed"),
+    [
+        pytest.param("new", False, id="new-account"),
+        pytest.param("existing", True, id="two-amounts"),
+    ],
+)
+@pytest.mark.parametrize("kind", PROCESS_KINDS)
+def test_processes_send_one_request_id_at_once(
+    store_url, store_of_kind, worker, report, kind, account, mixed
+):
+    config = worker.RACE_CONFIG
+    url = store_url(kind)
+    if account == "existing":
+        BalanceManager(store_of_kind(kind), config).account(USER)
+    amounts = [AMOUNT if n % 2 or not mixed else OTHER for n in range(WORKERS)]
+    outcomes = race_processes(url, amounts)
+    store = store_of_kind(kind)
+    (entry,) = recorded(store)
+    winner = -entry.amount
+    for amount, outcome in zip(amounts, outcomes, strict=True):
+        if amount == winner:
+            assert outcome["id"] == entry.id
+            assert outcome["amount"] == str(entry.amount)
+            assert outcome["balance_after"] == str(entry.balance_after)
+        else:
+            assert outcome == {"error": "IdempotencyConflict"}
+    if not mixed:
+        assert all(outcome == outcomes[0] for outcome in outcomes), "the 16 results differ"
+    assert store.load(USER).balance == config.start_balance - winner
+    worker.check_invariants(store)
+    before = worker.snapshot(store)
+    with pytest.raises(IdempotencyConflict):
+        BalanceManager(store, config).charge(USER, winner + 1, request_id=REQUEST_ID)
+    assert worker.snapshot(store) == before
+    report(
+        f"race processes {kind} {account}{' two amounts' if mixed else ''}",
+        workers=WORKERS,
+        entries=1,
+        doubled=0,
+    )
