@@ -350,9 +350,6 @@ def test_writer_lock_failure_is_a_store_error(tmp_path: Path, monkeypatch: Any) 
         manager.charge("alice", 1)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: _connect() lets an OSError from opening the .lock file out"
-)
 def test_lock_file_that_cannot_be_opened_is_a_store_error(tmp_path: Path, monkeypatch: Any) -> None:
     """A new thread that cannot open the .lock file (EMFILE) gets a StoreError.
 
