@@ -284,14 +284,14 @@ def test_fault_injection_figures(report: Any) -> None:
 def test_a_failed_commit_statement_leaves_no_transaction_open(tmp_path: Path) -> None:
     """The COMMIT of a charge fails once: other writers and the next write must go on.
 
-    SQLiteStore.commit() issues ROLLBACK only when _apply() fails. When the COMMIT
-    statement itself raises (SQLITE_BUSY, or any error after which SQLite keeps the
-    transaction), the transaction stays open on the thread's connection, which
-    keeps SQLite's RESERVED lock: every other connection and process waits
-    busy_timeout (30 s by default) and fails with "database is locked" (even
-    opening a new SQLiteStore on the file does), and every later write on that
-    thread fails with "cannot start a transaction within a transaction" until the
-    store is closed. (The same holds for _writing(), used by the schema set-up.)
+    Regression (fixed in d4b706d): commit() issued ROLLBACK only when _apply()
+    failed. When the COMMIT statement itself raised (SQLITE_BUSY, or any error
+    after which SQLite keeps the transaction), the transaction stayed open on the
+    thread's connection, which kept SQLite's RESERVED lock: every other connection
+    and process waited busy_timeout (30 s by default) and failed with "database is
+    locked" (even opening a new SQLiteStore on the file did), and every later
+    write on that thread failed with "cannot start a transaction within a
+    transaction" until the store was closed.
     """
     plan = FaultPlan()
     with faulty_sqlite(tmp_path, plan) as (manager, _):
@@ -332,8 +332,9 @@ class FailingFlock:
 def test_writer_lock_failure_is_a_store_error(tmp_path: Path, monkeypatch: Any) -> None:
     """fcntl.flock() failing (ENOLCK, as on some network file systems) is a StoreError.
 
-    _Handle.acquire() runs before the try of commit(), exclusive() and _writing(),
-    so the OSError escapes raw. Nothing is written and the next write succeeds.
+    Regression (fixed in d4b706d): _Handle.acquire() runs before the try of
+    commit(), exclusive() and _writing(), and the OSError escaped raw. Nothing is
+    written and the next write succeeds.
     """
     with SQLiteStore(tmp_path / "credits.db") as store:
         manager = BalanceManager(store, CONFIG, clock=FakeClock(T0))
@@ -353,9 +354,9 @@ def test_writer_lock_failure_is_a_store_error(tmp_path: Path, monkeypatch: Any) 
 def test_lock_file_that_cannot_be_opened_is_a_store_error(tmp_path: Path, monkeypatch: Any) -> None:
     """A new thread that cannot open the .lock file (EMFILE) gets a StoreError.
 
-    _connect() opens the sqlite3 connection, then os.open()s the lock file outside
-    any try: the OSError escapes raw and the connection just opened is leaked
-    (neither closed nor listed for close()).
+    Regression (fixed in d4b706d): _connect() opened the sqlite3 connection, then
+    os.open()ed the lock file outside any try: the OSError escaped raw and the
+    connection just opened was leaked (neither closed nor listed for close()).
     """
     real_open = sqlite_module.os.open
 
