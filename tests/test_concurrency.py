@@ -101,3 +101,34 @@ def test_processes_charging_one_user_of_one_file(tmp_path):
         assert_exact(store, "hot", 1000)
         request_ids = {e.request_id for e in store.ledger("hot") if e.request_id}
         assert len(request_ids) == 1000
+
+
+def test_processes_opening_one_new_file_at_once(tmp_path):
+    """Regression: a process switching a new file to WAL while another was still
+    creating the schema failed at once with "database is locked" (SQLite's
+    deadlock rule skips the busy timeout); 8 of 100 rounds failed before the fix."""
+    rounds, workers = 60, 4
+    go = tmp_path / "go"
+    arguments = [str(tmp_path), str(rounds), str(workers), str(go)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKERS), "open_new", *arguments, f"p{n}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(workers)
+    ]
+    try:
+        go.touch()
+        errors = [json.loads(proc.stdout.readline()) for proc in procs]
+        for proc in procs:
+            assert proc.wait(timeout=120) == 0
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+    assert errors == [[]] * workers
+    for number in range(rounds):
+        with SQLiteStore(tmp_path / f"{number}.db") as store:
+            assert_exact(store, "u", workers)

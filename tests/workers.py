@@ -85,6 +85,28 @@ def hold(path: str, user: str, count: str, go: str) -> None:
         print(ok, refused, flush=True)
 
 
+def open_new(folder: str, rounds: str, workers: str, go: str, tag: str) -> None:
+    """Open a new store file per round, all workers at once; print a JSON list of errors.
+
+    Round ``n`` opens ``folder/n.db`` and charges once on it; no worker starts
+    a round before every worker has finished the one before (a barrier made
+    of marker files), so the opens of each new file really overlap.
+    """
+    base = Path(folder)
+    wait_for(Path(go))
+    errors = []
+    for number in range(int(rounds)):
+        while len(list(base.glob(f"done-{number - 1}-*"))) < int(workers) and number:
+            time.sleep(0)
+        try:
+            with BalanceManager(SQLiteStore(base / f"{number}.db"), CONFIG) as manager:
+                manager.charge("u", 1, request_id=tag)
+        except Exception as exc:  # every failure is the finding
+            errors.append(f"round {number}: {exc!r}")
+        (base / f"done-{number}-{tag}").touch()
+    print(json.dumps(errors), flush=True)
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    {"charge": charge, "crash": crash, "hold": hold}[command](*arguments)
+    {"charge": charge, "crash": crash, "hold": hold, "open_new": open_new}[command](*arguments)

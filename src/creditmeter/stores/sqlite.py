@@ -257,6 +257,7 @@ class SQLiteStore:
 
     def _init_schema(self) -> None:
         try:
+            self._enable_wal()
             with self._writing() as conn:
                 tables = {
                     row[0]
@@ -274,14 +275,27 @@ class SQLiteStore:
                 ).fetchone()
                 if row is None or row[0] != "1":
                     raise StoreError(f"{self.path!r} holds an unknown creditmeter schema")
-            # WAL must be switched on outside a transaction.
-            self._handle().conn.execute("PRAGMA journal_mode = WAL")
         except sqlite3.Error as exc:
             self.close()
             raise StoreError(f"cannot open SQLite store {self.path!r}: {exc}") from exc
         except StoreError:
             self.close()
             raise
+
+    def _enable_wal(self) -> None:
+        """Switch the file to WAL (outside a transaction) under the writer lock.
+
+        Without the lock, a process opening a new file while another one is
+        still creating the schema asks for the exclusive lock that the other
+        one needs to commit; SQLite settles that deadlock by failing one of
+        them at once ("database is locked"), without waiting.
+        """
+        handle = self._handle()
+        handle.acquire()
+        try:
+            handle.conn.execute("PRAGMA journal_mode = WAL")
+        finally:
+            handle.release()
 
     # --- the contract -------------------------------------------------------
 
