@@ -527,7 +527,13 @@ def _hold(value: object) -> Hold:
     if not isinstance(value, Hold):
         raise InvalidInput(f"expected a Hold (from hold()), got {type(value).__name__}")
     _validate.user_id(value.user_id)
+    if value.id is None:
+        raise InvalidInput("hold id must be a str of 1 to 256 characters, got None")
     _validate.optional_text(value.id, name="hold id")
+    expires = value.expires_at
+    if not isinstance(expires, datetime) or expires.utcoffset() is None:
+        # take_hold() finds the hold by its expiry among the account's open holds.
+        raise InvalidInput(f"hold expires_at must be an aware datetime, got {expires!r}")
     return value
 
 

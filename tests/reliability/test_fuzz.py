@@ -22,10 +22,9 @@ arguments, so Python's own TypeError for that never arises).
 The tests at the end pin the inputs that escaped untyped before the fixes of
 d4b706d (YAML Python cannot build, huge ints in metadata, a ttl past the year
 9999, a forged hold, a RetryPolicy past the float range, paths with NUL); the
-generators reach those inputs too. One is still open, marked
-``xfail(strict=True)``: a rebuilt Hold whose id is None or whose expires_at is
-not an aware datetime (the generators build holds with fields of the right
-types only).
+generators reach those inputs too, and a rebuilt Hold whose id is None or
+whose expires_at is not an aware datetime (fixed later; the generators build
+holds with fields of the right types only).
 
 Default: 150 examples per test (the store test: per store).
 ``CREDITMETER_LONG=1``: 2,000 examples per test.
@@ -814,37 +813,15 @@ def test_settle_of_a_hold_with_an_invalid_user_id_is_invalid_input(
         assert after == set(before[0])
 
 
-MALFORMED_HOLD_BUG = (
-    "BUG: settle() and release() validate a Hold's user_id and a str id, not an id of None "
-    "(TypeError from 'hold:' + None) nor expires_at (TypeError from bisect on open holds)"
-)
-
-
 @pytest.mark.parametrize(
     "fields",
     [
-        pytest.param(
-            {"id": None},
-            id="id-none",
-            marks=pytest.mark.xfail(strict=True, reason=MALFORMED_HOLD_BUG),
-        ),
+        pytest.param({"id": None}, id="id-none"),
         pytest.param({"id": 5}, id="id-int"),
         pytest.param({"id": ""}, id="id-empty"),
-        pytest.param(
-            {"expires_at": "tomorrow"},
-            id="expires-at-str",
-            marks=pytest.mark.xfail(strict=True, reason=MALFORMED_HOLD_BUG),
-        ),
-        pytest.param(
-            {"expires_at": datetime(2025, 1, 2)},  # noqa: DTZ001 - naive on purpose
-            id="expires-at-naive",
-            marks=pytest.mark.xfail(strict=True, reason=MALFORMED_HOLD_BUG),
-        ),
-        pytest.param(
-            {"expires_at": None},
-            id="expires-at-none",
-            marks=pytest.mark.xfail(strict=True, reason=MALFORMED_HOLD_BUG),
-        ),
+        pytest.param({"expires_at": "tomorrow"}, id="expires-at-str"),
+        pytest.param({"expires_at": datetime(2025, 1, 2)}, id="expires-at-naive"),  # noqa: DTZ001 - naive on purpose
+        pytest.param({"expires_at": None}, id="expires-at-none"),
     ],
 )
 @pytest.mark.parametrize("method", ["settle", "release"])
@@ -853,10 +830,10 @@ def test_settle_of_a_hold_with_malformed_fields_is_invalid_input(
 ) -> None:
     """A Hold rebuilt with fields of the wrong type is refused, while the user holds others.
 
-    _hold() validates user_id and, with optional_text, the id, which lets None
-    through: "hold:" + None raises TypeError. expires_at is not checked at all:
+    Regression: _hold() validated the id with optional_text, which lets None
+    through ("hold:" + None raised TypeError), and did not check expires_at:
     take_hold() bisects the account's open holds by expiry, so a str, None or
-    naive datetime raises TypeError as soon as the user has an open hold.
+    naive datetime raised TypeError as soon as the user had an open hold.
     Nothing is written in any case.
     """
     with MemoryStore() as store:
