@@ -7,7 +7,7 @@ contention from other processes and hosts. A write starts from the last
 account this manager saw for the user, so an uncontended write is one store
 round trip; if another writer got there first, the conflict reports the
 current account and the retry starts from that. After a first loss, a store
-that offers ``exclusive()`` (SQLite) is asked to hold other writers off while
+that offers ``exclusive()`` (every bundled store) is asked to hold other writers off while
 the manager loads and commits again.
 """
 

@@ -9,8 +9,9 @@ no other writer can commit to that user. Managers use it, when present, to
 retry after a lost compare-and-set: under it a load and a commit cannot lose
 again, so contended writers are served in turn rather than the last winner
 winning again. SQLite's is an flock, Redis's a per-user lock with a queue
-that its commit script honours; a store that cannot offer one relies on the
-retry policy alone.
+that its commit script honours, PostgreSQL's an advisory lock, MemoryStore's
+a per-user lock (for several managers over one store); a store that cannot
+offer one relies on the retry policy alone.
 """
 
 from __future__ import annotations
