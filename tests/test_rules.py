@@ -14,7 +14,9 @@ from creditmeter import (
     IdempotencyConflict,
     InsufficientBalance,
     InvalidInput,
+    Pricing,
     RefillSettings,
+    TokenUsage,
     rules,
 )
 from creditmeter.testing import make_account
@@ -402,3 +404,21 @@ def test_more_than_thirty_decimal_places_is_invalid(manager):
     with pytest.raises(InvalidInput, match="30 decimal places"):
         manager.grant("u", Decimal("1e-31"))
     manager.grant("u", Decimal("2." + "0" * 40))  # trailing zeros are not places
+
+
+# --- hold_size: what the decorator and the ASGI middleware hold before a call ---------
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_output", "expected"),
+    [
+        (TokenUsage(input=1000), 500, Decimal(7500)),  # 1000 x 2.5 + 500 x 10
+        (TokenUsage(input=1000), None, Decimal(2500)),  # no limit given: the prompt only
+        (None, 500, Decimal(5000)),  # no estimate: the most completion only
+        (TokenUsage(input=10, cache_read=100), 0, Decimal(150)),  # 10 x 2.5 + 100 x 1.25
+    ],
+)
+def test_hold_size_prices_the_prompt_and_the_most_completion(prompt, max_output, expected):
+    pricing = Pricing.librechat()
+    assert pricing.rate("gpt-4o", "completion") == 10  # the rates these figures assume
+    assert rules.hold_size(pricing, "gpt-4o", prompt=prompt, max_output=max_output) == expected

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, cas
 
 import attrs
 
-from creditmeter import _validate
+from creditmeter import _validate, rules
 from creditmeter.exceptions import ConfigError, InsufficientBalance, InvalidInput
 from creditmeter.usage import StreamUsage, TokenUsage
 
@@ -330,11 +330,12 @@ def metered(
 
 
 def _hold_amount(manager: BalanceManager | AsyncBalanceManager, call: _Call) -> Decimal | None:
-    """What to hold for a call: the estimated prompt plus ``max_tokens`` of completion, if known."""
+    """What to hold for a call; ``None`` (neither estimate nor ``max_tokens``): check it instead."""
     if call.estimate is None and call.max_tokens is None:
         return None
-    planned = (call.estimate or TokenUsage()) + TokenUsage(output=call.max_tokens or 0)
-    return manager.pricing.cost(call.model, planned).total
+    return rules.hold_size(
+        manager.pricing, call.model, prompt=call.estimate, max_output=call.max_tokens
+    )
 
 
 # A call is checked and charged in one of two ways. Without an estimate: a check

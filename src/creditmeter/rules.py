@@ -27,7 +27,7 @@ from creditmeter.config import BalanceConfig, RefillSettings
 from creditmeter.events import Charged, Event, Granted, LowBalance, Refilled
 from creditmeter.exceptions import IdempotencyConflict, InsufficientBalance, InvalidInput
 from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry, total_held
-from creditmeter.pricing import Rates
+from creditmeter.pricing import Pricing, Rates
 from creditmeter.usage import TokenUsage
 
 __all__ = [
@@ -525,6 +525,22 @@ def hold(
         )
     )
     return draft.finish(now)
+
+
+def hold_size(
+    pricing: Pricing,
+    model: str | None,
+    *,
+    prompt: TokenUsage | None,
+    max_output: int | None,
+) -> Decimal:
+    """What to hold before a call: its prompt plus its most completion tokens, priced.
+
+    The completion is priced at the model's completion rate, so the hold
+    covers the dearest answer the request allows (no limit given: none).
+    """
+    planned = (prompt or TokenUsage()) + TokenUsage(output=max_output or 0)
+    return pricing.price(model, planned)[0]
 
 
 def settle(

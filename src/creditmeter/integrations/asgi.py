@@ -37,7 +37,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Literal
 
-from creditmeter import _validate
+from creditmeter import _validate, rules
 from creditmeter.aio import AsyncBalanceManager
 from creditmeter.exceptions import InsufficientBalance, InvalidInput
 from creditmeter.models import Hold
@@ -311,8 +311,12 @@ class _Exchange:
         self.model, completion = _sizing(body)
         self.prompt = self.middleware._prompt_tokens(body)  # noqa: SLF001 - its own helper
         try:
-            planned = TokenUsage(input=self.prompt, output=completion)
-            amount = self.meter.pricing.price(self.model, planned)[0]  # cost().total
+            amount = rules.hold_size(
+                self.meter.pricing,
+                self.model,
+                prompt=TokenUsage(input=self.prompt),
+                max_output=completion,
+            )
             self.hold = await self.meter.hold(user, amount)
         except InsufficientBalance as refused:
             payload = InsufficientBalance(
