@@ -15,9 +15,9 @@ Measures, in one run on this machine:
 
 Usage::
 
-    python benchmarks/bench_core.py [--quick] [--output benchmarks/RESULTS.md]
+    python benchmarks/bench_core.py [--quick] [--output benchmarks/RESULTS-core.md]
 
-A full run writes ``benchmarks/RESULTS.md`` unless ``--output`` says otherwise;
+A full run writes ``benchmarks/RESULTS-core.md`` unless ``--output`` says otherwise;
 ``--quick`` writes only when ``--output`` is given. ``--profile`` adds cProfile
 listings of the two single-process charges.
 """
@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -215,6 +216,32 @@ def make_raw_file(path: str, balance: int) -> None:
         conn.close()
 
 
+def raw_charger(path: str, durability: str) -> tuple[sqlite3.Connection, Callable[[], None]]:
+    """The raw-SQLite floor on a new file at ``path``: its connection and a charge of 1 by hand.
+
+    One ``BEGIN IMMEDIATE``; compare-and-set ``UPDATE``; ledger ``INSERT``; ``COMMIT``, with
+    SQLiteStore's schema and pragmas and rows as long as the store's (no per-op formatting).
+    """
+    make_raw_file(path, CONFIG.start_balance)
+    conn = sqlite3.connect(path, isolation_level=None)
+    configure(conn, durability)
+    execute = conn.execute
+    account_text = ACCOUNT_TEXT.format(user=USER, balance=999_000, version=1000)
+    entry_text = ENTRY_TEXT.format(user=USER, balance=999_000, seq=1000)
+    version = [1]
+
+    def raw_charge() -> None:
+        v = version[0]
+        execute("BEGIN IMMEDIATE")
+        if execute(UPDATE_SQL, (v + 1, account_text, USER, v)).rowcount != 1:
+            raise RuntimeError("raw compare-and-set lost with one writer")
+        execute(INSERT_SQL, (USER, None, entry_text))
+        execute("COMMIT")
+        version[0] = v + 1
+
+    return conn, raw_charge
+
+
 # --- section 1: MemoryStore ------------------------------------------------------
 
 
@@ -328,24 +355,7 @@ def bench_sqlite(sizes: Sizes, workdir: str, durability: str) -> dict[str, objec
     for _ in range(200):
         charge(USER, 1)
 
-    make_raw_file(raw_path, CONFIG.start_balance)
-    conn = sqlite3.connect(raw_path, isolation_level=None)
-    configure(conn, durability)
-    execute = conn.execute
-    # Rows as long as the store's; the floor does no per-op formatting.
-    account_text = ACCOUNT_TEXT.format(user=USER, balance=999_000, version=1000)
-    entry_text = ENTRY_TEXT.format(user=USER, balance=999_000, seq=1000)
-    version = [1]
-
-    def raw_charge() -> None:
-        v = version[0]
-        execute("BEGIN IMMEDIATE")
-        if execute(UPDATE_SQL, (v + 1, account_text, USER, v)).rowcount != 1:
-            raise RuntimeError("raw compare-and-set lost with one writer")
-        execute(INSERT_SQL, (USER, None, entry_text))
-        execute("COMMIT")
-        version[0] = v + 1
-
+    conn, raw_charge = raw_charger(raw_path, durability)
     for _ in range(200):
         raw_charge()
 
@@ -999,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output",
         type=Path,
         default=None,
-        help="write the report here (default for a full run: benchmarks/RESULTS.md)",
+        help="write the report here (default for a full run: benchmarks/RESULTS-core.md)",
     )
     parser.add_argument("--dir", default=None, help="folder for the SQLite files (default: temp)")
     parser.add_argument("--profile", action="store_true", help="append cProfile listings")
@@ -1007,7 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     output = args.output
     if output is None and not args.quick:
-        output = Path(__file__).resolve().parent / "RESULTS.md"
+        output = Path(__file__).resolve().parent / "RESULTS-core.md"
     command = "python benchmarks/bench_core.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
