@@ -38,7 +38,6 @@ import pstats
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -54,7 +53,9 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None  # type: ignore[assignment]
 
-import creditmeter
+import common
+from common import cpu_model, percentile, source_state
+
 from creditmeter import BalanceConfig, BalanceManager, MemoryStore, SQLiteStore, VersionConflict
 
 try:
@@ -63,6 +64,7 @@ except ImportError:  # reported as "not installed"
     Limiter = None  # type: ignore[assignment,misc]
 
 now_ns = time.perf_counter_ns
+PACKAGES = ["creditmeter", "attrs", "cattrs", "tenacity", "pyrate-limiter"]
 USER = "user-1"
 # Balances never clamp: every charge moves exactly one credit.
 CONFIG = BalanceConfig(enabled=True, start_balance=1_000_000, allow_negative_balance=True)
@@ -125,13 +127,6 @@ FULL = Sizes(
 
 
 # --- helpers -------------------------------------------------------------------
-
-
-def percentile(values: list[int] | list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return float(ordered[rank - 1])
 
 
 @dataclass
@@ -671,49 +666,6 @@ def profile_text(workdir: str, ops: int) -> str:
 # --- report ---------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def source_state() -> str:
-    """The commit of the checkout the package is imported from, and uncommitted src changes."""
-    root = Path(creditmeter.__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split("\n")
-    except (OSError, subprocess.CalledProcessError):
-        return f"{root} (not a git checkout)"
-    changed = sorted(line[3:] for line in dirty if line.strip())
-    if not changed:
-        return f"{root} at commit {head}, src/ unchanged"
-    return f"{root} at commit {head} with uncommitted changes in: {', '.join(changed)}"
-
-
-def versions() -> str:
-    names = ["creditmeter", "attrs", "cattrs", "tenacity", "pyrate-limiter"]
-    parts = []
-    for name in names:
-        try:
-            parts.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{name} (not installed)")
-    return ", ".join(parts)
-
-
 def machine_lines(workdir: str) -> list[str]:
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -726,7 +678,7 @@ def machine_lines(workdir: str) -> list[str]:
             f"- Python {platform.python_version()} ({platform.python_implementation()}), "
             f"SQLite {sqlite3.sqlite_version}"
         ),
-        f"- Packages: {versions()}",
+        f"- Packages: {common.versions(PACKAGES)}",
         f"- creditmeter source: {source_state()}",
         f"- SQLite files in: {workdir}",
     ]

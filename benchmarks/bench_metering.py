@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import gc
 import io
@@ -42,17 +41,17 @@ import os
 import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import common
+from common import cpu_model, source_state
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice
@@ -60,7 +59,6 @@ from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from openai.types.completion_usage import CompletionTokensDetails, PromptTokensDetails
 
-import creditmeter
 from creditmeter import (
     AsyncBalanceManager,
     AsyncMemoryStore,
@@ -73,6 +71,7 @@ from creditmeter import (
 )
 
 now_ns = time.perf_counter_ns
+PACKAGES = ["creditmeter", "attrs", "cattrs", "tenacity", "openai", "pydantic"]
 cpu_ns = time.thread_time_ns  # CPU time of this thread: what other processes cannot inflate
 USER = "user-1"
 MODEL = "gpt-4o-mini"
@@ -704,49 +703,6 @@ def profile_text(ops: int) -> str:
 # --- report -----------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def source_state() -> str:
-    """The commit of the checkout the package is imported from, and uncommitted src changes."""
-    root = Path(creditmeter.__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split("\n")
-    except (OSError, subprocess.CalledProcessError):
-        return f"{root} (not a git checkout)"
-    changed = sorted(line[3:] for line in dirty if line.strip())
-    if not changed:
-        return f"{root} at commit {head}, src/ unchanged"
-    return f"{root} at commit {head} with uncommitted changes in: {', '.join(changed)}"
-
-
-def versions() -> str:
-    names = ["creditmeter", "attrs", "cattrs", "tenacity", "openai", "pydantic"]
-    parts = []
-    for name in names:
-        try:
-            parts.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{name} (not installed)")
-    return ", ".join(parts)
-
-
 def cpu_times() -> tuple[int, int] | None:
     """(steal, total) jiffies from /proc/stat, or None where there is none."""
     try:
@@ -822,7 +778,7 @@ def machine_lines() -> list[str]:
         f"- CPUs (nproc): {affinity}; CPU: {cpu_model()}",
         f"- OS: {platform.system()} {platform.release()} ({platform.machine()})",
         f"- Python {platform.python_version()} ({platform.python_implementation()})",
-        f"- Packages: {versions()}",
+        f"- Packages: {common.versions(PACKAGES)}",
         f"- creditmeter source: {source_state()}",
     ]
 

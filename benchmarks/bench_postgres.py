@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -48,6 +47,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
+from common import percentile
 from psycopg import sql
 
 import creditmeter
@@ -97,13 +97,6 @@ FULL = Sizes(
 
 
 # --- helpers -------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def fresh_prefix() -> str:

@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -47,6 +45,7 @@ from importlib import metadata
 from pathlib import Path
 
 import redis
+from common import cpu_model, percentile, source_state
 
 import creditmeter
 from creditmeter import BalanceConfig, BalanceManager, StoreError, VersionConflict
@@ -81,11 +80,6 @@ class Sizes:
 
 QUICK = Sizes(one_ops=300, one_repeats=3, procs=4, proc_ops=250, proc_runs=1, deadline_s=30)
 FULL = Sizes(one_ops=2_000, one_repeats=7, procs=4, proc_ops=1_000, proc_runs=3, deadline_s=60)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
 def fmt(value: float, digits: int = 1) -> str:
@@ -398,36 +392,6 @@ def server_info(url: str) -> str:
     with redis.Redis.from_url(url) as client:
         info = client.info("server")
     return f"Redis {info['redis_version']} ({info.get('arch_bits', '?')}-bit, {url})"
-
-
-def source_state() -> str:
-    root = Path(creditmeter.__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "src"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"{root} (not a git checkout)"
-    return f"{root} at commit {commit}, src/ {'with uncommitted changes' if dirty else 'unchanged'}"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def row(target: str, measured: str, ok: bool) -> str:
