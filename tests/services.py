@@ -8,6 +8,7 @@ a message saying how to enable them; with CREDITMETER_REQUIRE_SERVICES=1 (as
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable
 
@@ -44,3 +45,60 @@ def need(service: str, probe: Callable[[], object]) -> None:
 def unique(prefix: str) -> str:
     """A key prefix / schema name of its own, so runs never see each other's data."""
     return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+# --- namespaces on the servers, for suites that open stores by URL --------------------
+
+
+def with_option(url: str, name: str, value: str) -> str:
+    """``url`` with one more query option (``?`` or ``&`` as the URL needs)."""
+    return f"{url}{'&' if '?' in url else '?'}{name}={value}"
+
+
+def reach_redis() -> None:
+    """Raise unless the test Redis server answers (a probe for ``need``)."""
+    import redis  # noqa: PLC0415 - the [redis] extra
+
+    with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2) as client:
+        client.ping()
+
+
+def reach_postgres() -> None:
+    """Raise unless the test PostgreSQL server answers (a probe for ``need``)."""
+    import psycopg  # noqa: PLC0415 - the [postgres] extra
+
+    psycopg.connect(POSTGRES_DSN, connect_timeout=3).close()
+
+
+def drop_redis_keys(prefix: str) -> int:
+    """Unlink every key under ``prefix`` (SCAN + UNLINK: never FLUSHDB, the server is shared)."""
+    import redis  # noqa: PLC0415 - the [redis] extra
+
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+    dropped = 0
+    with redis.Redis.from_url(REDIS_URL) as client:
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        for start in range(0, len(keys), 1000):
+            dropped += client.unlink(*keys[start : start + 1000])
+    return dropped
+
+
+def drop_postgres_tables(prefix: str) -> list[str]:
+    """Drop every table of the connection's schema whose name starts with ``prefix``."""
+    import psycopg  # noqa: PLC0415 - the [postgres] extra
+    from psycopg import sql  # noqa: PLC0415
+
+    with psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=3) as conn:
+        conn.execute("SET lock_timeout = '10s'")
+        names = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                "AND left(tablename, length(%s)) = %s",
+                (prefix, prefix),
+            )
+        ]
+        if names:
+            tables = sql.SQL(", ").join(sql.Identifier(name) for name in names)
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(tables))
+    return names

@@ -1003,6 +1003,28 @@ def test_an_idle_connection_killed_by_the_server_is_replaced(store):
     assert_consistent(store, "u", balance=START - 2)
 
 
+def test_an_async_idle_connection_killed_by_the_server_is_replaced(prefix):
+    """Regression: redis-py 8.1.0's async pool handed out a connection the server had closed.
+
+    With RESP3 (redis-py's default) its checkout check is skipped
+    (redis/redis-py#4252), so the next command failed with "Connection closed
+    by server"; the store's pool connects such a connection again first.
+    """
+
+    async def main():
+        async with AsyncRedisStore(REDIS_URL, prefix=prefix) as store:
+            manager = AsyncBalanceManager(store, CONFIG)
+            await manager.charge("u", 1)
+            connection_id = await store.client.client_id()  # the one pooled connection
+            with raw() as admin:
+                assert admin.client_kill_filter(_id=connection_id) == 1
+            await asyncio.sleep(0.05)  # the event loop reads the server's end of file
+            await manager.charge("u", 1)
+            assert await manager.balance("u") == START - 2
+
+    asyncio.run(main())
+
+
 # --- many writers ------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 The suite (``tests/reliability/``) kills writers, injects faults, soaks
 stores with several processes, races request ids and fuzzes every public
 input. Each test has a short default variant (the whole directory runs in
-about a minute on two cores) and a long one:
+about 80 seconds on two cores) and a long one:
 
 ``CREDITMETER_LONG=1``
     selects the long variants (200 crash rounds, 4 processes x 60 s of soak
@@ -18,12 +18,20 @@ Shared code (the workers and the ledger checks) lives in ``worker.py``, which
 also runs as the worker script of the multi-process tests; tests get it
 through the ``worker`` fixture (``tests/`` has no packages to import it from).
 
-Stores are named by kind (``STORE_KINDS``: memory, sqlite-full, sqlite-normal)
-and opened by URL, so worker processes open them with ``open_store`` too. The
-Redis and PostgreSQL stores join the soak and race tests by adding their URLs
-there and their kinds to ``SOAK_KINDS`` / ``THREAD_KINDS`` / ``PROCESS_KINDS``
-in the test modules, and fault injection by an injector in
-``test_faults.FAULT_INJECTORS`` (a dropped connection at the k-th command).
+Stores are named by kind (``STORE_KINDS``: memory, sqlite-full, sqlite-normal,
+redis, postgres) and opened by URL, so worker processes open them with
+``open_store`` too; the test modules list the kinds they run on
+(``SOAK_KINDS``, ``THREAD_KINDS``, ``PROCESS_KINDS``). Fault injection has
+its own injectors (``test_faults.FAULT_INJECTORS``).
+
+The redis and postgres kinds run on the real servers of ``tests/services.py``
+(``CREDITMETER_TEST_REDIS``, ``CREDITMETER_TEST_POSTGRES``): each test gets a
+namespace of its own, a key prefix (``redis://...?prefix=cmrel:<hex>:``) or a
+table prefix (``postgresql://...?prefix=cmrel_<hex>_``), and the namespace is
+dropped after the test (Redis: SCAN + UNLINK of that prefix only, never
+FLUSHDB, since other suites share the server; PostgreSQL: the tables with
+that prefix). A server that cannot be reached skips those tests, or fails
+them under ``CREDITMETER_REQUIRE_SERVICES=1`` (as ``.ci/run`` sets).
 """
 
 from __future__ import annotations
@@ -37,7 +45,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import attrs
 import pytest
+from services import (
+    POSTGRES_DSN,
+    REDIS_URL,
+    drop_postgres_tables,
+    drop_redis_keys,
+    need,
+    reach_postgres,
+    reach_redis,
+    unique,
+    with_option,
+)
 
 from creditmeter import MemoryStore, open_store
 from creditmeter.stores.base import BalanceStore
@@ -45,14 +65,44 @@ from creditmeter.stores.base import BalanceStore
 LONG = os.environ.get("CREDITMETER_LONG") == "1"
 WORKER_PATH = Path(__file__).with_name("worker.py")
 
+
+@attrs.frozen
+class Server:
+    """A store kind on a real server: a URL per namespace, and how to reach and empty it."""
+
+    service: str  # the name ``services.need`` knows
+    reach: Callable[[], object]
+    namespace: Callable[[], str]  # a fresh namespace (key or table prefix)
+    url: Callable[[str], str]  # namespace -> the store's URL
+    drop: Callable[[str], object]  # namespace -> remove everything under it
+
+
+SERVERS = {
+    "redis": Server(
+        "redis",
+        reach_redis,
+        lambda: unique("cmrel:") + ":",
+        lambda prefix: with_option(REDIS_URL, "prefix", prefix),
+        drop_redis_keys,
+    ),
+    "postgres": Server(
+        "postgres",
+        reach_postgres,
+        lambda: unique("cmrel_") + "_",
+        lambda prefix: with_option(POSTGRES_DSN, "prefix", prefix),
+        drop_postgres_tables,
+    ),
+}
+
 # kind -> the URL of a store of that kind at a location (a directory of its own), for
 # open_store(): every process that opens the URL shares the store. None: the store lives in
-# one process (its threads share the object). The Redis and PostgreSQL stores join by
-# adding their URLs here, and their kinds to the lists at the top of the test modules.
-STORE_KINDS: dict[str, Callable[[Path], str] | None] = {
+# one process (its threads share the object). A Server: the store is on a real server,
+# under a namespace of the test's own.
+STORE_KINDS: dict[str, Callable[[Path], str] | Server | None] = {
     "memory": None,
     "sqlite-full": lambda where: f"sqlite:///{where / 'credits.db'}?durability=full",
     "sqlite-normal": lambda where: f"sqlite:///{where / 'credits.db'}?durability=normal",
+    **SERVERS,
 }
 
 
@@ -83,18 +133,33 @@ def long_run() -> bool:
 
 
 @pytest.fixture
-def store_url(tmp_path: Path) -> Callable[[str], str]:
-    """``store_url(kind)``: the URL of a fresh store of that kind (the same URL per test)."""
+def store_url(tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """``store_url(kind)``: the URL of a fresh store of that kind (the same URL per test).
+
+    On a server, the first call checks that it answers (``services.need``) and
+    picks the test's namespace, which is dropped when the test ends (after
+    ``store_of_kind`` has closed its stores).
+    """
+    namespaces: dict[str, str] = {}
 
     def url(kind: str) -> str:
         make = STORE_KINDS[kind]
         if make is None:
             raise ValueError(f"a {kind} store cannot be shared by URL")
+        if isinstance(make, Server):
+            if kind not in namespaces:
+                need(make.service, make.reach)
+                namespaces[kind] = make.namespace()
+            return make.url(namespaces[kind])
         where = tmp_path / kind
         where.mkdir(exist_ok=True)
         return make(where)
 
-    return url
+    yield url
+    for kind, namespace in namespaces.items():
+        server = STORE_KINDS[kind]
+        assert isinstance(server, Server)
+        server.drop(namespace)
 
 
 @pytest.fixture

@@ -2,10 +2,10 @@
 
 Threads (a ``threading.Barrier``), each with its own ``BalanceManager`` over
 one shared store (so the managers' per-user locks do not queue them), on
-MemoryStore and SQLite (``THREAD_KINDS``); and processes (``worker.py race``,
-released together when the parent closes the write end of a pipe they all
-block on) on one SQLite file (``PROCESS_KINDS``; stores are opened by URL, so
-the Redis and PostgreSQL stores join by adding their kinds to these lists).
+MemoryStore, SQLite, Redis and PostgreSQL (``THREAD_KINDS``); and processes
+(``worker.py race``, released together when the parent closes the write end
+of a pipe they all block on), each opening the store by URL: one SQLite file,
+or one namespace on the Redis or PostgreSQL server (``PROCESS_KINDS``).
 Threads, for grant, charge and set_balance, on an account that exists and
 on one the race itself opens:
 
@@ -46,9 +46,9 @@ USER = "racer"
 REQUEST_ID = "same-request"
 AMOUNT = Decimal(7)
 OTHER = Decimal(8)
-# Kinds of conftest.STORE_KINDS (the Redis and PostgreSQL stores join here).
-THREAD_KINDS = ["memory", "sqlite-full"]
-PROCESS_KINDS = ["sqlite-full"]
+# Kinds of conftest.STORE_KINDS.
+THREAD_KINDS = ["memory", "sqlite-full", "redis", "postgres"]
+PROCESS_KINDS = ["sqlite-full", "redis", "postgres"]
 WORKER = Path(__file__).with_name("worker.py")
 
 SEND: dict[str, Callable[[BalanceManager, Decimal], Any]] = {

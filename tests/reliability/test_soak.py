@@ -6,9 +6,10 @@ earlier requests, half of the time on the hot user and otherwise on a random
 one of the others, and journals every operation acknowledged to it. SQLite
 (durability "full" and "normal") runs one process per writer on one file;
 MemoryStore runs one thread per writer, each with its own manager, over one
-store. Stores are opened by URL (``STORE_KINDS`` in conftest.py), in the
-workers too, so the Redis and PostgreSQL stores join by adding their kinds to
-``SOAK_KINDS``. Checked at the end:
+store. RedisStore and PostgresStore run one process per writer too, on the
+real servers (each test under a key or table prefix of its own, dropped
+afterwards). Stores are opened by URL (``STORE_KINDS`` in conftest.py), in
+the workers too. Checked at the end:
 
 - 0 lost updates: every acknowledged entry is in the ledger, and every
   balance is the start balance plus every acknowledged amount (plus the
@@ -52,7 +53,7 @@ SECONDS = 60.0 if LONG else 3.0
 OTHERS = 1000 if LONG else 200
 WORKER = Path(__file__).with_name("worker.py")
 # Kinds of conftest.STORE_KINDS: memory runs writers on threads, the others on processes.
-SOAK_KINDS = ["memory", "sqlite-full", "sqlite-normal"]
+SOAK_KINDS = ["memory", "sqlite-full", "sqlite-normal", "redis", "postgres"]
 
 
 def soak_processes(url: str, tmp_path: Path) -> tuple[list, list]:

@@ -676,11 +676,39 @@ class RedisStore:
         return self._layout
 
 
+class _ConnectionPool(redis.asyncio.ConnectionPool):
+    """redis-py's async pool, except that a connection the server closed is never handed out.
+
+    redis-py 8.1.0 with RESP3 (its default protocol) no longer checks a
+    pooled connection at checkout (redis/redis-py#4252): after a server
+    restart, its idle ``timeout`` or a ``CLIENT KILL``, the next command on
+    each pooled connection failed with "Connection closed by server". A
+    connection whose stream has met end of file is connected again first, as
+    redis-py's sync pool (and earlier versions of the async one) do.
+    """
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        pool: Any = super()  # redis-py leaves get_connection unannotated
+        connection = await pool.get_connection(*args, **kwargs)
+        reader = getattr(connection, "_reader", None)
+        if reader is not None and reader.at_eof():
+            try:
+                await connection.disconnect()
+                await connection.connect()
+            except BaseException:
+                await self.release(connection)
+                raise
+        return connection
+
+
 class AsyncRedisStore:
     """``RedisStore`` for asyncio, on ``redis.asyncio``: the same keys, scripts and lock.
 
     Give a URL or an existing ``redis.asyncio.Redis`` as ``client``; the store
     closes (``aclose``) only a client it created. Use it from one event loop.
+    A client it creates never hands out a pooled connection the server has
+    closed (redis-py 8.1's async pool does, with RESP3); a client given is
+    used as it is.
     """
 
     def __init__(
@@ -711,10 +739,14 @@ class AsyncRedisStore:
             url, chosen = _split_url(url, prefix)
             self._layout = _Layout(chosen, lock_lease, lock_wait)
             options.setdefault("retry", redis.asyncio.retry.Retry(NoBackoff(), 0))
+            single = bool(options.pop("single_connection_client", False))
             try:
-                client = redis.asyncio.Redis.from_url(url, **options)
+                # As redis.asyncio.Redis.from_url, with a pool that checks its connections.
+                pool = _ConnectionPool.from_url(url, **options)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"bad Redis URL or option: {exc}") from exc
+            client = redis.asyncio.Redis(connection_pool=pool, single_connection_client=single)
+            client.auto_close_connection_pool = True
             self._owned = True
         self.client = client
         self.prefix = chosen
