@@ -123,15 +123,19 @@ def run_processes(
     args: tuple[Any, ...],
     *,
     timeout: float = 300.0,
+    context: Any = None,
 ) -> list[dict[str, Any]]:
-    """Start ``count`` spawned processes of ``target(index, barrier, queue, *args)``.
+    """Start ``count`` processes of ``target(index, barrier, queue, *args)``.
 
     Each process must call ``barrier.wait()`` once it is ready to start the
     timed part, then put exactly one dict on ``queue`` (``{"fatal": ...}`` if
     it failed). Returns the dicts sorted by ``"index"``; raises if a process
-    failed or did not report in time.
+    failed or did not report in time. ``context`` is a multiprocessing
+    context (default: spawn; a forkserver with preloaded modules starts
+    workers that import slow packages faster).
     """
-    context = multiprocessing.get_context("spawn")
+    if context is None:
+        context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(count)
     queue = context.Queue()
     procs = [
