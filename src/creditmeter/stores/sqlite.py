@@ -259,14 +259,6 @@ class SQLiteStore:
         try:
             self._enable_wal()
             with self._writing() as conn:
-                tables = {
-                    row[0]
-                    for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                }
-                if tables and "creditmeter_meta" not in tables:
-                    raise StoreError(
-                        f"{self.path!r} is an SQLite database but not a creditmeter store"
-                    )
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -283,17 +275,26 @@ class SQLiteStore:
             raise
 
     def _enable_wal(self) -> None:
-        """Switch the file to WAL (outside a transaction) under the writer lock.
+        """Refuse another application's database, then switch the file to WAL.
 
+        Both under the writer lock, and outside a transaction (as WAL needs).
         Without the lock, a process opening a new file while another one is
         still creating the schema asks for the exclusive lock that the other
         one needs to commit; SQLite settles that deadlock by failing one of
-        them at once ("database is locked"), without waiting.
+        them at once ("database is locked"), without waiting. The check comes
+        first because switching to WAL rewrites the file's header.
         """
         handle = self._handle()
+        conn = handle.conn
         handle.acquire()
         try:
-            handle.conn.execute("PRAGMA journal_mode = WAL")
+            tables = {
+                row[0]
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if tables and "creditmeter_meta" not in tables:
+                raise StoreError(f"{self.path!r} is an SQLite database but not a creditmeter store")
+            conn.execute("PRAGMA journal_mode = WAL")
         finally:
             handle.release()
 
