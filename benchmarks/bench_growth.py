@@ -98,8 +98,8 @@ class Plan:
 
 
 QUICK = Plan(
-    levels=(1, 10_000, 100_000),
-    ledger_rows=100_000,
+    levels=(1, 10_000, 50_000),
+    ledger_rows=50_000,
     repeats=5,
     ops={"memory": 300, "sqlite": 60, "redis": 30, "postgres": 30},
 )
@@ -1311,7 +1311,7 @@ def run(*, quick: bool, workdir: Path) -> Section:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="up to 100,000 accounts (~12 s)")
+    parser.add_argument("--quick", action="store_true", help="up to 50,000 accounts (~15 s)")
     parser.add_argument("--output", type=Path, help="write the report (Markdown) here")
     parser.add_argument(
         "--dir", type=Path, help="where the SQLite files go (default: a temporary folder)"
