@@ -102,6 +102,8 @@ def interleaved(
     run with it on.
     """
     names = list(series)
+    if not names:
+        return {}
     for _ in range(warmup):
         for name in names:
             timed_batch(series[name], max(1, ops // 10))

@@ -84,6 +84,17 @@ def test_exclusive_on_a_closed_store_is_a_store_error():
         pass
 
 
+def test_async_exclusive_on_a_closed_store_is_a_store_error():
+    async def scenario():
+        store = AsyncMemoryStore()
+        await store.aclose()
+        with pytest.raises(StoreError):
+            async with store.exclusive("u"):
+                pass
+
+    asyncio.run(scenario())
+
+
 class CountingStore(MemoryStore):
     """A MemoryStore that counts the exclusive blocks managers asked for."""
 

@@ -189,7 +189,10 @@ class AsyncMemoryStore:
         """
         self.sync._check_open()  # noqa: SLF001 - a class of this module
         task = asyncio.current_task()
-        lock, owner = self._writers.setdefault(user_id, (asyncio.Lock(), []))
+        writer = self._writers.get(user_id)
+        if writer is None:
+            writer = self._writers[user_id] = (asyncio.Lock(), [])
+        lock, owner = writer
         if owner and owner[0] is task:
             owner.append(task)
             try:
