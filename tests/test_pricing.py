@@ -1,9 +1,10 @@
 """Pricing as LibreChat does it: the worked examples of shared/pricing/README.md and the rules.
 
 Inputs tried: the README's worked model names; names that need the longest-key
-and later-key rules and the legacy fallbacks; structured (cached) prompts;
-premium tiers at, just under and just over their threshold; overrides with and
-without cache rates; incomplete completions; no model; bad rate tables.
+and later-key rules and the legacy fallbacks; vendor-prefixed ids; a ``'*'``
+override; structured (cached) prompts; premium tiers at, just under and just
+over their threshold; overrides with and without cache rates; incomplete
+completions; no model; bad rate tables.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from creditmeter import (
     ConfigError,
     InvalidInput,
     Pricing,
+    Rates,
     TokenUsage,
 )
 
@@ -117,6 +119,27 @@ def test_longest_key_wins_then_later_defined(pricing):
     assert table.key_for("xyz-abc") == "xyz"
 
 
+def test_a_vendor_prefix_is_matched_after_the_last_slash(pricing):
+    # shared/pricing/README.md: "moonshotai" contains "moonshot"; the id's last segment decides.
+    # Before the fix: "moonshot" (2 / 5) for both moonshotai ids.
+    assert pricing.key_for("moonshotai/kimi-k2") == "kimi-k2"
+    assert pricing.rate("moonshotai/kimi-k2", "prompt") == D("0.6")
+    assert pricing.rate("moonshotai/Kimi-K2-Instruct", "completion") == D("2.5")
+    assert pricing.key_for("openai/gpt-4o") == "gpt-4o"
+    # The last segment first even where the whole id holds a longer key; then the whole id.
+    table = Pricing(
+        token_values={
+            "vendorwide": pricing.token_values["gpt-4o"],
+            "m1": pricing.token_values["gpt-4o-mini"],
+        },
+        legacy=(("old", "m1"),),
+    )
+    assert table.key_for("vendorwide/m1-chat") == "m1"  # before: "vendorwide", the longer key
+    assert table.key_for("vendorwide/other") == "vendorwide"
+    assert table.key_for("acme/old-model") == "m1"  # legacy rules see the prefixed id too
+    assert table.key_for("acme/") is None
+
+
 def test_legacy_fallbacks_in_order(pricing):
     assert pricing.key_for("gpt-3.5-turbo-16k-0613") == "16k"
     assert pricing.key_for("gpt-4-32k-0314") == "32k"
@@ -166,6 +189,15 @@ def test_from_yaml(tmp_path):
     path = tmp_path / "rates.yaml"
     path.write_text("tokenConfig:\n  my-model:\n    prompt: 0.2\n    completion: 0.8\n")
     assert Pricing.from_yaml(path).rate("my-model", "completion") == D("0.8")
+
+
+def test_a_star_override_prices_the_models_not_listed(pricing):
+    # Before the fix '*' was only a model named "*": gpt-4o kept the table's 2.5 / 10.
+    custom = pricing.with_rates({"*": {"prompt": 1, "completion": 3, "read": D("0.1")}})
+    cost = custom.cost("gpt-4o", TokenUsage(input=100, cache_write=10, cache_read=1000, output=10))
+    assert cost.rates == Rates(prompt=1, completion=3, cache_write=1, cache_read=D("0.1"))
+    assert cost.total == 100 + 10 + 100 + 30
+    assert cost.key is None
 
 
 @pytest.mark.parametrize(

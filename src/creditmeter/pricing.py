@@ -8,7 +8,8 @@ answers which rate applies to a model and token kind, and what a call's
 The table ships as data (``data/librechat_rates.json``, transcribed from
 LibreChat with its source recorded in ``Pricing.source``); a gateway's own
 prices are given in the shape of a LibreChat ``tokenConfig``: model name →
-``prompt`` / ``completion`` / ``write`` / ``read``.
+``prompt`` / ``completion`` / ``write`` / ``read``, where the name ``'*'``
+prices every model the config does not list.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _ONE = Decimal(1)
 _ZERO = Decimal(0)
 _CANCEL_RATE = Decimal("1.15")  # LibreChat's multiplier for an incomplete (cancelled) completion
 _KEY_CACHE_LIMIT = 4096
+_WILDCARD = "*"  # the tokenConfig entry for every model the config does not list
 
 
 @attrs.frozen(kw_only=True)
@@ -164,7 +166,8 @@ class Pricing:
     def from_mapping(cls, rates: Mapping[str, Any], *, fallback: bool = True) -> Pricing:
         """Prices from a LibreChat ``tokenConfig``: model → prompt / completion / write / read.
 
-        With ``fallback=True`` (the default) models not listed are priced by
+        A ``'*'`` entry prices every model not listed. Without one, with
+        ``fallback=True`` (the default) models not listed are priced by
         LibreChat's table; with ``False`` they get the default rate (6).
         """
         base = _librechat() if fallback else cls(token_values={})
@@ -189,33 +192,48 @@ class Pricing:
     def key_for(self, model: str) -> str | None:
         """The table key a model name matches, or ``None``.
 
-        The name is lowercased; the longest table key it contains wins (on
-        equal length, the later-defined key); failing that, the first legacy
-        rule whose text it contains. Results are cached per name.
+        The name is lowercased. A vendor-prefixed id (``moonshotai/kimi-k2``)
+        is matched by its part after the last ``/`` first, then as a whole, so
+        the vendor's name cannot decide the price. The longest table key
+        contained wins (on equal length, the later-defined key); failing that,
+        the first legacy rule whose text is contained, in the same order.
+        Results are cached per name.
         """
         keys = self._keys
         try:
             return keys[model]
         except KeyError:
             pass
-        name = model.lower()
-        found: str | None = next((key for key in self._search if key in name), None)
-        if found is None:
-            found = next((key for text, key in self.legacy if text in name), None)
+        found = self._match(model.lower())
         if len(keys) >= _KEY_CACHE_LIMIT:
             keys.clear()
         keys[model] = found
         return found
+
+    def _match(self, name: str) -> str | None:
+        """The key for a lowercased name: its last ``/`` segment first, then all of it."""
+        tail = name[name.rfind("/") + 1 :]
+        names = (tail, name) if tail and tail != name else (name,)
+        for part in names:
+            for key in self._search:
+                if key in part:
+                    return key
+        for part in names:
+            for text, key in self.legacy:
+                if text in part:
+                    return key
+        return None
 
     def rate(
         self, model: str | None, kind: RateKind, *, input_token_count: int | None = None
     ) -> Decimal:
         """The rate for one kind of token of ``model``, as LibreChat chooses it.
 
-        An exact per-model override first; then the premium tier when
-        ``input_token_count`` is strictly above its threshold; then the table;
-        an unknown model gets the default rate (6) and no model at all gets 1.
-        Cache rates fall back to the (possibly premium) prompt rate.
+        An exact per-model override first, else a ``'*'`` override; then the
+        premium tier when ``input_token_count`` is strictly above its
+        threshold; then the table; an unknown model gets the default rate (6)
+        and no model at all gets 1. Cache rates fall back to the (possibly
+        premium) prompt rate.
         """
         rates = self._pick(model, input_token_count)[0]
         return getattr(rates, kind)  # type: ignore[no-any-return]
@@ -242,6 +260,20 @@ class Pricing:
     def _resolve(self, model: str) -> _Resolved:
         default = self.default_rate
         override = self.overrides.get(model)
+        if override is None:
+            wildcard = self.overrides.get(_WILDCARD)
+            if wildcard is not None:
+                # As LibreChat reads '*' for a model its config does not list: every
+                # rate from that entry, never the table or a premium tier; cache tokens
+                # without a rate of their own are charged at the entry's prompt rate.
+                prompt = _first(wildcard.prompt, default)
+                standard = Rates(
+                    prompt=prompt,
+                    completion=_first(wildcard.completion, default),
+                    cache_write=_first(wildcard.cache_write, prompt),
+                    cache_read=_first(wildcard.cache_read, prompt),
+                )
+                return _Resolved(standard=standard, key=None)
         key = self.key_for(model)
         if override is not None:
             # An exact override: its own rates, no premium tier; cache rates from it,
