@@ -5,13 +5,22 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from creditmeter import EntryKind, InvalidInput, Pricing, SQLiteStore, TokenUsage
+from creditmeter import (
+    BalanceManager,
+    ConfigError,
+    EntryKind,
+    InvalidInput,
+    Pricing,
+    SQLiteStore,
+    TokenUsage,
+)
 from creditmeter.demo import run_demo
 
 SMALL = {"users": 3, "calls": 12}  # enough for a refusal, a refill and a cut stream
@@ -44,6 +53,7 @@ def test_demo_on_a_sqlite_url_leaves_a_balanced_store(tmp_path):
     path = tmp_path / "demo.db"
     url = f"sqlite:///{path}"
     result = run_demo(store_url=url, console=None, **SMALL)
+    now = datetime.now(timezone.utc)
     check_summary(result)
     assert result["store"] == url
 
@@ -71,6 +81,48 @@ def test_demo_on_a_sqlite_url_leaves_a_balanced_store(tmp_path):
             kinds = [entry.kind for entry in store.ledger(user)]
             refill = kinds.index(EntryKind.REFILL)
             assert EntryKind.CHARGE in kinds[refill:]  # charged again after the refill
+        # The simulated month is the one before the run: nothing is dated in the future
+        # (before the fix the refill and everything after it were dated 31 days ahead).
+        for user in store.users():
+            entries = store.ledger(user)
+            assert max(entry.at for entry in entries) <= now
+            account = store.load(user)
+            assert account is not None
+            assert max(account.updated_at, account.last_refill) <= now
+
+
+def _snapshot(path: Path) -> dict[str, list]:
+    with SQLiteStore(path) as store:
+        return {user: [store.load(user), *store.ledger(user)] for user in store.users()}
+
+
+@pytest.mark.parametrize("other", ["alice", "demo-bob-the-real-one", "x" * 256])
+def test_demo_refuses_a_store_that_holds_other_users(tmp_path, other):
+    # Tried: a real user, one whose id only starts like the demo's, a long id.
+    path = tmp_path / "live.db"
+    with BalanceManager(SQLiteStore(path)) as manager:
+        manager.grant(other, 5)
+    before = _snapshot(path)
+    with pytest.raises(InvalidInput, match="the demo needs an empty store") as refused:
+        run_demo(store_url=f"sqlite:///{path}", console=None, **SMALL)
+    message = str(refused.value)
+    assert f"'{other[:30]}" in message
+    assert len(message) < 300  # a long id is cut short
+    assert _snapshot(path) == before
+
+
+def test_a_second_demo_run_on_the_same_store_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    run_demo(store_url=url, console=None, **SMALL)
+    before = _snapshot(tmp_path / "demo.db")
+    with pytest.raises(InvalidInput, match="already holds a demo run"):
+        run_demo(store_url=url, console=None, **SMALL)
+    assert _snapshot(tmp_path / "demo.db") == before
+
+
+def test_demo_reports_a_malformed_store_url_as_a_config_error():
+    with pytest.raises(ConfigError, match="bad store URL 'redis://u:\\*\\*\\*@\\[x/0'"):
+        run_demo(store_url="redis://u:hunter2@[x/0", console=None, **SMALL)
 
 
 def test_demo_on_the_default_store_removes_its_folder(tmp_path, monkeypatch):

@@ -3,23 +3,35 @@
 Nothing here opens a store. ``cli.py`` reads accounts and entries and hands
 them here: to be described as JSON-ready dicts (amounts as exact decimal
 strings, times as ISO-8601 UTC), as CSV rows or JSON lines, or as ``rich``
-tables for people. The argument types (credits, refill intervals) live here
-too, and so do the refill questions ("which settings apply?", "when is the
-next refill due, and if none applies now, why not?"), worked out with
-``rules`` so ``balance``, ``refill`` and ``refill-settings`` answer alike.
+tables for people.
+
+Credits print one way everywhere: the exact decimal with no exponent and no
+trailing zeros (``19982.9``, ``-6500``, ``0``), as a JSON string or a CSV
+field (``plain``); people's tables and sentences add thousands separators
+(``19,982.9``, ``money``). Output that is not a terminal is neither wrapped
+at 80 columns nor padded with trailing spaces (``console``).
+
+The argument types (credits, refill intervals) live here too, and so do the
+refill questions ("which settings apply?", "when is the next refill due, and
+if none applies now, why not?"), worked out with ``rules`` so ``balance``,
+``refill`` and ``refill-settings`` answer alike.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple, TextIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
+import attrs
 import click
 from rich import box
 from rich.console import Console
@@ -27,6 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from creditmeter import _validate, rules
+from creditmeter._exact import EXACT
 from creditmeter.config import BalanceConfig, IntervalUnit, RefillSettings
 from creditmeter.exceptions import InvalidInput
 from creditmeter.models import Account, LedgerEntry
@@ -36,12 +49,14 @@ from creditmeter.usage import TokenUsage
 
 __all__ = [
     "CSV_HEADER",
+    "MAX_INTERVAL",
     "Amount",
     "Every",
     "RefillStatus",
     "account_plain",
     "account_table",
     "console",
+    "credits_text",
     "csv_row",
     "dumps",
     "entry_line",
@@ -51,8 +66,11 @@ __all__ = [
     "next_refill_text",
     "parse_every",
     "password_of",
+    "plain",
+    "plural",
     "price_plain",
     "price_view",
+    "record_plain",
     "redact",
     "refill_plain",
     "refill_status",
@@ -70,7 +88,7 @@ else:
     _DecimalParam = _IntervalParam = click.ParamType
 
 _ZERO = Decimal(0)
-_MILLION = Decimal(1_000_000)
+_ONE = Decimal(1)
 Source = Literal["account", "config"]
 
 
@@ -93,12 +111,17 @@ def dumps(data: object, *, indent: int | None = 2) -> str:
     )
 
 
+# user:password@ after the scheme, for a URL urlsplit cannot read ("redis://u:p@[bad").
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:([^/@]*)@")
+
+
 def password_of(url: str) -> str | None:
-    """The password in a store URL, if it has one."""
+    """The password in a store URL, if it has one (even in a URL too malformed to parse)."""
     try:
         return urlsplit(url).password or None
     except ValueError:
-        return None
+        match = _USERINFO.match(url)
+        return match[1] or None if match else None
 
 
 def redact(url: str) -> str:
@@ -106,16 +129,54 @@ def redact(url: str) -> str:
     password = password_of(url)
     if password is None:
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        match = _USERINFO.match(url)
+        return url if match is None else url[: match.start(1)] + "***" + url[match.end(1) :]
     return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1)))
 
 
-def money(value: Decimal) -> str:
-    """Credits for people: thousands separated, no exponent, no trailing zeros (still exact)."""
-    text = f"{value:,f}"
+def _trim(text: str) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return "0" if text == "-0" else text
+
+
+def plain(value: Decimal) -> str:
+    """Credits for machines (JSON, CSV): exact, no exponent, no trailing zeros: ``-6500``."""
+    return _trim(f"{value:f}")
+
+
+def money(value: Decimal) -> str:
+    """Credits for people: ``plain`` with thousands separated: ``19,982.9``."""
+    return _trim(f"{value:,f}")
+
+
+def credits_text(value: Decimal) -> str:
+    """``1 credit``, ``5,000 credits``, ``0.5 credits``: an amount in a sentence."""
+    return f"{money(value)} credit{'' if abs(value) == _ONE else 's'}"
+
+
+def record_plain(record: Any) -> dict[str, Any]:
+    """``serde.to_plain(record)`` with every Decimal, nested ones too, written by ``plain``."""
+    return _plain_decimals(record, to_plain(record))
+
+
+def _plain_decimals(record: Any, data: dict[str, Any]) -> dict[str, Any]:
+    for field in attrs.fields(type(record)):
+        if field.name not in data:
+            continue
+        value, written = getattr(record, field.name), data[field.name]
+        if isinstance(value, Decimal):
+            data[field.name] = plain(value)
+        elif attrs.has(type(value)) and isinstance(written, dict):
+            _plain_decimals(value, written)
+        elif isinstance(value, (tuple, list)) and isinstance(written, list):
+            for item, item_data in zip(value, written, strict=False):
+                if attrs.has(type(item)) and isinstance(item_data, dict):
+                    _plain_decimals(item, item_data)
+    return data
 
 
 def when(moment: datetime) -> str:
@@ -123,13 +184,14 @@ def when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _plural(count: int, unit: str) -> str:
-    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
+def plural(count: int, unit: str, units: str | None = None) -> str:
+    """``1 entry``, ``3 entries``: a count and its noun (``units`` when not ``unit + "s"``)."""
+    return f"{count:,} {unit if count == 1 else units or unit + 's'}"
 
 
 def every(value: int, unit: str) -> str:
     """An interval for people: ``30 days``, ``1 second``."""
-    return _plural(value, unit.removesuffix("s"))
+    return plural(value, unit.removesuffix("s"))
 
 
 def _span(delta: timedelta) -> str:
@@ -139,7 +201,7 @@ def _span(delta: timedelta) -> str:
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
         count, seconds = divmod(seconds, size)
         if count:
-            parts.append(_plural(count, unit))
+            parts.append(plural(count, unit))
     return ", ".join(parts[:2]) or "less than a second"
 
 
@@ -185,7 +247,18 @@ _UNITS: dict[str, IntervalUnit] = {
     **dict.fromkeys(("w", "wk", "wks", "week", "weeks"), "weeks"),
     **dict.fromkeys(("mo", "mon", "month", "months"), "months"),
 }
-_EVERY = re.compile(r"([0-9]{1,9})\s*([a-z]+)")
+_EVERY = re.compile(r"([0-9]+)\s*([a-z]+)")
+MAX_INTERVAL_YEARS = 100
+_MAX_SECONDS = MAX_INTERVAL_YEARS * 31_556_952  # seconds in a mean Gregorian year
+MAX_INTERVAL: dict[IntervalUnit, int] = {
+    "seconds": _MAX_SECONDS,
+    "minutes": _MAX_SECONDS // 60,
+    "hours": _MAX_SECONDS // 3600,
+    "days": _MAX_SECONDS // 86400,
+    "weeks": _MAX_SECONDS // (7 * 86400),
+    "months": MAX_INTERVAL_YEARS * 12,
+}
+"""The longest refill interval ``--every`` takes, per unit: 100 years."""
 
 
 def parse_every(text: str, *, label: str = "--every") -> tuple[int, IntervalUnit]:
@@ -196,7 +269,7 @@ def parse_every(text: str, *, label: str = "--every") -> tuple[int, IntervalUnit
             f"{label} must be a whole number and a unit, such as 30d, 12h, 2weeks, 1month "
             f"or 90s, got {text!r}"
         )
-    value, word = int(match[1]), match[2]
+    digits, word = match[1].lstrip("0") or "0", match[2]
     unit = _UNITS.get(word)
     if unit is None:
         if word == "m":
@@ -205,12 +278,14 @@ def parse_every(text: str, *, label: str = "--every") -> tuple[int, IntervalUnit
             f"{label} has an unknown unit {word!r} in {text!r}; "
             "units: s, min, h, d, w, mo (or seconds, minutes, hours, days, weeks, months)"
         )
+    limit = MAX_INTERVAL[unit]
+    if len(digits) > len(str(limit)) or int(digits) > limit:
+        raise InvalidInput(
+            f"{label} {text!r} is too large: at most {limit:,} {unit} ({MAX_INTERVAL_YEARS} years)"
+        )
+    value = int(digits)
     if value < 1:
         raise InvalidInput(f"{label} must be at least 1 {unit.removesuffix('s')}, got {text!r}")
-    try:
-        rules.add_interval(datetime.now(timezone.utc), value, unit)
-    except (OverflowError, ValueError):
-        raise InvalidInput(f"{label} is too long: {text!r} ends after the year 9999") from None
     return value, unit
 
 
@@ -293,7 +368,7 @@ def next_refill_text(status: RefillStatus, now: datetime) -> str:
         return f"Next refill due {when(status.next_at)}."
     if status.why_not is not None:
         return f"A refill is due now, but {status.why_not}."
-    return f"A refill of {money(status.due_amount)} credits is due now."
+    return f"A refill of {credits_text(status.due_amount)} is due now."
 
 
 def _next_refill(status: RefillStatus, now: datetime) -> str | None:
@@ -308,7 +383,7 @@ def refill_plain(status: RefillStatus) -> dict[str, Any]:
     return {
         "source": status.source,
         "enabled": settings.enabled,
-        "amount": str(settings.amount),
+        "amount": plain(settings.amount),
         "interval_value": settings.interval_value,
         "interval_unit": settings.interval_unit,
         "every": every(settings.interval_value, settings.interval_unit),
@@ -322,7 +397,7 @@ def settings_text(status: RefillStatus) -> str:
     whose = "own settings" if status.source == "account" else "the config's settings"
     state = "enabled" if settings.enabled else "disabled"
     return (
-        f"{money(settings.amount)} credits every "
+        f"{credits_text(settings.amount)} every "
         f"{every(settings.interval_value, settings.interval_unit)}, {state} "
         f"({whose}; mode {status.mode})"
     )
@@ -336,15 +411,15 @@ def account_plain(account: Account, config: BalanceConfig, now: datetime) -> dic
     status = refill_status(account, config, now)
     return {
         "user": account.user_id,
-        "balance": str(account.balance),
-        "available": str(account.available),
-        "held": str(account.held),
-        "holds": [to_plain(hold) for hold in account.holds],
+        "balance": plain(account.balance),
+        "available": plain(account.available),
+        "held": plain(account.held),
+        "holds": [record_plain(hold) for hold in account.holds],
         "balances_enabled": config.enabled,
         "refill": refill_plain(status),
         "last_refill": account.last_refill.isoformat(),
         "next_refill": _next_refill(status, now),
-        "refill_due_now": str(status.due_amount),
+        "refill_due_now": plain(status.due_amount),
         "created_at": account.created_at.isoformat(),
         "updated_at": account.updated_at.isoformat(),
         "version": account.version,
@@ -367,7 +442,7 @@ def account_table(account: Account, config: BalanceConfig, now: datetime) -> Tab
     count = len(account.holds)
     available = money(account.available)
     if count:
-        available += f" ({money(held)} held by {_plural(count, 'open hold')})"
+        available += f" ({money(held)} held by {plural(count, 'open hold')})"
     table.add_row("Available", Text(available))
     for hold in account.holds:
         table.add_row(
@@ -397,8 +472,8 @@ def users_plain(
         "users": [
             {
                 "user": account.user_id,
-                "balance": str(account.balance),
-                "available": str(account.available),
+                "balance": plain(account.balance),
+                "available": plain(account.available),
                 "updated_at": account.updated_at.isoformat(),
             }
             for account in accounts
@@ -460,6 +535,8 @@ CSV_HEADER = (
 
 
 def _text(value: object) -> str:
+    if isinstance(value, Decimal):
+        return plain(value)
     return "" if value is None else str(value)
 
 
@@ -475,18 +552,16 @@ def csv_row(entry: LedgerEntry) -> list[str]:
         ["", "", "", ""]
         if rates is None
         else [
-            str(rates.prompt),
-            str(rates.completion),
-            str(rates.cache_write),
-            str(rates.cache_read),
+            plain(rate)
+            for rate in (rates.prompt, rates.completion, rates.cache_write, rates.cache_read)
         ]
     )
     return [
         entry.id,
         entry.user_id,
         entry.kind.value,
-        str(entry.amount),
-        str(entry.balance_after),
+        plain(entry.amount),
+        plain(entry.balance_after),
         entry.at.isoformat(),
         _text(entry.request_id),
         _text(entry.model),
@@ -498,8 +573,8 @@ def csv_row(entry: LedgerEntry) -> list[str]:
 
 
 def entry_line(entry: LedgerEntry) -> str:
-    """One ``creditmeter export`` JSON line: the entry as ``serde.to_plain`` writes it."""
-    return dumps(to_plain(entry), indent=None)
+    """One ``creditmeter export`` JSON line: the entry as ``record_plain`` writes it."""
+    return dumps(record_plain(entry), indent=None)
 
 
 def write_ledgers(
@@ -575,7 +650,7 @@ def ledger_table(user_id: str, entries: Iterable[LedgerEntry]) -> Table:
 
 
 def _usd(amount: Decimal) -> str:
-    return f"{(amount / _MILLION).normalize():f}"
+    return plain(amount.scaleb(-6, EXACT))  # 1,000,000 credits = 1 USD
 
 
 def price_plain(model: str, usage: TokenUsage, cost: Cost, *, incomplete: bool) -> dict[str, Any]:
@@ -592,14 +667,14 @@ def price_plain(model: str, usage: TokenUsage, cost: Cost, *, incomplete: bool) 
             "cache_read": usage.cache_read,
         },
         "rates": {
-            "prompt": str(cost.rates.prompt),
-            "completion": str(cost.rates.completion),
-            "cache_write": str(cost.rates.cache_write),
-            "cache_read": str(cost.rates.cache_read),
+            "prompt": plain(cost.rates.prompt),
+            "completion": plain(cost.rates.completion),
+            "cache_write": plain(cost.rates.cache_write),
+            "cache_read": plain(cost.rates.cache_read),
         },
-        "prompt": str(cost.prompt),
-        "completion": str(cost.completion),
-        "total": str(cost.total),
+        "prompt": plain(cost.prompt),
+        "completion": plain(cost.completion),
+        "total": plain(cost.total),
         "usd": _usd(cost.total),
     }
 
@@ -623,7 +698,7 @@ def price_view(model: str, usage: TokenUsage, cost: Cost, *, incomplete: bool) -
         ("cache read", usage.cache_read, rates.cache_read, usage.cache_read * rates.cache_read),
         ("output", usage.output, rates.completion, cost.completion),
     ):
-        table.add_row(name, f"{count:,}", str(rate), money(charged))
+        table.add_row(name, f"{count:,}", money(rate), money(charged))
     table.add_section()
     table.add_row("total", f"{usage.total:,}", "", money(cost.total), style="bold")
     matched = f"table key {cost.key!r}" if cost.key is not None else "no table key (default rate)"
@@ -634,6 +709,54 @@ def price_view(model: str, usage: TokenUsage, cost: Cost, *, incomplete: bool) -
     return [table, "; ".join(notes) + "."]
 
 
-def console(*, markup: bool = False) -> Console:
-    """A console for people; without ``markup``, user data is never read as markup or emoji."""
-    return Console(markup=markup, emoji=markup, highlight=False)
+# The width of output that is not a terminal (a pipe, a file) when COLUMNS does not say:
+# wide enough that rich wraps no table, and _Unpadded drops the padding of short lines.
+PIPE_WIDTH = 10_000
+
+
+def console(*, markup: bool = False, file: TextIO | None = None) -> Console:
+    """A console for people on ``file`` (stdout); without ``markup``, user data is plain text.
+
+    When ``file`` is not a terminal, lines are neither wrapped at 80 columns (unless
+    ``COLUMNS`` sets a width) nor padded with trailing spaces.
+    """
+    stream = sys.stdout if file is None else file
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return _Console(file=file, markup=markup, emoji=markup, highlight=False)
+    width = None if os.environ.get("COLUMNS", "").strip().isdigit() else PIPE_WIDTH
+    unpadded = cast("IO[str]", _Unpadded(stream))  # write, flush and isatty are what rich uses
+    return _Console(file=unpadded, width=width, markup=markup, emoji=markup, highlight=False)
+
+
+class _Console(Console):
+    """A rich console that lets a closed pipe reach ``cli.main`` (which exits 0)."""
+
+    def on_broken_pipe(self) -> None:
+        """Print nothing more and raise ``BrokenPipeError`` (rich would exit with status 1)."""
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader of the output went away")
+
+
+class _Unpadded:
+    """A text stream that drops the spaces at the end of each line written to it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._spaces = ""  # trailing spaces held back until the rest of their line is seen
+
+    def write(self, text: str) -> int:
+        """Write ``text`` without the spaces that end its lines."""
+        whole = self._spaces + text
+        body = whole.rstrip(" ")
+        self._spaces = whole[len(body) :]
+        self._stream.write(re.sub(r" +\n", "\n", body))
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush the stream underneath."""
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        """Never a terminal."""
+        return False

@@ -6,15 +6,18 @@ commands ``balance``, ``list``, ``grant``, ``set``, ``refill``,
 is opened with ``open_store`` and the config built with ``load_config`` (the
 legacy environment variables, then the YAML file's ``balance:`` section), as
 LibreChat builds it. Output is a rich table for people, or JSON with
-``--json``; amounts in JSON are exact decimal strings.
+``--json``; amounts in JSON and CSV are exact decimal strings with no trailing
+zeros (``_cli_format.plain``).
 
 Reading commands never open an account; ``grant``, ``set`` and
-``refill-settings`` do, as a first charge would.
+``refill-settings`` do, as a first charge would. ``grant`` and ``set`` warn
+on stderr when no config was given, since balances are then disabled.
 
 Errors end the command with one line on stderr: exit status 1 for a
-creditmeter error (bad amount or user id, unknown store URL, unreadable
-config, corrupt store) or a failed command, 2 for a usage error. Needs the
-``[cli]`` extra (click and rich); helpers are in ``_cli_format``.
+creditmeter error (bad amount or user id, bad store URL, unreadable config,
+corrupt store) or a failed command, 2 for a usage error. A reader that goes
+away early (``creditmeter export | head``) ends the command quietly, status 0.
+Needs the ``[cli]`` extra (click and rich); helpers are in ``_cli_format``.
 """
 
 from __future__ import annotations
@@ -45,12 +48,11 @@ from creditmeter import _cli_format as fmt
 from creditmeter import _validate, rules
 from creditmeter._version import __version__
 from creditmeter.config import BalanceConfig, IntervalUnit, RefillSettings, load_config
-from creditmeter.exceptions import CreditMeterError
+from creditmeter.exceptions import ConfigError, CreditMeterError
 from creditmeter.manager import BalanceManager
 from creditmeter.models import Account, LedgerEntry
 from creditmeter.pricing import Pricing
-from creditmeter.serde import to_plain
-from creditmeter.stores import open_store
+from creditmeter.stores import BalanceStore, open_store
 from creditmeter.usage import MAX_TOKENS, TokenUsage
 
 __all__ = ["DEFAULT_STORE", "cli", "main"]
@@ -61,6 +63,11 @@ MAX_PAGE = 10_000
 _JSON_KEY = "creditmeter.json"
 _F = TypeVar("_F", bound=Callable[..., Any])
 _SECRETS: set[str] = set()  # passwords in store URLs, kept out of error messages
+NO_CONFIG_WARNING = (
+    "creditmeter: warning: balances are disabled because no config was given: accounts open "
+    "at 0 and charges move no credits; give one with --config PATH (or CREDITMETER_CONFIG), "
+    "or set CHECK_BALANCE=true"
+)
 
 
 class Session:
@@ -74,10 +81,9 @@ class Session:
         password = fmt.password_of(store_url)
         if password is not None:
             _SECRETS.add(password)
-        # Typed on the command line: repeat it in suggested commands.
+        # Typed on the command line: repeat it in suggested commands, and the demo may use
+        # it (CREDITMETER_STORE is the operator's real store: the demo never touches it).
         self.store_typed = source is click.core.ParameterSource.COMMANDLINE
-        # Given at all (command line or CREDITMETER_STORE): the demo uses it.
-        self.store_given = self.store_typed or source is click.core.ParameterSource.ENVIRONMENT
         self._config: BalanceConfig | None = None
         self._manager: BalanceManager | None = None
         self._console: Console | None = None
@@ -99,7 +105,7 @@ class Session:
         """A manager over the store ``--store`` names, opened once and closed at exit."""
         if self._manager is None:
             config = self.config  # a bad config is reported before a store file is created
-            manager = BalanceManager(open_store(self.store_url), config)
+            manager = BalanceManager(_open_store(self.store_url), config)
             self.ctx.call_on_close(manager.close)
             self._manager = manager
         return self._manager
@@ -110,6 +116,12 @@ class Session:
         if self._console is None:
             self._console = fmt.console()
         return self._console
+
+    def warn_if_balances_off(self) -> None:
+        """Say on stderr that balances are off when no config turned them on or off."""
+        given = self.config_path is not None or "CHECK_BALANCE" in os.environ
+        if not given and not self.config.enabled:
+            click.echo(NO_CONFIG_WARNING, err=True)
 
     def now(self) -> datetime:
         """The manager's clock."""
@@ -149,6 +161,16 @@ class Session:
 pass_session = click.make_pass_decorator(Session)
 
 
+def _open_store(url: str) -> BalanceStore:
+    """``open_store(url)``; a URL too malformed to parse is a ``ConfigError``, not a traceback."""
+    try:
+        return open_store(url)
+    except CreditMeterError:
+        raise
+    except ValueError as exc:  # urlsplit's "Invalid IPv6 URL" and the like, from a driver
+        raise ConfigError(f"bad store URL {fmt.redact(url)!r}: {exc}") from None
+
+
 def _want_json(ctx: click.Context, _: click.Parameter, value: bool) -> None:
     if value:
         ctx.meta[_JSON_KEY] = True
@@ -184,7 +206,9 @@ _AMOUNT_CONTEXT: dict[str, Any] = {**_CONTEXT, "ignore_unknown_options": True}
     show_default=True,
     show_envvar=True,
     metavar="URL",
-    help="The store: sqlite:///relative.db, sqlite:////absolute.db or memory://.",
+    help="The store: memory://, sqlite:///relative.db, sqlite:////absolute.db, "
+    "redis://host:6379/0, rediss://host:6380/0 (TLS), or postgresql://user@host/db "
+    "(postgres:// too).",
 )
 @click.option(
     "--config",
@@ -269,9 +293,9 @@ def _changed(session: Session, entry: LedgerEntry, *, replayed: bool, verb: str)
     account = session.account(entry.user_id)
     plain = {
         "user": entry.user_id,
-        "balance": str(account.balance),
+        "balance": fmt.plain(account.balance),
         "replayed": replayed,
-        "entry": to_plain(entry),
+        "entry": fmt.record_plain(entry),
     }
     reason = (entry.metadata or {}).get("reason")
     text = verb + ("" if reason is None else f" (reason: {reason})")
@@ -280,6 +304,7 @@ def _changed(session: Session, entry: LedgerEntry, *, replayed: bool, verb: str)
         text = f"Request {entry.request_id} was already applied; nothing changed. Balance: "
         text += fmt.money(account.balance)
     session.show(plain, lambda: text)
+    session.warn_if_balances_off()
 
 
 @cli.command(context_settings=_AMOUNT_CONTEXT)
@@ -295,7 +320,7 @@ def grant(
     """Add AMOUNT credits to USER's balance (opening the account if new)."""
     replayed = _replayed(session, user, request_id)
     entry = session.manager.grant(user, amount, reason=reason, request_id=request_id)
-    verb = f"Granted {fmt.money(amount)} credits to {entry.user_id}"
+    verb = f"Granted {fmt.credits_text(amount)} to {entry.user_id}"
     _changed(session, entry, replayed=replayed, verb=verb)
 
 
@@ -332,14 +357,14 @@ def refill(session: Session, user: str) -> None:
     plain = {
         "user": user,
         "refilled": entry is not None,
-        "amount": None if entry is None else str(entry.amount),
-        "balance": str(account.balance),
+        "amount": None if entry is None else fmt.plain(entry.amount),
+        "balance": fmt.plain(account.balance),
         "reason": reason,
         "next_refill": None if status.next_at is None else status.next_at.isoformat(),
-        "entry": None if entry is None else to_plain(entry),
+        "entry": None if entry is None else fmt.record_plain(entry),
     }
     if entry is not None:
-        text = f"Refilled {user}: +{fmt.money(entry.amount)} credits. "
+        text = f"Refilled {user}: +{fmt.credits_text(entry.amount)}. "
         text += f"Balance: {fmt.money(account.balance)}."
         text += " " + fmt.next_refill_text(status, now)
     else:
@@ -414,7 +439,7 @@ def ledger(session: Session, *, user: str, limit: int | None, form: str | None) 
     user = session.account(user).user_id
     entries = session.manager.ledger(user, limit=limit)
     if form == "json":
-        click.echo(fmt.dumps([to_plain(entry) for entry in entries]))
+        click.echo(fmt.dumps([fmt.record_plain(entry) for entry in entries]))
     elif form == "csv":
         fmt.write_ledgers([user], lambda _: entries, sys.stdout, "csv")
     else:
@@ -447,7 +472,8 @@ def export(session: Session, *, form: str, output: Path | None) -> None:
     finally:
         partial.unlink(missing_ok=True)
     plain = {"output": str(output), "format": form, "users": users, "entries": entries}
-    text = f"Exported {entries} entries of {users} users to {output} ({form})."
+    counted = f"{fmt.plural(entries, 'entry', 'entries')} of {fmt.plural(users, 'user')}"
+    text = f"Exported {counted} to {output} ({form})."
     session.show(plain, lambda: text)
 
 
@@ -491,7 +517,11 @@ def price(
 @json_option
 @pass_session
 def demo(session: Session, *, users: int | None, calls: int | None) -> None:
-    """Run a simulated gateway end to end, on a temporary store unless --store is given."""
+    """Run a simulated gateway end to end, on a temporary store unless --store is given.
+
+    Only a --store on the command line counts: CREDITMETER_STORE names the real store,
+    and the demo never touches it. A store given with --store must hold no user.
+    """
     try:
         module = importlib.import_module("creditmeter.demo")
     except ModuleNotFoundError as exc:
@@ -501,7 +531,7 @@ def demo(session: Session, *, users: int | None, calls: int | None) -> None:
     run_demo = cast("Callable[..., dict[str, Any]]", module.run_demo)
     sizes = {name: value for name, value in (("users", users), ("calls", calls)) if value}
     summary = run_demo(
-        store_url=session.store_url if session.store_given else None,
+        store_url=session.store_url if session.store_typed else None,
         console=None if session.json else fmt.console(markup=True),
         **sizes,
     )
@@ -519,10 +549,35 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _invoke(args: list[str]) -> object:
+    """Run the command as ``cli.main(standalone_mode=False)`` does, minus its EPIPE handling.
+
+    click turns a closed stdout into exit status 1 inside ``main``; here the
+    ``BrokenPipeError`` reaches ``main()`` below, which ends quietly with 0.
+    """
+    if os.environ.get("_CREDITMETER_COMPLETE"):  # shell completion: click answers and exits
+        cli.main(args=args, prog_name="creditmeter")
+    try:
+        with cli.make_context("creditmeter", args) as ctx:
+            return cli.invoke(ctx)
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so flushing what is left at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # no real file behind sys.stdout
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command and exit: 0, 1 (an error) or 2 (a usage error), one line on stderr."""
     try:
-        result = cli.main(args=argv, prog_name="creditmeter", standalone_mode=False)
+        result = _invoke(list(sys.argv[1:] if argv is None else argv))
     except click.exceptions.NoArgsIsHelpError as exc:  # bare "creditmeter": the help
         exc.show()
         code = exc.exit_code
@@ -533,12 +588,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = _fail(exc.format_message(), exc.exit_code)
     except CreditMeterError as exc:  # every mistake the library names, in one place
         code = _fail(str(exc), 1)
-    except click.Abort:
+    except (click.Abort, KeyboardInterrupt):
         code = _fail("interrupted", 130)
-    except BrokenPipeError:  # the reader went away (creditmeter export | head)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        code = 1
+    except BrokenPipeError:  # the reader went away (creditmeter export | head): not an error
+        _quiet_stdout()
+        code = 0
     else:
         code = result if isinstance(result, int) else 0
     sys.exit(code)

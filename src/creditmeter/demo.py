@@ -6,7 +6,14 @@ halfway. A trial user with a small balance runs dry and is refused; a month
 later (on a fake clock) it is refilled and its call goes through. At the end
 every user's ledger must add up to its balance.
 
-Run it with ``creditmeter demo`` or ``python -m creditmeter.demo`` (needs rich).
+It runs on a temporary SQLite file unless it is given a store, and a store it
+is given must be empty: it refuses one that holds any user, even an earlier
+demo's (a second month dated before the first one's refills would jumble those
+ledgers). Nothing it writes is dated in the future: the simulated month is the
+month before the run, so its calls are dated 31 days ago and its refill now.
+
+Run it with ``creditmeter demo`` or ``python -m creditmeter.demo`` (needs the
+``[cli]`` extra).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import io
 import itertools
 import random
+import re
 import tempfile
 import time
 import uuid
@@ -30,8 +38,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
+from creditmeter._cli_format import credits_text, money, plain, redact
 from creditmeter.config import BalanceConfig
-from creditmeter.exceptions import InsufficientBalance, InvalidInput
+from creditmeter.exceptions import ConfigError, CreditMeterError, InsufficientBalance, InvalidInput
 from creditmeter.manager import BalanceManager
 from creditmeter.models import EntryKind
 from creditmeter.stores import BalanceStore, SQLiteStore, open_store
@@ -42,6 +51,7 @@ __all__ = ["run_demo"]
 MODELS = ("gpt-4o-mini", "gpt-4o", "claude-3-5-sonnet-20241022", "gemini-2.0-flash")
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
 VOCAB = ("the", "a", "credit", "token", "model", "user", "balance", "ledger", "refill", "call")
+DEMO_USER = re.compile(rf"demo-({'|'.join(NAMES)}|user[0-9]+)")  # the ids the demo makes
 TRIAL_BALANCE = Decimal(2_500)  # the last user's: less than one Claude 3.5 Sonnet call holds
 CONFIG = BalanceConfig(
     enabled=True,
@@ -148,12 +158,45 @@ def make_call(complete: Complete, call: Planned) -> None:
 
 
 def open_demo_store(store_url: str | None, stack: contextlib.ExitStack) -> BalanceStore:
-    """The store ``store_url`` names, else SQLite in a temporary folder the stack removes."""
-    if store_url is not None:
-        return open_store(store_url)
-    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="creditmeter-demo-"))
-    # "normal" durability: a throw-away file needs no sync to disk at every commit.
-    return SQLiteStore(Path(folder) / "credits.db", durability="normal")
+    """The store ``store_url`` names, if it is empty, else SQLite in a temporary folder.
+
+    The stack removes the folder; the caller closes the store. A store that holds
+    any user is closed again and refused (``InvalidInput``) before anything is
+    written to it.
+    """
+    if store_url is None:
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="creditmeter-demo-"))
+        # "normal" durability: a throw-away file needs no sync to disk at every commit.
+        return SQLiteStore(Path(folder) / "credits.db", durability="normal")
+    try:
+        store = open_store(store_url)
+    except CreditMeterError:
+        raise
+    except ValueError as exc:  # a URL too malformed to parse
+        raise ConfigError(f"bad store URL {redact(store_url)!r}: {exc}") from None
+    try:
+        users = store.users()
+        if users:
+            raise InvalidInput(_refusal(redact(store_url), users))
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _refusal(shown: str, users: list[str]) -> str:
+    """Why the demo will not write to a store that holds ``users``: whose they are."""
+    others = [user for user in users if not DEMO_USER.fullmatch(user)]
+    if others:
+        shown_ids = [repr(user if len(user) <= 40 else user[:37] + "...") for user in others[:3]]
+        named = ", ".join(shown_ids) + (", ..." if len(others) > 3 else "")
+        held = f"{len(users):,} user{'s' if len(users) > 1 else ''} ({named})"
+    else:
+        held = f"a demo run ({len(users):,} demo users)"
+    return (
+        f"the demo needs an empty store, and {shown} already holds {held}; "
+        "name an empty store, or none to run on a temporary one"
+    )
 
 
 def run_demo(
@@ -166,7 +209,9 @@ def run_demo(
     """Run the demo and return its summary as JSON-able data (Decimals as strings).
 
     The store is an SQLite file in a temporary folder, removed afterwards,
-    unless ``store_url`` names one. With a ``console``, show a progress bar
+    unless ``store_url`` names one, which must hold no user (else
+    ``InvalidInput``, and nothing is written). The simulated month ends now:
+    no entry is dated in the future. With a ``console``, show a progress bar
     and the summary tables on it; without one, print nothing.
     """
     if not all(type(value) is int and value >= 1 for value in (users, calls)):
@@ -175,7 +220,8 @@ def run_demo(
     plans = plan_calls(user_ids, calls, run=uuid.uuid4().hex[:8])
     counts: Counter[tuple[str, str]] = Counter()  # (user, "plain"|"stream"|"cut"|"refused")
     refused: dict[str, tuple[Planned, Decimal]] = {}  # each user's last refused call, its cost
-    clock = FakeClock(datetime.now(timezone.utc).replace(microsecond=0))
+    month = timedelta(days=CONFIG.refill_interval_value + 1)  # the refill is due after it
+    clock = FakeClock(datetime.now(timezone.utc).replace(microsecond=0) - month)
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     sink = console or Console(file=io.StringIO())
     with contextlib.ExitStack() as stack:
@@ -194,7 +240,7 @@ def run_demo(
                 counts[call.user, "refused"] += 1
                 cost = no.cost or Decimal(0)
                 refused[call.user] = (call, cost)
-                why = f"{call.model} holds {cost:,.2f} credits, {no.available:,.2f} available"
+                why = f"{call.model} holds {credits_text(cost)}, {money(no.available)} available"
                 progress.console.print(f"[red]refused[/] {call.user}: {why}")
             progress.advance(task)
 
@@ -211,18 +257,19 @@ def run_demo(
 
         # A month passes. LibreChat refills only a balance that cannot cover the call at
         # hand, so each user is asked with the cost of its last refused call (or none).
-        clock.advance(timedelta(days=CONFIG.refill_interval_value + 1))
+        clock.advance(month)  # back to the real now, never beyond it
         progress.update(task, total=calls + len(refused))
         refilled = []
         for user in user_ids:
             entry = meter.maybe_refill(user, cost=refused[user][1] if user in refused else 0)
             if entry is not None:
                 refilled.append(user)
-                progress.console.print(f"[green]refilled[/] {user}: {entry.amount:,} credits")
+                progress.console.print(f"[green]refilled[/] {user}: {credits_text(entry.amount)}")
         for call, _cost in list(refused.values()):  # and each refused call is tried again
             call_once(call._replace(request_id=call.request_id + "-retry"))
         summary = summarize(meter, user_ids, counts)
-    result = {"store": store_url or "temporary sqlite", **summary, "refilled": refilled}
+    shown = "temporary sqlite" if store_url is None else redact(store_url)
+    result = {"store": shown, **summary, "refilled": refilled}
     if console is not None:
         print_summary(console, result)
     return result
@@ -247,10 +294,10 @@ def summarize(
             model_calls[entry.model or "?"] += 1
             model_spent[entry.model or "?"] -= entry.amount
         spent = -sum((entry.amount for entry in charges), Decimal(0))
-        row = {"user": user, "balance": _text(balance), "spent": _text(spent)}
+        row = {"user": user, "balance": plain(balance), "spent": plain(spent)}
         rows.append({**row, "calls": len(charges), "refused": counts[user, "refused"]})
     models = [
-        {"model": model, "calls": model_calls[model], "spent": _text(model_spent[model])}
+        {"model": model, "calls": model_calls[model], "spent": plain(model_spent[model])}
         for model in sorted(model_calls)
     ]
     streams = {"complete": sum(counts[user, "stream"] for user in user_ids)}
@@ -258,13 +305,8 @@ def summarize(
     return {"users": rows, "models": models, "ledger_balanced": ok, "streams": streams}
 
 
-def _text(value: Decimal) -> str:
-    """A Decimal as JSON-able text, without exponent ("0", never "0E-7" or "-0")."""
-    return format(value, "f") if value else "0"
-
-
 def _credits(text: str) -> str:
-    return f"{Decimal(text):,.2f}"
+    return money(Decimal(text))
 
 
 def print_summary(console: Console, result: dict[str, Any]) -> None:
