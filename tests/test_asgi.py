@@ -8,7 +8,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
+import anthropic
 import httpx
+import httpx2
+import openai
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -254,7 +257,14 @@ def test_a_user_who_cannot_pay_gets_402_and_the_handler_never_runs():
     response, calls, ledger = asyncio.run(main())
     assert response.status_code == 402
     # 100 x 0.15 + 1000 x 0.6: the prompt estimate plus max_tokens at gpt-4o-mini's rates.
+    # LibreChat's fields, and OpenAI's error object beside them for the SDKs.
     assert response.json() == {
+        "error": {
+            "message": "user 'alice' cannot pay cost 615.00: available 50 (balance 50)",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "token_balance",
+        },
         "type": "token_balance",
         "balance": 50,
         "tokenCost": 615,
@@ -263,6 +273,68 @@ def test_a_user_who_cannot_pay_gets_402_and_the_handler_never_runs():
     assert calls == []
     assert ledger == []  # nothing was written, not even an opening
     assert [(d.user_id, d.cost) for d in denied] == [("alice", Decimal(615))]
+
+
+def broke_app() -> tuple[AsyncBalanceManager, Upstream]:
+    meter = AsyncBalanceManager(AsyncMemoryStore(), BalanceConfig(enabled=True, start_balance=0))
+    return meter, build(meter, paths=["/v1/chat/completions", "/v1/messages"])
+
+
+def test_the_openai_sdk_says_why_a_402_refused_the_call():
+    # Before the fix the body had no "error" object: the SDK raised
+    # APIStatusError('Error code: 402') and nothing more.
+    async def main():
+        meter, upstream = broke_app()
+        transport = httpx2.ASGITransport(app=upstream.app)
+        async with (
+            meter,
+            openai.AsyncOpenAI(
+                base_url="http://test/v1",
+                api_key="x",
+                default_headers=ALICE,
+                max_retries=0,
+                http_client=httpx2.AsyncClient(transport=transport),
+            ) as client,
+        ):
+            with pytest.raises(openai.APIStatusError) as refused:
+                await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+            return refused.value, upstream.calls
+
+    refused, calls = asyncio.run(main())
+    assert refused.status_code == 402
+    assert "Error code: 402 - user 'alice' cannot pay cost 3.00: available 0" in str(refused)
+    assert refused.code == "token_balance"
+    assert refused.type == "insufficient_quota"
+    assert refused.response.json()["type"] == "token_balance"  # LibreChat's fields stay
+    assert refused.response.json()["balance"] == 0
+    assert calls == []
+
+
+def test_the_anthropic_sdk_says_why_a_402_refused_the_call():
+    async def main():
+        meter, upstream = broke_app()
+        transport = httpx2.ASGITransport(app=upstream.app)
+        async with (
+            meter,
+            anthropic.AsyncAnthropic(
+                base_url="http://test",
+                api_key="x",
+                default_headers=ALICE,
+                max_retries=0,
+                http_client=httpx2.AsyncClient(transport=transport),
+            ) as client,
+        ):
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(
+                    model=CLAUDE, max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+                )
+            return refused.value, upstream.calls
+
+    refused, calls = asyncio.run(main())
+    assert refused.status_code == 402
+    assert "cannot pay" in str(refused)
+    assert "cannot pay" in refused.body["error"]["message"]
+    assert calls == []
 
 
 def test_missing_user_is_401_and_the_handler_never_runs():

@@ -222,6 +222,25 @@ def test_to_dict_survives_pickling() -> None:
     assert pickle.loads(pickle.dumps(error)).to_dict() == error.to_dict()
 
 
+def test_to_error_body_wraps_the_payload_in_openais_error_object() -> None:
+    error = InsufficientBalance(
+        "alice", balance=Decimal(150), available=Decimal(100), cost=Decimal(2000), prompt_tokens=8
+    )
+    body = error.to_error_body()
+    assert body == {
+        "error": {
+            "message": "user 'alice' cannot pay cost 2000: available 100 (balance 150)",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "token_balance",
+        },
+        **error.to_dict(),
+    }
+    assert json.loads(json.dumps(body)) == body
+    unpriced = InsufficientBalance("bob", balance=Decimal(0), available=Decimal(0), cost=None)
+    assert unpriced.to_error_body()["error"]["message"] == str(unpriced)
+
+
 # --- hierarchy -----------------------------------------------------------------------------
 
 

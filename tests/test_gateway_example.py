@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import json
 import socket
 import subprocess
 import sys
@@ -132,7 +135,149 @@ def test_gateway_refuses_a_user_who_cannot_pay(gateway):
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=10**6
         )
     assert refused.value.status_code == 402
-    assert refused.value.body["type"] == "token_balance"
-    assert refused.value.body["balance"] == START
+    # The SDK names the reason (before: "Error code: 402" and nothing more) ...
+    assert "Error code: 402 - user 'bob' cannot pay cost" in str(refused.value)
+    assert f"available {START}" in str(refused.value)
+    assert refused.value.code == "token_balance"
+    # ... and LibreChat's fields are still at the top of the body.
+    payload = refused.value.response.json()
+    assert payload["type"] == "token_balance"
+    assert payload["balance"] == START
     with SQLiteStore(database) as store:
         assert store.ledger("bob") == []
+
+
+# --- bad input: one-line errors at start, 400 for bad bodies -----------------------------
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("gateway_example", GATEWAY)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = load_example()
+
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+BAD_BODIES = {
+    "not JSON": b"{nope",
+    "a JSON array": b"[]",
+    "messages a string": {"model": MODEL, "messages": "x"},
+    "messages empty": {"model": MODEL, "messages": []},
+    "messages missing": {"model": MODEL},
+    "model missing": {"messages": GOOD["messages"]},
+    "model a number": {**GOOD, "model": 5},
+    "model empty": {**GOOD, "model": " "},
+    "a message a number": {"model": MODEL, "messages": [5]},
+    "a message without a role": {"model": MODEL, "messages": [{"content": "hi"}]},
+    "a message of an unknown role": {"model": MODEL, "messages": [{"role": "x", "content": ""}]},
+    "content a number": {"model": MODEL, "messages": [{"role": "user", "content": 5}]},
+    "content an object": {"model": MODEL, "messages": [{"role": "user", "content": {}}]},
+    "content parts not objects": {"model": MODEL, "messages": [{"role": "user", "content": [1]}]},
+    "stream a string": {**GOOD, "stream": "yes"},
+    "stream_options a list": {**GOOD, "stream": True, "stream_options": [1]},
+    "max_tokens huge": {**GOOD, "max_tokens": 10**12},
+    "max_tokens a string": {**GOOD, "max_tokens": "5"},
+    "max_tokens a float": {**GOOD, "max_tokens": 1e9},
+    "max_tokens zero": {**GOOD, "max_tokens": 0},
+    "max_completion_tokens negative": {**GOOD, "max_completion_tokens": -1},
+    "n too many": {**GOOD, "n": 1000},
+}
+
+
+def test_bad_request_bodies_get_an_openai_shaped_400_and_cost_nothing(tmp_path):
+    # Before the fix, of these 22: 3 crashed the app (500: "messages a string", "a message
+    # a number", "stream_options a list"), 12 were forwarded and charged (200: "model
+    # missing", "content a number", ...), 7 were refused (400) by the middleware.
+    app = example.create_app(store=f"sqlite:///{tmp_path / 'credits.db'}")
+
+    async def main():
+        answers = {}
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                for name, body in BAD_BODIES.items():
+                    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+                    answers[name] = await client.post(
+                        "/v1/chat/completions",
+                        content=content,
+                        headers={"x-user-id": "carol", "content-type": "application/json"},
+                    )
+                good = await client.post(
+                    "/v1/chat/completions", json=GOOD, headers={"x-user-id": "carol"}
+                )
+            ledger = await app.state.meter.ledger("carol")
+        return answers, good, ledger
+
+    answers, good, ledger = asyncio.run(main())
+    wrong = {name: (a.status_code, a.text) for name, a in answers.items() if a.status_code != 400}
+    assert wrong == {}
+    for name, answer in answers.items():
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request_error", name
+        assert error["message"], name
+        assert "code" in error, name
+        assert "param" in error, name
+    assert good.status_code == 200  # the gateway still serves
+    # Bad bodies the middleware let through were held and released, never charged.
+    assert [e.kind for e in ledger if e.kind is not EntryKind.RELEASE] == [
+        EntryKind.OPEN,
+        EntryKind.CHARGE,
+    ]
+    assert all(e.amount == 0 for e in ledger if e.kind is EntryKind.RELEASE)
+
+
+def test_the_fake_upstream_answers_bad_bodies_with_400_not_a_crash():
+    upstream = example.fake_upstream()
+
+    async def main():
+        transport = httpx.ASGITransport(app=upstream)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/chat/completions", json={"messages": "x"})
+
+    answer = asyncio.run(main())
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "says"),
+    [
+        (["--config", "missing.yaml"], 2, "cannot read config file 'missing.yaml'"),
+        (["--config", "broken.yaml"], 2, "is not valid YAML"),
+        (["--config", "wrong.yaml"], 2, "'enabled' must be true or false"),
+        (["--store", "bogus://x"], 2, "unknown store URL 'bogus://x'"),
+        (["--store", "sqlite:///corrupt.db"], 1, "file is not a database"),
+        (["--store", "sqlite:///no/such/dir/x.db"], 1, "cannot open SQLite store"),
+        (["--port", "99999"], 2, "a port is a number in 0..65535"),
+    ],
+    ids=[
+        "config missing",
+        "config bad YAML",
+        "config bad value",
+        "store scheme",
+        "store corrupt",
+        "store directory missing",
+        "port",
+    ],
+)
+def test_bad_arguments_stop_the_gateway_with_one_line(
+    tmp_path, monkeypatch, capsys, argv, status, says
+):
+    # Before the fix: a traceback (15 to 38 lines) and status 1 for each.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(GATEWAY)])  # argparse names the program after it
+    (tmp_path / "broken.yaml").write_text("balance: [1\n")
+    (tmp_path / "wrong.yaml").write_text("balance:\n  enabled: maybe\n")
+    (tmp_path / "corrupt.db").write_bytes(b"garbage!" * 512)
+    with pytest.raises(SystemExit) as stopped:
+        example.main(argv)
+    assert stopped.value.code == status
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert last.startswith("gateway.py: error: ")
+    assert says in last
+    assert "Traceback" not in err

@@ -23,6 +23,8 @@ import functools
 import io
 import logging
 import re
+import subprocess
+import sys
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -33,6 +35,7 @@ import pytest
 from litellm.caching.dual_cache import DualCache
 from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
 from litellm.proxy._types import UserAPIKeyAuth
+from litellm.types.utils import Choices, Message, ModelResponse, Usage
 
 from creditmeter import (
     AsyncBalanceManager,
@@ -44,13 +47,17 @@ from creditmeter import (
     InsufficientBalance,
     MemoryStore,
     Pricing,
+    SQLiteStore,
+    StoreError,
     TokenUsage,
+    Unmetered,
 )
 from creditmeter.integrations.litellm import (
     CREDITS_PER_USD,
     REQUEST_PREFIX,
     CreditMeterLogger,
     LiteLLMCall,
+    usd_to_credits,
 )
 
 # LiteLLM imports some modules on first use; one of them (its GitHub Copilot authenticator)
@@ -633,3 +640,181 @@ def test_the_docs_proxy_module_builds_its_logger(tmp_path, monkeypatch):
     assert isinstance(handler, CreditMeterLogger)
     assert "async_pre_call_hook" in vars(type(handler))  # the proxy calls it only then
     asyncio.run(namespace["meter"].aclose())
+
+
+# --- cost_source="litellm": calls LiteLLM cannot price, and its float noise ---------------
+
+
+def test_a_call_litellm_cannot_price_is_charged_at_creditmeters_rates(meter, register, caplog):
+    # An OpenAI-compatible model missing from LiteLLM's price map. LiteLLM leaves
+    # response_cost unset and reports 0.0 in its logging payload, with the failure beside
+    # it. Before the fix: charged 0 credits (entry.cost == 0).
+    logger = register(Recording(meter, cost_source="litellm"))
+    with caplog.at_level(logging.WARNING, logger="creditmeter.litellm"):
+        reply = litellm.completion(
+            model="openai/my-private-model",
+            messages=MESSAGES,
+            mock_response="hello world",
+            user="alice",
+        )
+        [(_, kwargs, _)] = logger.wait_for(1)
+    assert kwargs["standard_logging_object"]["response_cost"] == 0.0  # LiteLLM's "no price"
+    assert kwargs["standard_logging_object"]["response_cost_failure_debug_info"] is not None
+    [entry] = charges(meter.ledger("alice"))
+    usage = reported_usage(reply)
+    assert entry.cost == Pricing.librechat().cost("my-private-model", usage).total > 0
+    assert "response_cost_usd" not in entry.metadata
+    assert "could not price model 'my-private-model'" in caplog.text
+
+
+def test_litellms_float_cost_is_converted_without_its_noise(meter, register):
+    # 22 prompt and 125 completion tokens of gpt-4o-mini: LiteLLM sums the two float
+    # prices to 7.829999999999999e-05 USD. Before the fix: 78.29999999999999 credits.
+    logger = register(Recording(meter, cost_source="litellm"))
+    reply = ModelResponse(
+        model=MODEL,
+        choices=[Choices(index=0, finish_reason="stop", message=Message(content="hi"))],
+        usage=Usage(prompt_tokens=22, completion_tokens=125, total_tokens=147),
+    )
+    litellm.completion(model=MODEL, messages=MESSAGES, mock_response=reply, user="alice")
+    [(_, kwargs, _)] = logger.wait_for(1)
+    assert kwargs["response_cost"] == 7.829999999999999e-05  # the noise is really there
+    [entry] = charges(meter.ledger("alice"))
+    assert entry.cost == Decimal("78.3")
+    assert str(entry.cost) == "78.3"
+
+
+@pytest.mark.parametrize(
+    ("usd", "expected"),
+    [
+        (0.00022499999999999997, "225"),
+        (0.00019994999999999998, "199.95"),
+        (1.35e-05, "13.5"),
+        (0.1 + 0.2, "300000"),
+        (12.5, "12500000"),
+        (0.0, "0"),
+        (1e-30, "1E-24"),
+        (5e-324, "0"),
+    ],
+)
+def test_usd_to_credits_keeps_the_digits_a_float_holds(usd, expected):
+    assert str(usd_to_credits(usd)) == expected
+
+
+# --- the store down ------------------------------------------------------------------------
+
+
+class BrokenSQLite:
+    """An SQLite store's files overwritten with garbage (a real outage), then put back."""
+
+    def __init__(self, path: Path) -> None:
+        self.files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+        self.saved: dict[Path, bytes] = {}
+
+    def break_(self) -> None:
+        self.saved = {f: f.read_bytes() for f in self.files if f.exists()}
+        for f in self.saved:
+            with f.open("r+b") as handle:
+                handle.write(b"garbage!" * 4096)
+
+    def repair(self) -> None:
+        for f, data in self.saved.items():
+            with f.open("r+b") as handle:
+                handle.write(data)
+                handle.truncate()
+
+
+@pytest.fixture
+def sqlite_meter(tmp_path):
+    broken = BrokenSQLite(tmp_path / "credits.db")
+    events: list = []
+    store = SQLiteStore(broken.files[0])
+    with BalanceManager(store, BalanceConfig(enabled=True), on_event=events.append) as meter:
+        meter.balance("alice")
+        yield meter, broken, events
+
+
+def test_a_charge_the_store_cannot_take_is_one_log_line_and_an_unmetered_event(
+    sqlite_meter, register, caplog
+):
+    # Before the fix: logger.exception, a traceback per call, and no event.
+    meter, broken, events = sqlite_meter
+    logger = register(Recording(meter))
+    broken.break_()
+    with caplog.at_level(logging.WARNING):
+        reply = litellm.completion(
+            model=MODEL, messages=MESSAGES, mock_response="hello world", user="alice"
+        )
+        [(_, kwargs, _)] = logger.wait_for(1)
+    broken.repair()
+    [event] = [e for e in events if isinstance(e, Unmetered)]
+    assert (event.user_id, event.operation, event.model) == ("alice", "charge", MODEL)
+    assert event.usage == reported_usage(reply)
+    assert event.request_id == REQUEST_PREFIX + kwargs["litellm_call_id"]
+    records = [r for r in caplog.records if r.name.startswith("creditmeter")]
+    assert len(records) == 1
+    assert records[0].exc_info is None
+    assert "unmetered" in records[0].getMessage()
+
+
+def test_guard_under_both_store_policies(sqlite_meter):
+    meter, broken, _ = sqlite_meter
+    seen: list = []
+    closed = CreditMeterLogger(meter).guard(spy(litellm.completion, seen))
+    opened = CreditMeterLogger(meter, on_store_error="open").guard(spy(litellm.completion, seen))
+    broken.break_()
+    with pytest.raises(StoreError):
+        closed(model=MODEL, messages=MESSAGES, mock_response="hi", user="alice")
+    assert seen == []
+    opened(model=MODEL, messages=MESSAGES, mock_response="hi", user="alice")
+    assert seen == ["alice"]
+    broken.repair()
+    with pytest.raises(ConfigError, match="on_store_error"):
+        CreditMeterLogger(meter, on_store_error="ajar")  # type: ignore[arg-type]
+
+
+def test_the_proxy_pre_call_hook_answers_503_when_the_store_is_down(sqlite_meter, caplog):
+    meter, broken, _ = sqlite_meter
+    key = UserAPIKeyAuth(api_key="sk-hashed", user_id="key-owner")
+    broken.break_()
+
+    async def main():
+        with pytest.raises(fastapi.HTTPException) as refused:
+            await CreditMeterLogger(meter).async_pre_call_hook(
+                key, DualCache(), proxy_request("alice", "key-owner"), "acompletion"
+            )
+        passed = await CreditMeterLogger(meter, on_store_error="open").async_pre_call_hook(
+            key, DualCache(), proxy_request("alice", "key-owner"), "acompletion"
+        )
+        return refused.value, passed
+
+    with caplog.at_level(logging.WARNING, logger="creditmeter.litellm"):
+        refused, passed = asyncio.run(main())
+    broken.repair()
+    assert refused.status_code == 503
+    assert refused.headers == {"Retry-After": "5"}
+    assert passed is None
+    assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.WARNING]
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+# --- without the extra ---------------------------------------------------------------------
+
+
+def test_importing_without_litellm_says_which_extra_to_install():
+    # Before the fix: a bare "ModuleNotFoundError: No module named 'litellm'".
+    code = (
+        "import sys\n"
+        "sys.modules['litellm'] = None\n"
+        "try:\n"
+        "    import creditmeter.integrations.litellm\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc.name)\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    name, message = done.stdout.splitlines()[:2]
+    assert name == "litellm"
+    assert "pip install 'creditmeter[litellm]'" in message

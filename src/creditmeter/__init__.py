@@ -16,6 +16,7 @@ from creditmeter.events import (
     Granted,
     LowBalance,
     Refilled,
+    Unmetered,
 )
 from creditmeter.exceptions import (
     ConfigError,
@@ -101,6 +102,7 @@ __all__ = [
     "StoreError",
     "StreamUsage",
     "TokenUsage",
+    "Unmetered",
     "VersionConflict",
     "__version__",
     "acting_as",

@@ -9,11 +9,12 @@ breaks the operation. ``duration`` is the seconds the operation took.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Union
+from typing import Literal, Union
 
 import attrs
 
 from creditmeter.models import LedgerEntry
+from creditmeter.usage import TokenUsage
 
 __all__ = [
     "Charged",
@@ -23,6 +24,7 @@ __all__ = [
     "Granted",
     "LowBalance",
     "Refilled",
+    "Unmetered",
 ]
 
 
@@ -84,4 +86,30 @@ class ConflictRetried:
     user_id: str
 
 
-Event = Union[Charged, Granted, Refilled, Denied, LowBalance, ConflictRetried]  # noqa: UP007
+@attrs.frozen(kw_only=True)
+class Unmetered:
+    """A call was served but its charge could not be recorded: the store failed.
+
+    Sent by the ``metered`` decorator, the ASGI middleware and the LiteLLM
+    logger (not by a manager's own methods, which raise ``StoreError``).
+    ``operation`` is the write that failed (``"charge"``, or ``"settle"`` of
+    the call's hold); ``error`` is the store's message. ``model``, ``usage``
+    and ``amount`` (credits, when the amount was given rather than priced)
+    are what would have been charged, so the charge can be replayed once the
+    store is back: with ``request_id`` when there is one, that replay
+    charges once.
+    """
+
+    user_id: str
+    operation: Literal["charge", "settle"]
+    error: str
+    model: str | None = None
+    usage: TokenUsage | None = None
+    amount: Decimal | None = None
+    incomplete: bool = False
+    request_id: str | None = None
+
+
+Event = Union[  # noqa: UP007
+    Charged, Granted, Refilled, Denied, LowBalance, ConflictRetried, Unmetered
+]

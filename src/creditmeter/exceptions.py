@@ -4,7 +4,9 @@
 CreditMeterError
  ├── InvalidInput (also ValueError)      bad amount, id, datetime, usage
  ├── ConfigError  (also ValueError)      bad configuration key or value
- ├── InsufficientBalance                 user_id, balance, available, cost
+ ├── InsufficientBalance                 user_id, balance, available, cost;
+ │                                       to_dict(): LibreChat's token_balance payload,
+ │                                       to_error_body(): that and OpenAI's "error"
  ├── IdempotencyConflict                 request_id reused with other parameters
  ├── VersionConflict                     a store's compare-and-set lost (retried)
  ├── DuplicateRequest                    a store found the request_id already applied
@@ -94,6 +96,22 @@ class InsufficientBalance(CreditMeterError):
         if self.prompt_tokens is not None:
             payload["promptTokens"] = self.prompt_tokens
         return payload
+
+    def to_error_body(self) -> dict[str, Any]:
+        """Return the body of an HTTP 402 answer: OpenAI's error object and LibreChat's payload.
+
+        ``{"error": {"message", "type": "insufficient_quota", "param": None,
+        "code": "token_balance"}, "type": "token_balance", "balance",
+        "tokenCost"[, "promptTokens"]}``: the OpenAI and Anthropic SDKs show
+        ``error.message`` in their exception, LibreChat reads the rest.
+        """
+        error = {
+            "message": str(self),
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "token_balance",
+        }
+        return {"error": error, **self.to_dict()}
 
 
 class IdempotencyConflict(CreditMeterError):

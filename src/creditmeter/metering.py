@@ -8,6 +8,19 @@ A result that is a stream (an iterator, an async iterator, an SDK stream) is
 handed back wrapped: the same chunks, charged once when the stream ends, is
 closed or fails.
 
+When the store fails (``StoreError``), ``on_store_error`` decides: ``"closed"``
+(the default) refuses the call by raising the error before it runs;
+``"open"`` runs it unchecked (one warning in the log) and charges it after.
+Either way, a call that ran is never failed by its charge: a charge the store
+cannot take is logged (one line) and reported as an ``Unmetered`` event to the
+manager's ``on_event``, carrying what to charge once the store is back.
+
+A stream dropped unfinished is charged by its finaliser. The garbage
+collector may run that in a thread holding a lock the charge needs, so the
+finaliser never charges itself: it hands the charge to one small daemon
+thread (a bounded queue) and waits a moment for it, which is long enough
+when nothing is in the way.
+
 Sync functions need a ``BalanceManager``; coroutine functions and async
 generator functions an ``AsyncBalanceManager``.
 """
@@ -15,18 +28,24 @@ generator functions an ``AsyncBalanceManager``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+import os
+import queue
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, cast
 
 import attrs
 
 from creditmeter import _validate, rules
-from creditmeter.exceptions import ConfigError, InsufficientBalance, InvalidInput
+from creditmeter.events import Event, Unmetered
+from creditmeter.exceptions import ConfigError, InsufficientBalance, InvalidInput, StoreError
 from creditmeter.usage import StreamUsage, TokenUsage
 
 if TYPE_CHECKING:
@@ -36,13 +55,26 @@ if TYPE_CHECKING:
     from creditmeter.manager import BalanceManager
     from creditmeter.models import Hold
 
-__all__ = ["AsyncMeteredStream", "MeteredStream", "OnMissingUsage", "acting_as", "metered"]
+__all__ = [
+    "FINALIZER_WAIT",
+    "MAX_ABANDONED",
+    "AsyncMeteredStream",
+    "MeteredStream",
+    "OnMissingUsage",
+    "OnStoreError",
+    "acting_as",
+    "check_store_policy",
+    "metered",
+    "report_unmetered",
+]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 C = TypeVar("C")
 
 OnMissingUsage = Literal["warn", "error", "ignore"]
+OnStoreError = Literal["closed", "open"]
+"""What a metered call does when the store fails before it: refuse (``"closed"``) or run."""
 Getter = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 
 logger = logging.getLogger("creditmeter")
@@ -118,6 +150,7 @@ class _Meter:
     request_id: Getter | None
     on_missing_usage: OnMissingUsage
     max_tokens: Getter | None = None
+    on_store_error: OnStoreError = "closed"
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         user = self.user(args, kwargs) if self.user is not None else _acting_user.get()
@@ -220,11 +253,13 @@ def _make_meter(
     usage: object,
     request_id: object,
     on_missing_usage: OnMissingUsage,
+    on_store_error: OnStoreError = "closed",
 ) -> _Meter:
     if on_missing_usage not in ("warn", "error", "ignore"):
         raise ConfigError(
             f"on_missing_usage must be 'warn', 'error' or 'ignore', got {on_missing_usage!r}"
         )
+    check_store_policy(on_store_error)
     if estimate is not None and not callable(estimate):
         raise ConfigError(
             f"estimate= must be a callable over the call's arguments, got {estimate!r}"
@@ -240,7 +275,15 @@ def _make_meter(
         request_id=_getter(func, request_id, "request_id"),
         on_missing_usage=on_missing_usage,
         max_tokens=_max_tokens_getter(func),
+        on_store_error=on_store_error,
     )
+
+
+def check_store_policy(value: object) -> OnStoreError:
+    """Return ``value`` if it is an ``on_store_error`` policy, else raise ``ConfigError``."""
+    if value not in ("closed", "open"):
+        raise ConfigError(f"on_store_error must be 'closed' or 'open', got {value!r}")
+    return value
 
 
 _LIMIT_NAMES = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -281,6 +324,7 @@ def metered(
     usage: Callable[[Any], TokenUsage | None] | None = None,
     request_id: str | Callable[..., str | None] | None = None,
     on_missing_usage: OnMissingUsage = "warn",
+    on_store_error: OnStoreError = "closed",
 ) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """Meter every call of the decorated function against a user's balance.
 
@@ -294,6 +338,10 @@ def metered(
     makes the charge idempotent. When a result carries no usage,
     ``on_missing_usage`` logs a warning and charges the estimate (``"warn"``),
     raises ``InvalidInput`` (``"error"``) or charges nothing (``"ignore"``).
+    When the store fails before the call, ``on_store_error="closed"`` raises
+    its ``StoreError`` and the function never runs; ``"open"`` runs it
+    unchecked and charges it after. A charge that fails after the call is
+    logged and reported as an ``Unmetered`` event; the result is returned.
     """
     from creditmeter.aio import AsyncBalanceManager  # noqa: PLC0415 - a cycle otherwise
     from creditmeter.manager import BalanceManager  # noqa: PLC0415
@@ -307,6 +355,7 @@ def metered(
             usage=usage,
             request_id=request_id,
             on_missing_usage=on_missing_usage,
+            on_store_error=on_store_error,
         )
         if inspect.isasyncgenfunction(func) or inspect.iscoroutinefunction(func):
             if not isinstance(manager, AsyncBalanceManager):
@@ -344,15 +393,31 @@ def _hold_amount(manager: BalanceManager | AsyncBalanceManager, call: _Call) -> 
 # parallel calls then cannot all pass the check and overspend together.
 
 
-def _begin(manager: BalanceManager, call: _Call) -> Hold | None:
-    amount = _hold_amount(manager, call)
-    if amount is None:
-        manager.require(call.user)
-        return None
+def _begin(manager: BalanceManager, meter: _Meter, call: _Call) -> Hold | None:
     try:
-        return manager.hold(call.user, amount, request_id=call.request_id)
-    except InsufficientBalance as refused:
-        raise _with_prompt(refused, call) from None
+        amount = _hold_amount(manager, call)
+        if amount is None:
+            manager.require(call.user)
+            return None
+        try:
+            return manager.hold(call.user, amount, request_id=call.request_id)
+        except InsufficientBalance as refused:
+            raise _with_prompt(refused, call) from None
+    except StoreError as exc:
+        _unchecked(meter, call, exc)
+        return None
+
+
+def _unchecked(meter: _Meter, call: _Call, exc: StoreError) -> None:
+    """The store failed before a call: raise it (``"closed"``), or say the call runs unchecked."""
+    if meter.on_store_error == "closed":
+        raise exc
+    logger.warning(
+        "the store failed before %s of user %r (%s); running it unchecked (on_store_error='open')",
+        meter.name,
+        call.user,
+        exc,
+    )
 
 
 def _with_prompt(refused: InsufficientBalance, call: _Call) -> InsufficientBalance:
@@ -366,82 +431,184 @@ def _with_prompt(refused: InsufficientBalance, call: _Call) -> InsufficientBalan
     )
 
 
+def report_unmetered(
+    manager: BalanceManager | AsyncBalanceManager,
+    event: Unmetered,
+    *,
+    what: str,
+    log: logging.Logger = logger,
+) -> None:
+    """Log a charge the store could not take (one line) and hand ``event`` to ``on_event``.
+
+    ``what`` names the call in the log line. Never raises: a failing
+    callback is logged.
+    """
+    log.error(
+        "the store failed to %s %s of user %r (%s): the call is unmetered",
+        event.operation,
+        what,
+        event.user_id,
+        event.error,
+    )
+    _tell(manager.on_event, event)
+
+
+def _tell(callback: Callable[[Event], object] | None, event: Event) -> None:
+    if callback is None:
+        return
+    try:
+        callback(event)
+    except Exception:
+        logger.exception("the on_event callback failed on %s", type(event).__name__)
+
+
+def _unmetered(
+    manager: BalanceManager | AsyncBalanceManager,
+    meter: _Meter,
+    call: _Call,
+    *,
+    held: Hold | None,
+    spent: TokenUsage,
+    exc: StoreError,
+    incomplete: bool,
+) -> None:
+    event = Unmetered(
+        user_id=call.user,
+        operation="charge" if held is None else "settle",
+        error=str(exc),
+        model=call.model,
+        usage=spent,
+        incomplete=incomplete,
+        request_id=call.request_id,
+    )
+    report_unmetered(manager, event, what=meter.name)
+
+
+def _unreleased(meter: _Meter, held: Hold, exc: StoreError) -> None:
+    logger.warning(
+        "the store failed to release the hold %s of %s for user %r (%s); it lapses at %s",
+        held.id,
+        meter.name,
+        held.user_id,
+        exc,
+        held.expires_at.isoformat(),
+    )
+
+
 def _end(
     manager: BalanceManager,
+    meter: _Meter,
     call: _Call,
     held: Hold | None,
     spent: TokenUsage | None,
     *,
     incomplete: bool = False,
 ) -> None:
-    if held is None:
-        if spent is not None:
-            manager.charge(
-                call.user,
-                model=call.model,
-                usage=spent,
-                incomplete=incomplete,
-                request_id=call.request_id,
-            )
-    elif spent is None:
-        manager.release(held)
-    else:
-        manager.settle(held, model=call.model, usage=spent, incomplete=incomplete)
-
-
-async def _abegin(manager: AsyncBalanceManager, call: _Call) -> Hold | None:
-    amount = _hold_amount(manager, call)
-    if amount is None:
-        await manager.require(call.user)
-        return None
+    """Charge (or settle, or release) after a call; a store failure is reported, not raised."""
     try:
-        return await manager.hold(call.user, amount, request_id=call.request_id)
-    except InsufficientBalance as refused:
-        raise _with_prompt(refused, call) from None
+        if held is None:
+            if spent is not None:
+                manager.charge(
+                    call.user,
+                    model=call.model,
+                    usage=spent,
+                    incomplete=incomplete,
+                    request_id=call.request_id,
+                )
+        elif spent is None:
+            manager.release(held)
+        else:
+            manager.settle(held, model=call.model, usage=spent, incomplete=incomplete)
+    except StoreError as exc:
+        if spent is None:
+            assert held is not None
+            _unreleased(meter, held, exc)
+        else:
+            _unmetered(manager, meter, call, held=held, spent=spent, exc=exc, incomplete=incomplete)
+
+
+def _release_after_failure(manager: BalanceManager, meter: _Meter, held: Hold | None) -> None:
+    """Release the hold of a call that raised; a store failure must not hide its error."""
+    if held is not None:
+        try:
+            manager.release(held)
+        except StoreError as exc:
+            _unreleased(meter, held, exc)
+
+
+async def _abegin(manager: AsyncBalanceManager, meter: _Meter, call: _Call) -> Hold | None:
+    try:
+        amount = _hold_amount(manager, call)
+        if amount is None:
+            await manager.require(call.user)
+            return None
+        try:
+            return await manager.hold(call.user, amount, request_id=call.request_id)
+        except InsufficientBalance as refused:
+            raise _with_prompt(refused, call) from None
+    except StoreError as exc:
+        _unchecked(meter, call, exc)
+        return None
 
 
 async def _aend(
     manager: AsyncBalanceManager,
+    meter: _Meter,
     call: _Call,
     held: Hold | None,
     spent: TokenUsage | None,
     *,
     incomplete: bool = False,
 ) -> None:
-    if held is None:
-        if spent is not None:
-            await manager.charge(
-                call.user,
-                model=call.model,
-                usage=spent,
-                incomplete=incomplete,
-                request_id=call.request_id,
-            )
-    elif spent is None:
+    """``_end`` for an async manager."""
+    try:
+        if held is None:
+            if spent is not None:
+                await manager.charge(
+                    call.user,
+                    model=call.model,
+                    usage=spent,
+                    incomplete=incomplete,
+                    request_id=call.request_id,
+                )
+        elif spent is None:
+            await manager.release(held)
+        else:
+            await manager.settle(held, model=call.model, usage=spent, incomplete=incomplete)
+    except StoreError as exc:
+        if spent is None:
+            assert held is not None
+            _unreleased(meter, held, exc)
+        else:
+            _unmetered(manager, meter, call, held=held, spent=spent, exc=exc, incomplete=incomplete)
+
+
+async def _arelease(manager: AsyncBalanceManager, meter: _Meter, held: Hold) -> None:
+    """Release the hold of a call that raised; a store failure must not hide its error."""
+    try:
         await manager.release(held)
-    else:
-        await manager.settle(held, model=call.model, usage=spent, incomplete=incomplete)
+    except StoreError as exc:
+        _unreleased(meter, held, exc)
 
 
 def _sync(func: Callable[P, T], meter: _Meter, manager: BalanceManager) -> Callable[P, T]:
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         call = meter.call(args, kwargs)
-        held = _begin(manager, call)
+        held = _begin(manager, meter, call)
         try:
             result = func(*args, **kwargs)
         except BaseException:
-            if held is not None:
-                manager.release(held)
+            _release_after_failure(manager, meter, held)
             raise
         if _is_iterator(result):
 
             def finish(seen: StreamUsage, complete: bool) -> None:
                 spent, cut = meter.settle_stream(call, seen, complete=complete)
-                _end(manager, call, held, spent, incomplete=cut)
+                _end(manager, meter, call, held, spent, incomplete=cut)
 
             return cast("T", MeteredStream(cast("Iterator[Any]", result), finish))
-        _end(manager, call, held, _usage_or_missing(meter, call, result))
+        _end(manager, meter, call, held, _usage_or_missing(meter, call, result))
         return result
 
     return wrapper
@@ -487,21 +654,21 @@ def _coroutine(
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = meter.call(args, kwargs)
-        held = await _abegin(manager, call)
+        held = await _abegin(manager, meter, call)
         try:
             result = await func(*args, **kwargs)
         except BaseException:
-            if held is not None:
-                await manager.release(held)
+            if held is not None:  # shielded: a cancelled caller still lets go of its hold
+                await _shielded(_arelease(manager, meter, held))
             raise
         if _is_async_iterator(result):
 
             async def finish(seen: StreamUsage, complete: bool) -> None:
                 spent, cut = meter.settle_stream(call, seen, complete=complete)
-                await _aend(manager, call, held, spent, incomplete=cut)
+                await _aend(manager, meter, call, held, spent, incomplete=cut)
 
             return AsyncMeteredStream(result, finish)
-        await _aend(manager, call, held, _usage_or_missing(meter, call, result))
+        await _aend(manager, meter, call, held, _usage_or_missing(meter, call, result))
         return result
 
     return wrapper
@@ -513,11 +680,11 @@ def _async_generator(
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         call = meter.call(args, kwargs)
-        held = await _abegin(manager, call)
+        held = await _abegin(manager, meter, call)
 
         async def finish(seen: StreamUsage, complete: bool) -> None:
             spent, cut = meter.settle_stream(call, seen, complete=complete)
-            await _aend(manager, call, held, spent, incomplete=cut)
+            await _aend(manager, meter, call, held, spent, incomplete=cut)
 
         stream = AsyncMeteredStream(func(*args, **kwargs), finish)
         try:
@@ -540,6 +707,7 @@ class MeteredStream(Generic[C]):
     the reported usage if any chunk carried it, else the estimate's input
     plus one output token per content chunk). Attributes of the wrapped
     stream stay reachable, and ``with`` closes it as the stream's own would.
+    A stream dropped unfinished is charged by the finaliser thread.
     """
 
     def __init__(self, inner: Iterator[C], finish: Callable[[StreamUsage, bool], None]) -> None:
@@ -547,6 +715,7 @@ class MeteredStream(Generic[C]):
         self._finish = finish
         self._seen = StreamUsage()
         self._done = False
+        _FINALIZER.start()  # here, not in __del__: starting a thread takes locks
 
     def __iter__(self) -> MeteredStream[C]:
         return self
@@ -589,21 +758,131 @@ class MeteredStream(Generic[C]):
         return getattr(self._inner, name)
 
     def __del__(self) -> None:
-        # A stream dropped unfinished is still charged, once; never raise from a finalizer.
+        # Dropped unfinished: charged once, by the finaliser thread. The garbage collector
+        # may run this in a thread holding a lock the charge takes: never charge here.
         if not self.__dict__.get("_done", True):
+            self._done = True
+            _FINALIZER.submit(functools.partial(self._finish, self._seen, False))  # noqa: FBT003
+
+
+MAX_ABANDONED = 10_000
+"""Charges of dropped streams that may wait for the finaliser thread; more are logged and lost."""
+
+FINALIZER_WAIT = 1.0
+"""Seconds a finaliser waits for its charge (it lands later if something holds it up)."""
+
+
+class _Finalizer:
+    """One daemon thread that charges dropped streams, fed by a queue that is safe in ``__del__``.
+
+    ``queue.SimpleQueue.put`` is re-entrant (it may run inside a finaliser that
+    interrupted another ``put``) and takes no lock a charge holds. A forked
+    child gets a queue and a thread of its own; what the parent had queued is
+    the parent's to charge.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._starting = threading.Lock()
+        self._exit_hook = False
+        self._behind = False  # a finaliser stopped waiting: the thread is held up
+
+    def start(self) -> None:
+        """Make sure this process's thread runs; call it from ordinary code, never a finaliser."""
+        if self._pid == os.getpid():
+            return
+        with self._starting:
+            if self._pid == os.getpid():
+                return
+            thread = threading.Thread(
+                target=self._run, args=(self._queue,), name="creditmeter-finalizer", daemon=True
+            )
+            thread.start()
+            self._thread = thread
+            self._pid = os.getpid()
+            if not self._exit_hook:
+                atexit.register(self.flush, FINALIZER_WAIT * 5)
+                self._exit_hook = True
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's queue and thread; start one if it had one."""
+        had = self._pid != 0
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._pid = 0
+        self._starting = threading.Lock()
+        self._behind = False
+        if had:
+            self.start()
+
+    def submit(self, job: Callable[[], object]) -> None:
+        """Queue ``job`` and wait up to ``FINALIZER_WAIT`` seconds for it; never blocks longer."""
+        thread = self._thread
+        if sys.is_finalizing() or thread is None or self._pid != os.getpid():
+            logger.warning(
+                "an unfinished metered stream was dropped with no finaliser: not charged"
+            )
+            return
+        if self._queue.qsize() >= MAX_ABANDONED:
+            logger.error("%d dropped streams wait to be charged: this one is not", MAX_ABANDONED)
+            return
+        done = threading.Event()
+        self._queue.put(functools.partial(_run_then_set, job, done))
+        # Wait unless the thread is held up already (then this job waits behind that one).
+        if threading.current_thread() is not thread and not self._behind:
+            self._behind = not done.wait(FINALIZER_WAIT)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued so far has run; ``False`` if ``timeout`` passed first."""
+        if self._thread is None or self._pid != os.getpid():
+            return True
+        done = threading.Event()
+        self._queue.put(done.set)
+        return done.wait(timeout)
+
+    def _run(self, jobs: queue.SimpleQueue[Callable[[], object]]) -> None:
+        while True:
+            job = jobs.get()
             try:
-                self._end(complete=False)
+                job()
             except Exception:
-                logger.exception("charging an abandoned stream failed")
+                logger.exception("charging a dropped metered stream failed")
+            if jobs.empty():
+                self._behind = False
+
+
+def _run_then_set(job: Callable[[], object], done: threading.Event) -> None:
+    try:
+        job()
+    finally:
+        done.set()
+
+
+_FINALIZER = _Finalizer()
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_FINALIZER.after_fork)
+
+
+def _flush_finalizers(timeout: float) -> bool:
+    """Wait until the charges of streams dropped so far have landed (for tests)."""
+    return _FINALIZER.flush(timeout)
 
 
 class AsyncMeteredStream(Generic[C]):
-    """The async twin of ``MeteredStream``; close it with ``aclose()`` or ``async with``."""
+    """The async twin of ``MeteredStream``; close it with ``aclose()`` or ``async with``.
+
+    A stream cut short (closed, failed, or its consumer cancelled) is charged
+    to the end even if the consuming task is cancelled again meanwhile, as
+    anyio does at every await of a cancelled scope; the cancellation still
+    reaches the consumer.
+    """
 
     def __init__(
         self,
         inner: AsyncIterator[C],
-        finish: Callable[[StreamUsage, bool], Any],
+        finish: Callable[[StreamUsage, bool], Awaitable[None]],
     ) -> None:
         self._inner = inner
         self._finish = finish
@@ -622,20 +901,22 @@ class AsyncMeteredStream(Generic[C]):
             await self._end(complete=True)
             raise
         except BaseException:
-            await self._end(complete=False)
+            await self._end(complete=False, shielded=True)
             raise
         self._seen.add(chunk)
         return chunk
 
-    async def _end(self, *, complete: bool) -> None:
+    async def _end(self, *, complete: bool, shielded: bool = False) -> None:
+        # Shielded (a task of its own) only when cut short: a task costs loop turns.
         if not self._done:
             self._done = True
-            await self._finish(self._seen, complete)
+            work = self._finish(self._seen, complete)
+            await (_shielded(work) if shielded else work)
 
     async def aclose(self) -> None:
         """Close the stream; if it had not ended, charge what was produced as incomplete."""
         try:
-            await self._end(complete=False)
+            await self._end(complete=False, shielded=True)
         finally:
             close = getattr(self._inner, "aclose", None) or getattr(self._inner, "close", None)
             if close is not None:
@@ -667,4 +948,26 @@ class AsyncMeteredStream(Generic[C]):
         task.add_done_callback(_PENDING.discard)
 
 
-_PENDING: set[asyncio.Task[None]] = set()  # charges of dropped streams still running
+_PENDING: set[asyncio.Task[None]] = set()  # charges still running for a cancelled caller
+
+
+async def _shielded(work: Awaitable[None]) -> None:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile.
+
+    The caller still sees its cancellation (anyio re-delivers one at every
+    await of a cancelled scope); the work goes on as a task of its own, and
+    a failure nobody is left to see is logged.
+    """
+    task = asyncio.ensure_future(work)
+    _PENDING.add(task)
+    task.add_done_callback(_PENDING.discard)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_orphan_failed)
+        raise
+
+
+def _orphan_failed(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        logger.error("a metered call's charge failed after its caller was cancelled: %r", error)

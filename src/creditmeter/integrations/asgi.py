@@ -13,7 +13,8 @@ For each ``POST`` to one of ``paths`` it:
 2. reads the JSON body and holds the prompt estimate plus ``max_tokens``
    (or ``max_completion_tokens``, ``max_output_tokens``; times ``n``) at the
    model's rates, before the app runs; a user who cannot pay gets ``402``
-   with LibreChat's ``token_balance`` payload and the app never runs;
+   with LibreChat's ``token_balance`` payload inside OpenAI's error shape
+   (``InsufficientBalance.to_error_body``) and the app never runs;
 3. replays the body to the app and watches what it sends: a JSON response
    is settled with its ``usage``; a ``text/event-stream`` response is passed
    on chunk by chunk while its ``data:`` events are parsed as they go by (only
@@ -26,6 +27,13 @@ For each ``POST`` to one of ``paths`` it:
 
 Each hold is resolved once, and before the response's end is passed on: a
 client that has read the whole answer is already charged.
+
+When the store fails (``StoreError``) before the app runs, ``on_store_error``
+decides: ``"closed"`` (the default) answers ``503`` with a ``Retry-After``
+header and an OpenAI-shaped error, and logs one line; ``"open"`` serves the
+request unchecked (one warning) and charges it after. A charge the store
+cannot take after the app ran is logged (one line) and reported to the
+manager's ``on_event`` as an ``Unmetered`` event.
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ from typing import Any, Literal
 
 from creditmeter import _validate, rules
 from creditmeter.aio import AsyncBalanceManager
-from creditmeter.exceptions import InsufficientBalance, InvalidInput
+from creditmeter.events import Unmetered
+from creditmeter.exceptions import ConfigError, InsufficientBalance, InvalidInput, StoreError
+from creditmeter.metering import OnStoreError, check_store_policy, report_unmetered
 from creditmeter.models import Hold
 from creditmeter.usage import MAX_TOKENS, StreamUsage, TokenUsage
 
@@ -147,12 +157,15 @@ def _text_length(value: object) -> int:
 
 
 class _Refusal(Exception):
-    """A request answered by the middleware itself (400, 401, 402)."""
+    """A request answered by the middleware itself (400, 401, 402, 503)."""
 
-    def __init__(self, status: int, payload: dict[str, Any]) -> None:
+    def __init__(
+        self, status: int, payload: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()
+    ) -> None:
         super().__init__(status)
         self.status = status
         self.payload = payload
+        self.headers = list(headers)
 
 
 def _error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> _Refusal:
@@ -172,6 +185,9 @@ class CreditMeterMiddleware:
     ``user(scope, headers)`` (headers lowercased; it may be async) when given;
     return ``None`` for "no user" (``401``). ``estimate(body)`` returns the
     prompt's input tokens (default: ``estimate_prompt_tokens``).
+    ``on_store_error`` is what to do when the store fails before the app runs:
+    answer ``503`` with ``Retry-After: retry_after`` (``"closed"``), or serve
+    the request unchecked and charge it after (``"open"``).
 
     Put it inside any compression middleware: a compressed response body
     cannot be read for usage (it is then charged the estimate, with a warning).
@@ -186,6 +202,8 @@ class CreditMeterMiddleware:
         user_header: str = "x-user-id",
         user: UserResolver | None = None,
         estimate: Estimator | None = None,
+        on_store_error: OnStoreError = "closed",
+        retry_after: int = 5,
     ) -> None:
         if not isinstance(meter, AsyncBalanceManager):
             raise TypeError(
@@ -195,6 +213,10 @@ class CreditMeterMiddleware:
             raise TypeError(f"user= must be a callable (scope, headers) -> str | None: {user!r}")
         if estimate is not None and not callable(estimate):
             raise TypeError(f"estimate= must be a callable (body) -> int: {estimate!r}")
+        if type(retry_after) is not int or retry_after < 0:
+            raise ConfigError(f"retry_after must be a whole number of seconds, got {retry_after!r}")
+        self.on_store_error = check_store_policy(on_store_error)
+        self.retry_after = retry_after
         self.app = app
         self.meter = meter
         self.paths = frozenset([paths] if isinstance(paths, str) else paths)
@@ -255,6 +277,8 @@ class _Exchange:
         self._receive = receive
         self._send = send
         self.body: bytes | None = None  # the request body, until replayed to the app
+        self.user = ""
+        self.unchecked = False  # the store failed before the app: no hold, charge after
         self.model: str | None = None
         self.prompt = 0
         self.hold: Hold | None = None
@@ -276,9 +300,9 @@ class _Exchange:
         try:
             await self._begin()
         except _Refusal as refusal:
-            await _reply(self._send, refusal.status, refusal.payload)
+            await _reply(self._send, refusal.status, refusal.payload, refusal.headers)
             return
-        if self.hold is None:  # the client left while sending its request
+        if self.hold is None and not self.unchecked:  # the client left while sending its request
             return
         try:
             await self.middleware.app(self.scope, self.receive, self.send)
@@ -294,7 +318,7 @@ class _Exchange:
             hint = "" if self.middleware.user is not None else f": send the {header} header"
             raise _error(401, f"no user{hint}", "missing_user", "authentication_error")
         try:
-            user = _validate.user_id(user)
+            user = self.user = _validate.user_id(user)
         except InvalidInput as exc:
             raise _error(400, str(exc), "invalid_user") from None
         raw = await self._read_body()
@@ -325,10 +349,36 @@ class _Exchange:
                 available=refused.available,
                 cost=refused.cost,
                 prompt_tokens=self.prompt,
-            ).to_dict()
+            ).to_error_body()
             raise _Refusal(402, payload) from None
         except InvalidInput as exc:
             raise _error(400, str(exc), "invalid_request") from None
+        except StoreError as exc:
+            self._store_failed(exc)
+
+    def _store_failed(self, exc: StoreError) -> None:
+        """The store failed before the app: refuse with 503, or serve unchecked (the policy)."""
+        middleware = self.middleware
+        if middleware.on_store_error == "open":
+            logger.warning(
+                "the store failed before a request of user %r (%s); serving it unchecked "
+                "(on_store_error='open')",
+                self.user,
+                exc,
+            )
+            self.unchecked = True
+            return
+        logger.error(
+            "the store failed before a request of user %r (%s); answered 503", self.user, exc
+        )
+        refusal = _error(
+            503,
+            "the credit store is unavailable: try again later",
+            "store_unavailable",
+            "service_unavailable",
+        )
+        refusal.headers.append((b"retry-after", str(middleware.retry_after).encode()))
+        raise refusal from None
 
     async def _read_body(self) -> bytes | None:
         chunks: list[bytes] = []
@@ -435,11 +485,10 @@ class _Exchange:
         return TokenUsage(input=self.prompt, output=content_chunks)
 
     def _missing(self, problem: str, fallback: TokenUsage) -> tuple[TokenUsage, bool]:
-        assert self.hold is not None
         logger.warning(
             "%s for user %r, model %r; charging the estimate (%d input, %d output tokens)",
             problem,
-            self.hold.user_id,
+            self.user,
             self.model,
             fallback.prompt_total,
             fallback.output,
@@ -506,19 +555,48 @@ class _Exchange:
         return (self._estimate(), True) if gone else (None, False)
 
     async def _resolve(self, outcome: tuple[TokenUsage | None, bool]) -> None:
-        """Settle or release the hold, once; a store that fails is logged, not raised."""
+        """Settle or release the hold (or charge, unchecked), once; a failure is logged."""
         self.outcome = outcome
         hold = self.hold
-        assert hold is not None
         spent, incomplete = outcome
         try:
-            if spent is None:
+            if hold is None:  # served unchecked
+                if spent is not None:
+                    await self.meter.charge(
+                        self.user, model=self.model, usage=spent, incomplete=incomplete
+                    )
+            elif spent is None:
                 await self.meter.release(hold)
             else:
                 await self.meter.settle(hold, model=self.model, usage=spent, incomplete=incomplete)
+        except StoreError as exc:
+            self._unresolved(exc, hold, spent, incomplete=incomplete)
         except Exception:
-            logger.exception("resolving the hold %s of user %r failed", hold.id, hold.user_id)
+            logger.exception("resolving the request of user %r failed", self.user)
         self.resolved = True
+
+    def _unresolved(
+        self, exc: StoreError, hold: Hold | None, spent: TokenUsage | None, *, incomplete: bool
+    ) -> None:
+        """The store failed after the app: report the lost charge, or the hold left to lapse."""
+        if spent is not None:
+            event = Unmetered(
+                user_id=self.user,
+                operation="charge" if hold is None else "settle",
+                error=str(exc),
+                model=self.model,
+                usage=spent,
+                incomplete=incomplete,
+            )
+            report_unmetered(self.meter, event, what="a request", log=logger)
+        elif hold is not None:
+            logger.warning(
+                "the store failed to release the hold %s of user %r (%s); it lapses at %s",
+                hold.id,
+                self.user,
+                exc,
+                hold.expires_at.isoformat(),
+            )
 
     async def _end(self, *, failed: bool) -> None:
         """After the app: resolve the hold if the response did not (shielded from cancellation)."""
@@ -606,7 +684,9 @@ class _SSEParser:
         # Other fields (event:, id:, retry:) and comments tell nothing about usage.
 
 
-async def _reply(send: Send, status: int, payload: dict[str, Any]) -> None:
+async def _reply(
+    send: Send, status: int, payload: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
     body = json.dumps(payload).encode()
     await send(
         {
@@ -615,6 +695,7 @@ async def _reply(send: Send, status: int, payload: dict[str, Any]) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *headers,
             ],
         }
     )

@@ -11,8 +11,9 @@ charged to its user::
   stream, the single event LiteLLM sends with the assembled response once the
   stream ends): the usage LiteLLM reports is charged at creditmeter's prices,
   or, with ``cost_source="litellm"``, LiteLLM's own ``response_cost`` (USD)
-  times 1,000,000 credits. The request id is ``"litellm:" + litellm_call_id``,
-  so an event delivered twice charges once. A failed call is never charged.
+  times 1,000,000 credits (creditmeter's prices when LiteLLM could not price
+  the call). The request id is ``"litellm:" + litellm_call_id``, so an event
+  delivered twice charges once. A failed call is never charged.
 - **Before a call, behind the proxy**: ``async_pre_call_hook`` refuses a user
   whose available balance is used up with ``fastapi.HTTPException(402)``,
   which the proxy answers as an OpenAI-style error carrying LibreChat's
@@ -21,6 +22,12 @@ charged to its user::
   pre-API-call logging hooks, so a refusal cannot come from there. Wrap the
   call instead: ``completion = meter_logger.guard(litellm.completion)`` raises
   ``InsufficientBalance`` before LiteLLM runs.
+
+When the store fails (``StoreError``), ``on_store_error`` decides for the
+checks before a call: ``"closed"`` (the default) refuses it (``guard``
+raises the ``StoreError``, the proxy answers ``503``); ``"open"`` lets it run
+unchecked, with a warning. A charge the store cannot take is logged (one
+line) and reported to the manager's ``on_event`` as an ``Unmetered`` event.
 
 The user is the call's OpenAI ``user`` field by default; ``user_from=
 "metadata.<key>"`` reads the call's metadata (behind the proxy,
@@ -35,6 +42,7 @@ from the network unless ``LITELLM_LOCAL_MODEL_COST_MAP=True`` is set first.
 from __future__ import annotations
 
 import asyncio
+import decimal
 import functools
 import inspect
 import logging
@@ -44,13 +52,24 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 
 import attrs
-import litellm
-from litellm.integrations.custom_logger import CustomLogger
+
+try:
+    import litellm
+    from litellm.integrations.custom_logger import CustomLogger
+except ImportError as _missing:
+    raise ModuleNotFoundError(
+        "creditmeter.integrations.litellm needs LiteLLM: pip install 'creditmeter[litellm]' "
+        f"({_missing})",
+        name="litellm",
+    ) from _missing
 
 from creditmeter import _validate
+from creditmeter._exact import EXACT
 from creditmeter.aio import AsyncBalanceManager
-from creditmeter.exceptions import ConfigError, InsufficientBalance, InvalidInput
+from creditmeter.events import Unmetered
+from creditmeter.exceptions import ConfigError, InsufficientBalance, InvalidInput, StoreError
 from creditmeter.manager import BalanceManager
+from creditmeter.metering import OnStoreError, check_store_policy, report_unmetered
 from creditmeter.usage import TokenUsage
 
 if TYPE_CHECKING:
@@ -63,10 +82,13 @@ if TYPE_CHECKING:
 __all__ = [
     "CREDITS_PER_USD",
     "REQUEST_PREFIX",
+    "RETRY_AFTER",
+    "USD_DIGITS",
     "CostSource",
     "CreditMeterLogger",
     "LiteLLMCall",
     "UserFrom",
+    "usd_to_credits",
 ]
 
 P = ParamSpec("P")
@@ -80,6 +102,12 @@ CREDITS_PER_USD = Decimal(1_000_000)
 
 REQUEST_PREFIX = "litellm:"
 """A charge's request id is this prefix and LiteLLM's ``litellm_call_id``."""
+
+RETRY_AFTER = 5
+"""Seconds the proxy's ``503`` (the store failed before a call) asks a client to wait."""
+
+USD_DIGITS = 15
+"""Significant digits kept of LiteLLM's float cost: a float holds 15 exactly, the rest is noise."""
 
 logger = logging.getLogger("creditmeter.litellm")
 
@@ -196,7 +224,8 @@ class CreditMeterLogger(CustomLogger):
     charged at creditmeter's prices, with a warning). With
     ``estimate_prompt=True`` the checks before a call price the prompt
     (``litellm.token_counter``) as LibreChat does, instead of only asking
-    whether anything is left.
+    whether anything is left. ``on_store_error`` is what a check does when
+    the store fails: refuse the call (``"closed"``) or let it run (``"open"``).
     """
 
     def __init__(
@@ -206,6 +235,7 @@ class CreditMeterLogger(CustomLogger):
         user_from: UserFrom = "user",
         cost_source: CostSource = "creditmeter",
         estimate_prompt: bool = False,
+        on_store_error: OnStoreError = "closed",
     ) -> None:
         if not isinstance(meter, (BalanceManager, AsyncBalanceManager)):
             raise TypeError(
@@ -218,6 +248,7 @@ class CreditMeterLogger(CustomLogger):
             )
         if type(estimate_prompt) is not bool:
             raise ConfigError(f"estimate_prompt must be True or False, got {estimate_prompt!r}")
+        self.on_store_error = check_store_policy(on_store_error)
         super().__init__()
         self.meter = meter
         self.user_from = user_from
@@ -266,26 +297,50 @@ class CreditMeterLogger(CustomLogger):
         return user, {"model": call.model, "input_tokens": int(tokens)}
 
     def check(self, call: LiteLLMCall) -> None:
-        """Raise ``InsufficientBalance`` if the user of ``call`` cannot pay (sync manager)."""
+        """Raise ``InsufficientBalance`` if the user of ``call`` cannot pay (sync manager).
+
+        When the store fails, raise its ``StoreError`` (``on_store_error="closed"``)
+        or let the call go with a warning (``"open"``).
+        """
         meter = self.meter
         if not isinstance(meter, BalanceManager):
             raise TypeError("check() needs a BalanceManager; use acheck() with an async one")
         found = self._check_arguments(call)
         if found is not None:
             user, options = found
-            meter.require(user, **options)
+            try:
+                meter.require(user, **options)
+            except StoreError as exc:
+                self._unchecked(user, call, exc)
 
     async def acheck(self, call: LiteLLMCall) -> None:
-        """Raise ``InsufficientBalance`` if the user of ``call`` cannot pay (either manager)."""
+        """Raise ``InsufficientBalance`` if the user of ``call`` cannot pay (either manager).
+
+        A store that fails is handled as in ``check``.
+        """
         found = self._check_arguments(call)
         if found is None:
             return
         user, options = found
         meter = self.meter
-        if isinstance(meter, AsyncBalanceManager):
-            await meter.require(user, **options)
-        else:
-            await asyncio.to_thread(functools.partial(meter.require, user, **options))
+        try:
+            if isinstance(meter, AsyncBalanceManager):
+                await meter.require(user, **options)
+            else:
+                await asyncio.to_thread(functools.partial(meter.require, user, **options))
+        except StoreError as exc:
+            self._unchecked(user, call, exc)
+
+    def _unchecked(self, user: str, call: LiteLLMCall, exc: StoreError) -> None:
+        if self.on_store_error == "closed":
+            raise exc
+        logger.warning(
+            "the store failed checking user %r before a LiteLLM call of %r (%s); letting it run "
+            "unchecked (on_store_error='open')",
+            user,
+            call.model,
+            exc,
+        )
 
     def guard(self, func: Callable[P, T]) -> Callable[P, T]:
         """Wrap ``litellm.completion`` or ``litellm.acompletion``: refuse before LiteLLM runs.
@@ -339,16 +394,29 @@ class CreditMeterLogger(CustomLogger):
         Raises ``fastapi.HTTPException(402, detail={"error": message,
         "type": "token_balance", "balance", "tokenCost"[, "promptTokens"]})``,
         which the proxy turns into its OpenAI-style error response (the
-        detail lands in ``error.provider_specific_fields``). Without FastAPI
-        installed it raises the ``InsufficientBalance`` itself.
+        detail lands in ``error.provider_specific_fields``). When the store
+        fails and ``on_store_error="closed"``, raises
+        ``HTTPException(503, headers={"Retry-After": "5"})`` and logs one line.
+        Without FastAPI installed it raises the creditmeter error itself.
         """
+        call = LiteLLMCall.from_request(data)
         try:
-            await self.acheck(LiteLLMCall.from_request(data))
+            await self.acheck(call)
         except InsufficientBalance as refused:
             error = _http_refusal(refused)
             if error is refused:
                 raise
             raise error from refused
+        except StoreError as failed:
+            logger.error(  # noqa: TRY400 - one line: the outage is the news, not a traceback
+                "the store failed before a LiteLLM proxy call of %r (%s); answered 503",
+                call.model,
+                failed,
+            )
+            error = _http_unavailable(failed)
+            if error is failed:
+                raise
+            raise error from None
 
     # --- after a call -----------------------------------------------------------------
 
@@ -360,6 +428,7 @@ class CreditMeterLogger(CustomLogger):
         end_time: datetime | None,  # noqa: ARG002
     ) -> None:
         """Charge a finished sync call (LiteLLM runs this in its logging thread)."""
+        charge = None
         try:
             charge = self._charge_of(kwargs, response_obj)
             if charge is None:
@@ -374,6 +443,8 @@ class CreditMeterLogger(CustomLogger):
                 )
                 return
             _charge_with(meter, charge)
+        except StoreError as exc:
+            self._unmetered(charge, exc, kwargs)
         except Exception:
             logger.exception("charging a LiteLLM call failed (call %s)", _call_id(kwargs))
 
@@ -385,6 +456,7 @@ class CreditMeterLogger(CustomLogger):
         end_time: datetime | None,  # noqa: ARG002
     ) -> None:
         """Charge a finished async call, or a proxy call (on LiteLLM's loop)."""
+        charge = None
         try:
             charge = self._charge_of(kwargs, response_obj)
             if charge is None:
@@ -401,8 +473,25 @@ class CreditMeterLogger(CustomLogger):
                 )
             else:
                 await asyncio.to_thread(_charge_with, meter, charge)
+        except StoreError as exc:
+            self._unmetered(charge, exc, kwargs)
         except Exception:
             logger.exception("charging a LiteLLM call failed (call %s)", _call_id(kwargs))
+
+    def _unmetered(self, charge: _Charge | None, exc: StoreError, kwargs: dict[str, Any]) -> None:
+        if charge is None:  # not from the store's charge: a bug, with its traceback
+            logger.error("charging a LiteLLM call failed (call %s)", _call_id(kwargs), exc_info=exc)
+            return
+        event = Unmetered(
+            user_id=charge.user,
+            operation="charge",
+            error=str(exc),
+            model=charge.model,
+            usage=charge.usage,
+            amount=charge.amount,
+            request_id=charge.request_id,
+        )
+        report_unmetered(self.meter, event, what="a LiteLLM call", log=logger)
 
     def _charge_of(self, kwargs: Mapping[str, Any], response: Any) -> _Charge | None:
         """What to charge for a success event, or ``None`` (logged) when nothing can be."""
@@ -428,10 +517,10 @@ class CreditMeterLogger(CustomLogger):
         amount = None
         if self.cost_source == "litellm":
             if usd is not None:
-                amount = Decimal(str(usd)) * CREDITS_PER_USD
+                amount = usd_to_credits(usd)
             elif usage is not None:
                 logger.warning(
-                    "LiteLLM reported no cost for model %r; charging %r at creditmeter's prices",
+                    "LiteLLM could not price model %r; charging %r at creditmeter's prices",
                     model,
                     user,
                 )
@@ -471,17 +560,58 @@ def _call_id(kwargs: Mapping[str, Any]) -> str | None:
 
 
 def _response_cost(kwargs: Mapping[str, Any]) -> float | None:
-    """LiteLLM's cost of the call in USD, if it computed one."""
+    """LiteLLM's cost of the call in USD, if it priced the call.
+
+    When LiteLLM cannot price a call (a model missing from its price map) it
+    leaves ``response_cost`` unset but reports 0.0 in its logging payload,
+    with the failure beside it: that is no price, not a price of zero.
+    """
+    if kwargs.get("response_cost_failure_debug_information") is not None:
+        return None
     cost = kwargs.get("response_cost")
     if cost is None:
         payload = kwargs.get("standard_logging_object")
-        if isinstance(payload, Mapping):
+        if isinstance(payload, Mapping) and payload.get("response_cost_failure_debug_info") is None:
             cost = payload.get("response_cost")
     if type(cost) is int:
         cost = float(cost)
     if type(cost) is not float or not math.isfinite(cost) or cost < 0:
         return None
     return cost
+
+
+def usd_to_credits(usd: float) -> Decimal:
+    """A LiteLLM cost in USD (a float) as credits, without the float's noise.
+
+    The float is read through its shortest repr (``Decimal(repr(usd))``),
+    rounded to ``USD_DIGITS`` significant digits (LiteLLM sums float prices,
+    so 0.00022499999999999997 stands for 0.000225), then times 1,000,000:
+    225 credits, not 224.99999999999997. At most 30 decimal places are kept.
+    """
+    exact = Decimal(repr(usd))
+    if not exact:
+        return Decimal(0)
+    step = Decimal(1).scaleb(max(exact.adjusted() - USD_DIGITS + 1, -36))
+    amount = EXACT.multiply(_ROUNDING.quantize(exact, step), CREDITS_PER_USD)
+    if amount == amount.to_integral_value():
+        return amount.quantize(Decimal(1))
+    return EXACT.normalize(amount)
+
+
+_ROUNDING = decimal.Context(prec=100, rounding=decimal.ROUND_HALF_EVEN)
+
+
+def _http_unavailable(failed: StoreError) -> Exception:
+    """The error the proxy turns into an HTTP 503 answer when the store failed."""
+    try:
+        from fastapi import HTTPException  # noqa: PLC0415 - the proxy has it; a library may not
+    except ImportError:
+        return failed
+    return HTTPException(
+        status_code=503,
+        detail={"error": "the credit store is unavailable: try again later", "type": "store"},
+        headers={"Retry-After": str(RETRY_AFTER)},
+    )
 
 
 def _http_refusal(refused: InsufficientBalance) -> Exception:
