@@ -39,6 +39,7 @@ from creditmeter import (
     InvalidInput,
     MemoryStore,
     TokenUsage,
+    Unmetered,
 )
 from creditmeter.otel import DURATION_BUCKETS, OTelMetrics, fan_out
 from creditmeter.testing import FakeClock
@@ -340,3 +341,16 @@ def test_importing_creditmeter_leaves_opentelemetry_alone():
         "assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unmetered_calls_are_counted_by_operation_and_model(provider, reader):
+    metrics = OTelMetrics(provider)
+    metrics(Unmetered(user_id="u", operation="charge", error="down", model="gpt-4o"))
+    metrics(Unmetered(user_id="u", operation="charge", error="down", model="gpt-4o"))
+    metrics(Unmetered(user_id="v", operation="settle", error="down"))
+    found = exported(reader)
+    assert found["creditmeter.calls.unmetered"].unit == "{call}"
+    assert values(found["creditmeter.calls.unmetered"]) == {
+        attrs(operation="charge", model="gpt-4o"): 2,
+        attrs(operation="settle"): 1,
+    }

@@ -22,6 +22,8 @@ name                                      unit         attributes
 ``creditmeter.denials``                   ``{denial}``
 ``creditmeter.conflict.retries``          ``{retry}``
 ``creditmeter.low_balance.crossings``     ``{crossing}``
+``creditmeter.calls.unmetered``           ``{call}``     ``operation`` (``charge`` or ``settle``),
+                                                       ``model`` (when known)
 ``creditmeter.operation.duration``        ``s``        ``operation``: ``charge``, ``grant``,
                                                        ``refill`` or ``denied``
 ========================================  ===========  ==================================
@@ -60,6 +62,7 @@ from creditmeter.events import (
     Granted,
     LowBalance,
     Refilled,
+    Unmetered,
 )
 from creditmeter.exceptions import InvalidInput
 
@@ -153,6 +156,11 @@ class OTelMetrics:
             unit="{retry}",
             description="Writes retried after losing a compare-and-set to another writer.",
         )
+        self.unmetered: Counter = meter.create_counter(
+            f"{prefix}.calls.unmetered",
+            unit="{call}",
+            description="Calls served whose charge the store could not take (Unmetered events).",
+        )
         self.low_balance: Counter = meter.create_counter(
             f"{prefix}.low_balance.crossings",
             unit="{crossing}",
@@ -188,6 +196,12 @@ class OTelMetrics:
             self.retries.add(1, self._user(event.user_id))
         elif isinstance(event, LowBalance):
             self.low_balance.add(1, self._user(event.user_id))
+        elif isinstance(event, Unmetered):
+            attributes = self._user(event.user_id)
+            attributes["operation"] = event.operation
+            if event.model is not None:
+                attributes["model"] = event.model
+            self.unmetered.add(1, attributes)
 
     def __repr__(self) -> str:
         return f"OTelMetrics(prefix={self.prefix!r}, include_user_id={self.include_user_id})"
