@@ -63,3 +63,35 @@ def test_readme_commands_are_the_ci_commands(command):
     ci = (README.parent / ".ci" / "run").read_text()
     assert "pip install -e '.[test]' && .venv/bin/pytest" in text
     assert ".venv/bin/pytest" in ci
+
+
+def test_readme_gateway_examples_build_apps(tmp_path, monkeypatch):
+    """The middleware blocks (those that need no running gateway) build working apps."""
+    import asyncio
+
+    from creditmeter import AsyncBalanceManager
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "librechat.yaml").write_text("version: 1.2.1\nbalance:\n  enabled: true\n")
+    blocks = [
+        block
+        for block in python_blocks()
+        if "CreditMeterMiddleware" in block and "127.0.0.1:8080" not in block
+    ]
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    try:
+        for block in blocks:
+            exec(compile(block, str(README), "exec"), namespace)
+    finally:
+        meters = [value for value in namespace.values() if isinstance(value, AsyncBalanceManager)]
+
+        async def close_all() -> None:
+            for meter in meters:
+                await meter.aclose()
+
+        asyncio.run(close_all())
+    assert {"app", "open_app"} <= set(namespace)
+    assert len(meters) == 2
+    for name in ("app", "open_app"):  # Starlette builds middleware lazily: build it now
+        namespace[name].build_middleware_stack()
