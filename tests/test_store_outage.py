@@ -491,7 +491,7 @@ def test_async_metered_under_both_policies(tmp_path, caplog):
             async def closed(user_id, model=MODEL):
                 return reply()
 
-            @metered(meter, user="user_id", model="model", on_store_error="open")
+            @meter.metered(user="user_id", model="model", on_store_error="open")
             async def opened(user_id, model=MODEL):
                 return reply()
 
@@ -518,6 +518,26 @@ def test_async_metered_under_both_policies(tmp_path, caplog):
     ]
     assert [e.usage for e in charges(ledger)] == [SPENT]
     assert_one_line_each(problems(caplog))
+
+
+def test_the_manager_method_takes_the_policy(sqlite_meter):
+    meter, broken, events = sqlite_meter
+
+    @meter.metered(user="user_id", model="model", on_store_error="open")
+    def opened(user_id, model=MODEL):
+        return reply()
+
+    @meter.metered(user="user_id", model="model")
+    def closed(user_id, model=MODEL):
+        return reply()
+
+    broken.break_()
+    assert opened("alice") == reply()
+    with pytest.raises(StoreError):
+        closed("alice")
+    assert [type(e) for e in events[-1:]] == [Unmetered]
+    with pytest.raises(ConfigError, match="on_store_error"):
+        meter.metered(user="user_id", on_store_error="ajar")(reply)
 
 
 def test_metered_refuses_a_bad_policy(sqlite_meter):

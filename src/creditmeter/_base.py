@@ -11,7 +11,9 @@ plans call ``rules``.
 from __future__ import annotations
 
 import logging
+import os
 import time
+import weakref
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -30,6 +32,8 @@ logger = logging.getLogger("creditmeter")
 
 Clock = Callable[[], datetime]
 Plan = Callable[[Account | None, datetime], rules.Change]
+Outbox = list[Event] | None
+"""The events of one call, told once the user's lock is let go (``None``: nobody listens)."""
 
 _ZERO = Decimal(0)
 SEEN_LIMIT = 10_000
@@ -70,6 +74,73 @@ class Replayed(Exception):
         self.entry = entry
 
 
+class HoldAsk(NamedTuple):
+    """A validated ``hold()`` call, before its hold id is known."""
+
+    user_id: str
+    cost: Decimal
+    ttl: timedelta
+    request_id: str | None
+    started: float
+
+
+class HoldSearch:
+    """Finds the id a hold asked for under a request id takes, from how earlier ones ended.
+
+    The holds of one request take ids of successive generations
+    (``rules.request_hold_id``), a new one only after the one before was
+    released; so the resolved generations are 0 to n - 1, and the lookups
+    gallop (0, 1, 3, 7, ...) then bisect to find n: one lookup for a request
+    never held, about 2 log2(n) after n releases. Sync and async managers
+    run the lookups; ``rules.hold_generation`` decides.
+    """
+
+    __slots__ = ("high", "last", "low", "request_id", "trying")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.low = -1  # the highest generation known resolved
+        self.last: LedgerEntry | None = None  # the entry that resolved it
+        self.high: int | None = None  # the lowest generation known unresolved
+        self.trying = 0
+
+    def probe(self) -> str | None:
+        """The request id to look up next (a resolution's ``hold:<id>``), or ``None``: done."""
+        low, high = self.low, self.high
+        if high is None:
+            self.trying = 2 * low + 1 if low >= 0 else 0
+        elif high - low > 1:
+            self.trying = (low + high) // 2
+        else:
+            return None
+        return rules.HOLD_PREFIX + rules.request_hold_id(self.request_id, self.trying)
+
+    def found(self, entry: LedgerEntry | None) -> None:
+        """Record what the last probe found."""
+        if entry is None:
+            self.high = self.trying
+        else:
+            self.low, self.last = self.trying, entry
+
+    def hold_id(self) -> str:
+        """The hold id the request takes now."""
+        generation = rules.hold_generation(self.low + 1, self.last)
+        return rules.request_hold_id(self.request_id, generation)
+
+
+# Every manager, so that a forked child can give each one new locks.
+_MANAGERS: weakref.WeakSet[ManagerBase] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for manager in list(_MANAGERS):
+        manager._after_fork()  # noqa: SLF001 - the managers' own hook
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class ManagerBase:
     """State and argument handling shared by ``BalanceManager`` and ``AsyncBalanceManager``."""
 
@@ -107,6 +178,14 @@ class ManagerBase:
         self._seen: dict[str, Account] = {}
         # Users whose compare-and-set lost lately, until when (time.monotonic()).
         self._hot: dict[str, float] = {}
+        _MANAGERS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: replace the locks, which a thread of the parent may have held.
+
+        The caches of accounts seen and hot users are kept: they are hints,
+        and a stale one costs one compare-and-set retry.
+        """
 
     # --- operations -------------------------------------------------------------
 
@@ -231,7 +310,7 @@ class ManagerBase:
 
         return Op(user_id, plan, started=self._clock_start())
 
-    def _hold_op(
+    def _hold_ask(
         self,
         user_id: str,
         amount: object,
@@ -240,21 +319,21 @@ class ManagerBase:
         usage: object,
         ttl: object,
         request_id: object,
-    ) -> tuple[Op, str]:
+    ) -> HoldAsk:
         user_id = _validate.user_id(user_id)
         model_name = _validate.optional_text(model, name="model")
         cost, _ = self._cost(amount, model=model_name, usage=usage, incomplete=False)
         if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
             raise InvalidInput(f"ttl must be a positive timedelta, got {ttl!r}")
-        request = request_id_of(request_id)
-        # A hold asked for with a request id gets an id made from it, so that a retried
-        # call resolves the same hold id, which the ledger lets resolve only once.
-        hold_id = new_id() if request is None else "req:" + request
+        return HoldAsk(user_id, cost, ttl, request_id_of(request_id), self._clock_start())
+
+    def _hold_op(self, ask: HoldAsk, hold_id: str, made: list[Hold] | None = None) -> Op:
+        """The write of a hold under ``hold_id``; ``made`` gets the hold each plan puts in."""
         config = self.config
-        lifetime = ttl
+        user_id, cost, lifetime, request = ask.user_id, ask.cost, ask.ttl, ask.request_id
 
         def plan(account: Account | None, now: datetime) -> rules.Change:
-            return rules.hold(
+            change = rules.hold(
                 account,
                 user_id,
                 cost,
@@ -265,8 +344,11 @@ class ManagerBase:
                 new_id=new_id,
                 request_id=request,
             )
+            if made is not None:
+                made[:] = [] if is_noop(change) else [self._found_hold(change, hold_id)]
+            return change
 
-        return Op(user_id, plan, None, started=self._clock_start()), hold_id
+        return Op(user_id, plan, None, started=ask.started)
 
     def _settle_op(
         self,
@@ -351,9 +433,16 @@ class ManagerBase:
         return Op(user_id, plan, started=self._clock_start())
 
     # --- events -----------------------------------------------------------------
+    #
+    # A call collects its events in an outbox and tells them once the user's lock is
+    # let go, so a callback may call the manager again (a top-up on LowBalance, an
+    # organisation billed on Charged) without waiting on a lock its own call holds.
 
     def _clock_start(self) -> float:
         return time.perf_counter() if self.on_event is not None else 0.0
+
+    def _outbox(self) -> Outbox:
+        return [] if self.on_event is not None else None
 
     def _emit(self, events: list[Event]) -> None:
         """Tell ``on_event``; a callback that fails is logged and never breaks an operation."""
@@ -366,31 +455,29 @@ class ManagerBase:
             except Exception:  # noqa: PERF203 - each event gets its own chance
                 logger.exception("the on_event callback failed on %s", type(event).__name__)
 
-    def _committed(self, op: Op, change: rules.Change) -> None:
-        if self.on_event is not None:
+    def _committed(self, op: Op, change: rules.Change, out: Outbox) -> None:
+        if out is not None:
             duration = time.perf_counter() - op.started
-            self._emit(
+            out.extend(
                 rules.events_for(change, duration=duration, low_balance=self.low_balance_threshold)
             )
 
-    def _denied(self, refused: InsufficientBalance, started: float = 0.0) -> None:
-        if self.on_event is not None:
+    def _denied(self, refused: InsufficientBalance, started: float, out: Outbox) -> None:
+        if out is not None:
             duration = time.perf_counter() - started if started else 0.0
-            self._emit(
-                [
-                    Denied(
-                        user_id=refused.user_id,
-                        balance=refused.balance,
-                        available=refused.available,
-                        cost=refused.cost,
-                        duration=duration,
-                    )
-                ]
+            out.append(
+                Denied(
+                    user_id=refused.user_id,
+                    balance=refused.balance,
+                    available=refused.available,
+                    cost=refused.cost,
+                    duration=duration,
+                )
             )
 
-    def _retried(self, conflict: VersionConflict) -> None:
-        if self.on_event is not None:
-            self._emit([ConflictRetried(user_id=conflict.user_id)])
+    def _retried(self, conflict: VersionConflict, out: Outbox) -> None:
+        if out is not None:
+            out.append(ConflictRetried(user_id=conflict.user_id))
 
     # --- results ----------------------------------------------------------------
 

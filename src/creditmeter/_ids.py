@@ -28,5 +28,5 @@ if hasattr(os, "register_at_fork"):
 
 def new_id() -> str:
     """Return a new id, unique across threads, processes and hosts."""
-    # next() on itertools.count is atomic under the GIL; the lock only guards a reseed.
+    # next() on itertools.count is atomic under the GIL: no lock is needed.
     return f"{_prefix}-{next(_counter):x}"

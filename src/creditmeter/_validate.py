@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from datetime import datetime, timezone
@@ -117,26 +118,77 @@ def aware(value: Any, *, name: str = "clock()") -> datetime:
     return value.astimezone(timezone.utc)
 
 
-_METADATA_VALUE = (str, int, float, bool, type(None))
+MAX_METADATA_KEYS = 256
+"""The most keys one entry's metadata may have."""
+MAX_METADATA_BYTES = 64 * 1024
+"""The most bytes one entry's metadata may take as compact UTF-8 JSON (``{"k":"v"}``)."""
+_INT64 = 2**63
 
 
 def metadata(value: Any) -> dict[str, Any] | None:
-    """Return a copy of ``value`` if it maps str keys to JSON scalars, else raise."""
+    """Return ``value`` as a plain dict of str keys to JSON scalars, else raise ``InvalidInput``.
+
+    Checked by value, not by type: subclasses of ``dict``, ``str``, ``int`` and
+    ``float`` (an ``IntEnum`` member, a str enum) are accepted when their value
+    is, and copied into plain ``dict`` / ``str`` / ``int`` / ``float``, so
+    what is stored is what was checked. Values are flat: str, int of at most
+    64 bits, finite float, bool or None (no lists, no nested dicts). At most
+    ``MAX_METADATA_KEYS`` keys and ``MAX_METADATA_BYTES`` of JSON.
+    """
     if value is None:
         return None
     if not isinstance(value, dict):
         raise InvalidInput(f"metadata must be a dict, got {type(value).__name__}")
-    for key, item in value.items():
-        if type(key) is not str or _SURROGATE.search(key):
-            raise InvalidInput(f"metadata keys must be str without lone surrogates, got {key!r}")
-        if isinstance(item, str) and _SURROGATE.search(item):
-            raise InvalidInput(f"metadata[{key!r}] must not contain lone surrogates")
-        if type(item) is int and not -(2**63) <= item < 2**63:
-            raise InvalidInput(f"metadata[{key!r}] must be an int of at most 64 bits")
-        if not isinstance(item, _METADATA_VALUE) or (
-            isinstance(item, float) and not math.isfinite(item)
-        ):
-            raise InvalidInput(
-                f"metadata[{key!r}] must be a str, int, finite float, bool or None, got {item!r}"
-            )
-    return dict(value)
+    if dict.__len__(value) > MAX_METADATA_KEYS:
+        raise InvalidInput(
+            f"metadata must have at most {MAX_METADATA_KEYS} keys, got {dict.__len__(value)}"
+        )
+    plain: dict[str, Any] = {}
+    size = 2  # {} (each item below counts the comma or closing brace after it, once)
+    for key, item in dict.items(value):  # the dict's contents, whatever items() says
+        if not isinstance(key, str):
+            raise InvalidInput(f"metadata keys must be str, got {key!r}")
+        name = str.__str__(key)  # a plain copy of a str subclass's text
+        if _SURROGATE.search(name):
+            raise InvalidInput(f"metadata keys must be str without lone surrogates, got {name!r}")
+        if name in plain:
+            raise InvalidInput(f"metadata has the key {name!r} twice")
+        plain[name] = copied = _metadata_value(name, item)
+        size += _json_size(name) + 1 + _json_size(copied) + (1 if len(plain) > 1 else 0)
+    if size > MAX_METADATA_BYTES:
+        raise InvalidInput(
+            f"metadata must take at most {MAX_METADATA_BYTES} bytes as JSON, got {size}"
+        )
+    return plain
+
+
+def _metadata_value(name: str, item: Any) -> str | float | bool | None:
+    """One metadata value, as a plain JSON scalar."""
+    if item is None or item is True or item is False:  # bool cannot be subclassed
+        return item
+    if isinstance(item, str):
+        text = str.__str__(item)
+        if _SURROGATE.search(text):
+            raise InvalidInput(f"metadata[{name!r}] must not contain lone surrogates")
+        return text
+    if isinstance(item, int):
+        number = int.__int__(item)  # the value, not what a subclass's __int__ says
+        if not -_INT64 <= number < _INT64:
+            raise InvalidInput(f"metadata[{name!r}] must be an int of at most 64 bits")
+        return number
+    if isinstance(item, float):
+        real = float.__float__(item)
+        if not math.isfinite(real):
+            raise InvalidInput(f"metadata[{name!r}] must be a finite float, got {real!r}")
+        return real
+    raise InvalidInput(
+        f"metadata[{name!r}] must be a str, int, finite float, bool or None, "
+        f"got {type(item).__name__}"
+    )
+
+
+def _json_size(value: str | float | bool | None) -> int:
+    """Bytes of ``value`` in compact UTF-8 JSON."""
+    if isinstance(value, str):
+        return len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
+    return len(json.dumps(value))

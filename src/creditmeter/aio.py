@@ -9,7 +9,10 @@ retries use tenacity's async retrying.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from decimal import Decimal
@@ -17,7 +20,19 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from creditmeter import _validate, rules
-from creditmeter._base import LOCK_STRIPES, Clock, ManagerBase, Op, Replayed, is_noop, plan_once
+from creditmeter._base import (
+    LOCK_STRIPES,
+    Clock,
+    HoldAsk,
+    HoldSearch,
+    ManagerBase,
+    Op,
+    Outbox,
+    Replayed,
+    is_noop,
+    plan_once,
+)
+from creditmeter._ids import new_id
 from creditmeter._retry import async_retrying
 from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
 from creditmeter.events import Event
@@ -31,13 +46,31 @@ from creditmeter.usage import TokenUsage
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from creditmeter.metering import OnMissingUsage
+    from creditmeter.metering import OnMissingUsage, OnStoreError
 
 __all__ = ["AsyncBalanceManager"]
 
 _ZERO = Decimal(0)
 P = ParamSpec("P")
 T = TypeVar("T")
+logger = logging.getLogger("creditmeter")
+
+# Work a cancelled call leaves running (its events' callbacks, dropping a hold it wrote
+# but never handed out): kept here so that nothing collects it half done.
+_DETACHED: set[asyncio.Future[object]] = set()
+
+
+def _detach(work: Awaitable[object]) -> asyncio.Future[object]:
+    task = asyncio.ensure_future(work)
+    _DETACHED.add(task)
+    task.add_done_callback(_finished)
+    return task
+
+
+def _finished(task: asyncio.Future[object]) -> None:
+    _DETACHED.discard(task)
+    if not task.cancelled() and task.exception() is not None:  # pragma: no cover - all caught
+        logger.error("work left by a cancelled call failed", exc_info=task.exception())
 
 
 class AsyncBalanceManager(ManagerBase):
@@ -45,6 +78,13 @@ class AsyncBalanceManager(ManagerBase):
 
     The arguments and rules are those of ``BalanceManager``; every method is
     a coroutine. Close it with ``await manager.aclose()`` or ``async with``.
+    ``on_event`` may also be an ``async def`` callback: it is awaited after the
+    write, once the user's lock is let go, so it may await the manager.
+
+    A call cancelled at any await holds nothing afterwards (the user's lock and
+    the store's ``exclusive()`` are let go) and writes nothing by halves: a
+    commit the store took is whole, and a hold written for a caller that was
+    cancelled before it got it is dropped again.
     """
 
     def __init__(
@@ -69,17 +109,27 @@ class AsyncBalanceManager(ManagerBase):
         self.store = store
         self._locks = tuple(asyncio.Lock() for _ in range(LOCK_STRIPES))
 
+    def _after_fork(self) -> None:
+        self._locks = tuple(asyncio.Lock() for _ in range(LOCK_STRIPES))
+
     # --- reads ----------------------------------------------------------------
 
     async def account(self, user_id: str) -> Account:
         """Return the user's account, opening it on first sight."""
         op = self._open_op(_validate.user_id(user_id))
-        async with self._lock(op.user_id):
-            account = await self.store.load(op.user_id)
-            if account is None:
-                account = (await self._write(op, None, fresh=True)).account
-            self._remember(account)
-            return rules.open_holds(account, self._now())
+        out = self._outbox()
+        try:
+            async with self._lock(op.user_id):
+                account = await self.store.load(op.user_id)
+                if account is None:
+                    account = (await self._write(op, None, fresh=True, out=out)).account
+                self._remember(account)
+        except BaseException as failed:
+            await self._tell_after(out, failed)
+            raise
+        if out:
+            await self._tell(out)
+        return rules.open_holds(account, self._now())
 
     async def balance(self, user_id: str) -> Decimal:
         """Return the user's balance, opening the account on first sight."""
@@ -187,7 +237,10 @@ class AsyncBalanceManager(ManagerBase):
         try:
             self._refusal(user_id, result, input_tokens)
         except InsufficientBalance as refused:
-            self._denied(refused, started)
+            out = self._outbox()
+            self._denied(refused, started, out)
+            if out:
+                await self._tell(out)
             raise
         return result
 
@@ -207,16 +260,35 @@ class AsyncBalanceManager(ManagerBase):
         ``InsufficientBalance`` unless the available balance (balance less
         open holds) covers it. Resolve it with ``settle`` or ``release``; one
         left alone expires after ``ttl`` and stops counting.
+
+        With a ``request_id``, a retried call gets the request's open hold
+        again; after that hold was released, a new hold (its own id), whose
+        settle charges once; after it was settled, the settled hold's id, so
+        that settling again returns the first charge.
         """
-        op, hold_id = self._hold_op(
+        ask = self._hold_ask(
             user_id, amount, model=model, usage=usage, ttl=ttl, request_id=request_id
         )
+        out = self._outbox()
+        made: list[Hold] = []  # the hold the last plan put in, until the caller has it
         try:
-            async with self._lock(op.user_id):
-                change = await self._from_seen(op)
+            async with self._lock(ask.user_id):
+                hold_id = await self._hold_id(ask)
+                change = await self._from_seen(self._hold_op(ask, hold_id, made), out)
         except InsufficientBalance as refused:
-            self._denied(refused, op.started)
+            self._denied(refused, ask.started, out)
+            await self._tell_after(out, refused)
             raise
+        except asyncio.CancelledError as cancelled:
+            if made:  # its commit may have gone through: nobody will resolve it
+                await self._unmake(made[0])
+            await self._tell_after(out, cancelled)
+            raise
+        except BaseException as failed:
+            await self._tell_after(out, failed)
+            raise
+        if out:
+            await self._tell(out)
         return self._found_hold(change, hold_id)
 
     async def settle(
@@ -255,9 +327,7 @@ class AsyncBalanceManager(ManagerBase):
         Written like any change, with an ``ADJUST`` entry of amount 0 that
         records what the settings became; returns the account.
         """
-        op = self._configure_refill_op(user_id, settings)
-        async with self._lock(op.user_id):
-            return (await self._from_seen(op)).account
+        return (await self._locked(self._configure_refill_op(user_id, settings))).account
 
     def reserve(
         self,
@@ -287,8 +357,7 @@ class AsyncBalanceManager(ManagerBase):
     async def _tidy(self, hold: Hold) -> None:
         """After resolving a hold that a retry took again, drop the copy left in the account."""
         if self._leftover(hold):
-            async with self._lock(hold.user_id):
-                await self._from_seen(self._drop_op(hold))
+            await self._locked(self._drop_op(hold))
 
     def metered(
         self,
@@ -299,6 +368,7 @@ class AsyncBalanceManager(ManagerBase):
         usage: Callable[[Any], TokenUsage | None] | None = None,
         request_id: str | Callable[..., str | None] | None = None,
         on_missing_usage: OnMissingUsage = "warn",
+        on_store_error: OnStoreError = "closed",
     ) -> Callable[[Callable[P, T]], Callable[P, T]]:
         """Wrap a coroutine or async generator function that calls a model (see ``metering``)."""
         from creditmeter.metering import metered  # noqa: PLC0415 - metering imports managers
@@ -311,6 +381,7 @@ class AsyncBalanceManager(ManagerBase):
             usage=usage,
             request_id=request_id,
             on_missing_usage=on_missing_usage,
+            on_store_error=on_store_error,
         )
 
     def acting_as(self, user_id: str) -> AbstractContextManager[None]:
@@ -344,62 +415,151 @@ class AsyncBalanceManager(ManagerBase):
     def _lock(self, user_id: str) -> asyncio.Lock:
         return self._locks[hash(user_id) % LOCK_STRIPES]
 
-    async def _fresh(self, op: Op) -> rules.Change:
-        async with self._lock(op.user_id):
-            change = await self._write(op, await self.store.load(op.user_id), fresh=True)
-            self._remember(change.account)
-            return change
+    async def _tell(self, events: list[Event]) -> None:
+        """Tell ``on_event``, awaiting an async callback; a failure is logged, never raised."""
+        callback = self.on_event
+        if callback is None:
+            return
+        for event in events:
+            try:
+                told = callback(event)
+                if inspect.isawaitable(told):
+                    await told
+            except Exception:  # noqa: PERF203 - each event gets its own chance
+                logger.exception("the on_event callback failed on %s", type(event).__name__)
 
-    async def _from_seen(self, op: Op) -> rules.Change:
+    async def _tell_after(self, out: Outbox, failed: BaseException) -> None:
+        """Tell the events of a call that raised; a cancelled call does not wait for them."""
+        if not out:
+            return
+        if isinstance(failed, Exception):
+            await self._tell(out)
+        else:  # cancelled (or the coroutine closed): the callbacks run as a task of their own
+            with contextlib.suppress(RuntimeError):  # no loop left to run them
+                _detach(self._tell(out))
+
+    async def _unmake(self, hold: Hold) -> None:
+        """Drop a hold this call wrote for a caller that was cancelled before it got it.
+
+        Shielded: cancelled again, the drop still runs to its end.
+        """
+        self._seen.pop(hold.user_id, None)  # the cancelled commit may have gone through
+        drop = _detach(self._drop_quietly(hold))
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled again: it goes on alone
+            await asyncio.shield(drop)
+
+    async def _drop_quietly(self, hold: Hold) -> None:
+        try:
+            await self._locked(self._drop_op(hold))
+        except Exception:
+            logger.warning(
+                "a hold of %r written for a cancelled call could not be dropped; it expires at %s",
+                hold.user_id,
+                hold.expires_at,
+                exc_info=True,
+            )
+
+    async def _locked(self, op: Op) -> rules.Change:
+        """Run a write from the last account seen under the user's lock; then tell its events."""
+        out = self._outbox()
+        try:
+            async with self._lock(op.user_id):
+                change = await self._from_seen(op, out)
+        except BaseException as failed:
+            await self._tell_after(out, failed)
+            raise
+        if out:
+            await self._tell(out)
+        return change
+
+    async def _hold_id(self, ask: HoldAsk) -> str:
+        """The id of the hold asked for: new, or the request's (see ``HoldSearch``)."""
+        if ask.request_id is None:
+            return new_id()
+        search = HoldSearch(ask.request_id)
+        probe = search.probe()
+        while probe is not None:
+            search.found(await self.store.find_request(ask.user_id, probe))
+            probe = search.probe()
+        return search.hold_id()
+
+    async def _fresh(self, op: Op) -> rules.Change:
+        out = self._outbox()
+        try:
+            async with self._lock(op.user_id):
+                account = await self.store.load(op.user_id)
+                change = await self._write(op, account, fresh=True, out=out)
+                self._remember(change.account)
+        except BaseException as failed:
+            await self._tell_after(out, failed)
+            raise
+        if out:
+            await self._tell(out)
+        return change
+
+    async def _from_seen(self, op: Op, out: Outbox) -> rules.Change:
         """Run a write from the last account seen; the caller holds the user's lock."""
         account = self._seen.get(op.user_id)
         fresh = account is None
         if fresh:
             account = await self.store.load(op.user_id)
-        return await self._write(op, account, fresh=fresh)
+        return await self._write(op, account, fresh=fresh, out=out)
 
     async def _apply(self, op: Op) -> LedgerEntry:
         """Run a write and return the operation's entry (the first one, for a repeat)."""
-        user_id = op.user_id
-        async with self._lock(user_id):
-            try:
-                return (await self._from_seen(op)).entry
-            except Replayed as replayed:
-                return replayed.entry
-            except InsufficientBalance as refused:
-                if op.request_id is None or op.lenient is None:
-                    self._denied(refused, op.started)
-                    raise
-                found = await self.store.find_request(user_id, op.request_id)
-                if found is None:
-                    self._denied(refused, op.started)
-                    raise
-                # An applied request is answered with its entry, even if it could not pay now.
-                attempted = op.lenient(await self.store.load(user_id), self._now())
-                return rules.replay(found, attempted.entry)
+        out: Outbox = [] if self.on_event is not None else None
+        try:
+            async with self._lock(op.user_id):
+                entry = await self._apply_locked(op, out)
+        except BaseException as failed:
+            await self._tell_after(out, failed)
+            raise
+        if out:
+            await self._tell(out)
+        return entry
 
-    async def _write(self, op: Op, account: Account | None, *, fresh: bool) -> rules.Change:
+    async def _apply_locked(self, op: Op, out: Outbox) -> LedgerEntry:
+        user_id = op.user_id
+        try:
+            return (await self._from_seen(op, out)).entry
+        except Replayed as replayed:
+            return replayed.entry
+        except InsufficientBalance as refused:
+            if op.request_id is None or op.lenient is None:
+                self._denied(refused, op.started, out)
+                raise
+            found = await self.store.find_request(user_id, op.request_id)
+            if found is None:
+                self._denied(refused, op.started, out)
+                raise
+            # An applied request is answered with its entry, even if it could not pay now.
+            attempted = op.lenient(await self.store.load(user_id), self._now())
+            return rules.replay(found, attempted.entry)
+
+    async def _write(
+        self, op: Op, account: Account | None, *, fresh: bool, out: Outbox
+    ) -> rules.Change:
         exclusive: Callable[[str], AbstractAsyncContextManager[None]] | None = getattr(
             self.store, "exclusive", None
         )
         if exclusive is not None and self._is_hot(op.user_id):
             async with exclusive(op.user_id):
                 try:
-                    return await self._attempt(op, None, fresh=False)
+                    return await self._attempt(op, None, fresh=False, out=out)
                 except VersionConflict as conflict:  # a writer that ignores the lock
                     seen: Account | None = conflict.current
         else:
             try:
-                return await self._attempt(op, account, fresh=fresh)
+                return await self._attempt(op, account, fresh=fresh, out=out)
             except VersionConflict as conflict:
                 if self.retry.attempts <= 1:
                     raise
                 seen = conflict.current
-                self._retried(conflict)
+                self._retried(conflict, out)
         if exclusive is not None:
             async with exclusive(op.user_id):
                 try:
-                    return await self._attempt(op, None, fresh=False)
+                    return await self._attempt(op, None, fresh=False, out=out)
                 except VersionConflict as conflict:  # a writer that ignores the lock
                     seen = conflict.current
         async for attempt in async_retrying(self.retry):
@@ -407,13 +567,15 @@ class AsyncBalanceManager(ManagerBase):
                 if attempt.retry_state.attempt_number > 1:
                     seen = None  # it slept: what the last conflict reported is stale now
                 try:
-                    return await self._attempt(op, seen, fresh=seen is not None)
+                    return await self._attempt(op, seen, fresh=seen is not None, out=out)
                 except VersionConflict as conflict:
                     seen = conflict.current
                     raise
         raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
 
-    async def _attempt(self, op: Op, account: Account | None, *, fresh: bool) -> rules.Change:
+    async def _attempt(
+        self, op: Op, account: Account | None, *, fresh: bool, out: Outbox
+    ) -> rules.Change:
         if account is None and not fresh:
             account = await self.store.load(op.user_id)
         now = self._now()
@@ -434,6 +596,10 @@ class AsyncBalanceManager(ManagerBase):
         except VersionConflict as conflict:
             self._lost(conflict)
             raise
+        except asyncio.CancelledError:
+            # The store may have taken the commit: what this manager saw last is stale.
+            self._seen.pop(op.user_id, None)
+            raise
         self._remember(change.account)
-        self._committed(op, change)
+        self._committed(op, change, out)
         return change

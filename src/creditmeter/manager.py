@@ -9,6 +9,10 @@ round trip; if another writer got there first, the conflict reports the
 current account and the retry starts from that. After a first loss, a store
 that offers ``exclusive()`` (every bundled store) is asked to hold other writers off while
 the manager loads and commits again.
+
+Events are told to ``on_event`` once the user's lock is let go, in order, so a
+callback may call the manager (a top-up on ``LowBalance``). A manager made
+before ``os.fork()`` works in the child too, with new locks of its own.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ from creditmeter import _validate, rules
 from creditmeter._base import (
     LOCK_STRIPES,
     Clock,
+    HoldAsk,
+    HoldSearch,
     ManagerBase,
     Op,
+    Outbox,
     Replayed,
     is_noop,
     plan_once,
     utc_now,
 )
+from creditmeter._ids import new_id
 from creditmeter._retry import retrying
 from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
 from creditmeter.events import Event
@@ -44,7 +52,7 @@ from creditmeter.usage import TokenUsage
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from creditmeter.metering import OnMissingUsage
+    from creditmeter.metering import OnMissingUsage, OnStoreError
 
 __all__ = ["BalanceManager", "Clock", "utc_now"]
 
@@ -84,17 +92,25 @@ class BalanceManager(ManagerBase):
         self.store = store
         self._locks = tuple(threading.Lock() for _ in range(LOCK_STRIPES))
 
+    def _after_fork(self) -> None:
+        self._locks = tuple(threading.Lock() for _ in range(LOCK_STRIPES))
+
     # --- reads ----------------------------------------------------------------
 
     def account(self, user_id: str) -> Account:
         """Return the user's account, opening it on first sight."""
         op = self._open_op(_validate.user_id(user_id))
-        with self._lock(op.user_id):
-            account = self.store.load(op.user_id)
-            if account is None:
-                account = self._write(op, None, fresh=True).account
-            self._remember(account)
-            return rules.open_holds(account, self._now())
+        out = self._outbox()
+        try:
+            with self._lock(op.user_id):
+                account = self.store.load(op.user_id)
+                if account is None:
+                    account = self._write(op, None, fresh=True, out=out).account
+                self._remember(account)
+        finally:
+            if out:
+                self._emit(out)
+        return rules.open_holds(account, self._now())
 
     def balance(self, user_id: str) -> Decimal:
         """Return the user's balance, opening the account on first sight."""
@@ -215,7 +231,10 @@ class BalanceManager(ManagerBase):
         try:
             self._refusal(user_id, result, input_tokens)
         except InsufficientBalance as refused:
-            self._denied(refused, started)
+            out = self._outbox()
+            self._denied(refused, started, out)
+            if out:
+                self._emit(out)
             raise
         return result
 
@@ -235,16 +254,26 @@ class BalanceManager(ManagerBase):
         ``InsufficientBalance`` unless the available balance (balance less
         open holds) covers it. Resolve it with ``settle`` or ``release``; one
         left alone expires after ``ttl`` and stops counting.
+
+        With a ``request_id``, a retried call gets the request's open hold
+        again; after that hold was released, a new hold (its own id), whose
+        settle charges once; after it was settled, the settled hold's id, so
+        that settling again returns the first charge.
         """
-        op, hold_id = self._hold_op(
+        ask = self._hold_ask(
             user_id, amount, model=model, usage=usage, ttl=ttl, request_id=request_id
         )
+        out = self._outbox()
         try:
-            with self._lock(op.user_id):
-                change = self._from_seen(op)
+            with self._lock(ask.user_id):
+                hold_id = self._hold_id(ask)
+                change = self._from_seen(self._hold_op(ask, hold_id), out)
         except InsufficientBalance as refused:
-            self._denied(refused, op.started)
+            self._denied(refused, ask.started, out)
             raise
+        finally:
+            if out:
+                self._emit(out)
         return self._found_hold(change, hold_id)
 
     def settle(
@@ -283,9 +312,7 @@ class BalanceManager(ManagerBase):
         Written like any change, with an ``ADJUST`` entry of amount 0 that
         records what the settings became; returns the account.
         """
-        op = self._configure_refill_op(user_id, settings)
-        with self._lock(op.user_id):
-            return (self._from_seen(op)).account
+        return self._locked(self._configure_refill_op(user_id, settings)).account
 
     def reserve(
         self,
@@ -315,8 +342,7 @@ class BalanceManager(ManagerBase):
     def _tidy(self, hold: Hold) -> None:
         """After resolving a hold that a retry took again, drop the copy left in the account."""
         if self._leftover(hold):
-            with self._lock(hold.user_id):
-                self._from_seen(self._drop_op(hold))
+            self._locked(self._drop_op(hold))
 
     def metered(
         self,
@@ -327,6 +353,7 @@ class BalanceManager(ManagerBase):
         usage: Callable[[Any], TokenUsage | None] | None = None,
         request_id: str | Callable[..., str | None] | None = None,
         on_missing_usage: OnMissingUsage = "warn",
+        on_store_error: OnStoreError = "closed",
     ) -> Callable[[Callable[P, T]], Callable[P, T]]:
         """Wrap a function that calls a model: check before, charge after (see ``metering``)."""
         from creditmeter.metering import metered  # noqa: PLC0415 - metering imports managers
@@ -339,6 +366,7 @@ class BalanceManager(ManagerBase):
             usage=usage,
             request_id=request_id,
             on_missing_usage=on_missing_usage,
+            on_store_error=on_store_error,
         )
 
     def acting_as(self, user_id: str) -> AbstractContextManager[None]:
@@ -372,42 +400,73 @@ class BalanceManager(ManagerBase):
     def _lock(self, user_id: str) -> threading.Lock:
         return self._locks[hash(user_id) % LOCK_STRIPES]
 
+    def _locked(self, op: Op) -> rules.Change:
+        """Run a write from the last account seen under the user's lock; then tell its events."""
+        out = self._outbox()
+        try:
+            with self._lock(op.user_id):
+                return self._from_seen(op, out)
+        finally:
+            if out:
+                self._emit(out)
+
+    def _hold_id(self, ask: HoldAsk) -> str:
+        """The id of the hold asked for: new, or the request's (see ``HoldSearch``)."""
+        if ask.request_id is None:
+            return new_id()
+        search = HoldSearch(ask.request_id)
+        probe = search.probe()
+        while probe is not None:
+            search.found(self.store.find_request(ask.user_id, probe))
+            probe = search.probe()
+        return search.hold_id()
+
     def _fresh(self, op: Op) -> rules.Change:
         """Run ``op`` from the stored account (for operations that decide on what they read)."""
-        with self._lock(op.user_id):
-            change = self._write(op, self.store.load(op.user_id), fresh=True)
-            self._remember(change.account)
-            return change
+        out = self._outbox()
+        try:
+            with self._lock(op.user_id):
+                change = self._write(op, self.store.load(op.user_id), fresh=True, out=out)
+                self._remember(change.account)
+                return change
+        finally:
+            if out:
+                self._emit(out)
 
-    def _from_seen(self, op: Op) -> rules.Change:
+    def _from_seen(self, op: Op, out: Outbox) -> rules.Change:
         """Run a write from the last account seen; the caller holds the user's lock."""
         account = self._seen.get(op.user_id)
         fresh = account is None
         if fresh:
             account = self.store.load(op.user_id)
-        return self._write(op, account, fresh=fresh)
+        return self._write(op, account, fresh=fresh, out=out)
 
     def _apply(self, op: Op) -> LedgerEntry:
         """Run a write and return the operation's entry (the first one, for a repeat)."""
         user_id = op.user_id
-        with self._lock(user_id):
-            try:
-                return (self._from_seen(op)).entry
-            except Replayed as replayed:
-                return replayed.entry
-            except InsufficientBalance as refused:
-                if op.request_id is None or op.lenient is None:
-                    self._denied(refused, op.started)
-                    raise
-                found = self.store.find_request(user_id, op.request_id)
-                if found is None:
-                    self._denied(refused, op.started)
-                    raise
-                # An applied request is answered with its entry, even if it could not pay now.
-                attempted = op.lenient(self.store.load(user_id), self._now())
-                return rules.replay(found, attempted.entry)
+        out: Outbox = [] if self.on_event is not None else None
+        try:
+            with self._lock(user_id):
+                try:
+                    return (self._from_seen(op, out)).entry
+                except Replayed as replayed:
+                    return replayed.entry
+                except InsufficientBalance as refused:
+                    if op.request_id is None or op.lenient is None:
+                        self._denied(refused, op.started, out)
+                        raise
+                    found = self.store.find_request(user_id, op.request_id)
+                    if found is None:
+                        self._denied(refused, op.started, out)
+                        raise
+                    # An applied request is answered with its entry, even if it could not pay now.
+                    attempted = op.lenient(self.store.load(user_id), self._now())
+                    return rules.replay(found, attempted.entry)
+        finally:
+            if out:
+                self._emit(out)
 
-    def _write(self, op: Op, account: Account | None, *, fresh: bool) -> rules.Change:
+    def _write(self, op: Op, account: Account | None, *, fresh: bool, out: Outbox) -> rules.Change:
         """Plan and commit, retrying lost compare-and-sets; the caller holds the user's lock."""
         exclusive: Callable[[str], AbstractContextManager[None]] | None = getattr(
             self.store, "exclusive", None
@@ -415,22 +474,22 @@ class BalanceManager(ManagerBase):
         if exclusive is not None and self._is_hot(op.user_id):
             with exclusive(op.user_id):
                 try:
-                    return self._attempt(op, None, fresh=False)
+                    return self._attempt(op, None, fresh=False, out=out)
                 except VersionConflict as conflict:  # a writer that ignores the lock
                     seen: Account | None = conflict.current
         else:
             try:
-                return self._attempt(op, account, fresh=fresh)
+                return self._attempt(op, account, fresh=fresh, out=out)
             except VersionConflict as conflict:
                 if self.retry.attempts <= 1:
                     raise
                 seen = conflict.current
-                self._retried(conflict)
+                self._retried(conflict, out)
         if exclusive is not None:
             # Under the store's writer lock a fresh load cannot be overtaken.
             with exclusive(op.user_id):
                 try:
-                    return self._attempt(op, None, fresh=False)
+                    return self._attempt(op, None, fresh=False, out=out)
                 except VersionConflict as conflict:  # a writer that ignores the lock
                     seen = conflict.current
         for attempt in retrying(self.retry):
@@ -438,13 +497,15 @@ class BalanceManager(ManagerBase):
                 if attempt.retry_state.attempt_number > 1:
                     seen = None  # it slept: what the last conflict reported is stale now
                 try:
-                    return self._attempt(op, seen, fresh=seen is not None)
+                    return self._attempt(op, seen, fresh=seen is not None, out=out)
                 except VersionConflict as conflict:
                     seen = conflict.current
                     raise
         raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
 
-    def _attempt(self, op: Op, account: Account | None, *, fresh: bool) -> rules.Change:
+    def _attempt(
+        self, op: Op, account: Account | None, *, fresh: bool, out: Outbox
+    ) -> rules.Change:
         if account is None and not fresh:
             account = self.store.load(op.user_id)
         now = self._now()
@@ -467,5 +528,5 @@ class BalanceManager(ManagerBase):
             self._lost(conflict)
             raise
         self._remember(change.account)
-        self._committed(op, change)
+        self._committed(op, change, out)
         return change

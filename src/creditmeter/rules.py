@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import calendar
+import hashlib
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -42,12 +43,14 @@ __all__ = [
     "events_for",
     "grant",
     "hold",
+    "hold_generation",
     "open_account",
     "open_holds",
     "refill",
     "refill_due",
     "release",
     "replay",
+    "request_hold_id",
     "set_balance",
     "settle",
 ]
@@ -56,6 +59,8 @@ IdFactory = Callable[[], str]
 _ZERO = Decimal(0)
 HOLD_PREFIX = "hold:"
 """Request ids of the entries that resolve holds: ``hold:<hold id>``."""
+MAX_HOLD_ID_LENGTH = 256 - len(HOLD_PREFIX)
+"""The longest hold id: ``hold:<id>`` then fits the 256 characters of any request id."""
 
 
 class Change(NamedTuple):
@@ -475,6 +480,37 @@ def charge(
     return draft.finish(now)
 
 
+def request_hold_id(request_id: str, generation: int = 0) -> str:
+    """The id of a hold asked for under ``request_id``: the same for every retry of one hold.
+
+    Each hold of a request that was released before gets the next
+    ``generation`` (see ``hold_generation``): ``req:<id>``, then ``req1:<id>``,
+    ``req2:<id>``... An id too long for ``MAX_HOLD_ID_LENGTH`` is replaced by
+    its SHA-256 (``rqh:<hex>``, ``rqh1:<hex>``...). The tag before the colon
+    tells the forms apart, and ids from ``new_id`` have no colon.
+    """
+    tag = "" if generation == 0 else str(generation)
+    plain = f"req{tag}:{request_id}"
+    if len(plain) <= MAX_HOLD_ID_LENGTH:
+        return plain
+    digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()
+    return f"rqh{tag}:{digest}"
+
+
+def hold_generation(resolved: int, last: LedgerEntry | None) -> int:
+    """Which generation a hold asked for under a request id takes (see ``request_hold_id``).
+
+    ``resolved`` generations of the request's holds were resolved already,
+    the last one by the entry ``last`` (``None`` when none was). A request
+    whose last hold was released holds anew, under the next generation, so
+    that its settle charges; one whose last hold was settled takes that
+    hold's id again, so that settling it again replays the first charge.
+    """
+    if last is None or last.kind is EntryKind.RELEASE:
+        return resolved
+    return resolved - 1
+
+
 def hold(
     account: Account | None,
     user_id: str,
@@ -492,12 +528,14 @@ def hold(
     A due refill is applied first; then, with balances enabled, the hold is
     refused (``InsufficientBalance``) unless the available balance covers it.
     A hold writes no ledger entry: the entry that resolves it does. Asking
-    again with the ``request_id`` of a hold still open changes nothing.
+    again with the ``request_id`` of a hold still open changes nothing (an
+    open hold of the request under another id is one resolved since this
+    account was read: the commit will find it stale).
     """
     draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
     if request_id is not None:
         for held in draft.holds:
-            if held.request_id == request_id:
+            if held.id == hold_id and held.request_id == request_id:
                 if held.amount != amount:
                     raise IdempotencyConflict(
                         user_id, request_id, detail=f"hold amount was {held.amount}, now {amount}"
