@@ -1,7 +1,10 @@
 """What happened, as typed events: pass ``on_event=`` to a manager to hear them.
 
 Each event is a frozen attrs record. A manager calls ``on_event(event)``
-after the change it reports was committed (or, for ``Denied``, refused); a
+after the change it reports was committed (or, for ``Denied``, refused) and
+after it has let go of the user's lock, in the order the call produced them,
+so a callback may call the manager itself (a top-up on ``LowBalance``). An
+``AsyncBalanceManager`` awaits a callback that is an ``async def``. A
 callback that raises is logged on the ``creditmeter`` logger and never
 breaks the operation. ``duration`` is the seconds the operation took.
 """
