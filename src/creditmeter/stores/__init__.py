@@ -1,7 +1,9 @@
 """Storage backends, and ``open_store(url)`` to pick one by URL.
 
 ``memory://``, ``sqlite:///relative.db`` / ``sqlite:////absolute.db``
-(SQLAlchemy's convention), ``redis://host:6379/0[?prefix=...]`` and
+(SQLAlchemy's convention; ``?durability=normal``; the path is percent-decoded,
+so ``#``, ``?`` and ``%`` in a file name are ``%23``, ``%3F``, ``%25``),
+``redis://host:6379/0[?prefix=...]`` and
 ``postgresql://user@host/db[?prefix=...&schema=...]``. An unknown scheme is a
 ``ConfigError`` naming the known ones. The Redis and PostgreSQL classes are
 imported only when used: their drivers are the ``[redis]`` and ``[postgres]``
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from creditmeter.exceptions import ConfigError
 from creditmeter.stores.base import AsyncBalanceStore, BalanceStore
@@ -41,21 +43,52 @@ def _memory(url: str) -> None:
 
 
 def _sqlite(url: str) -> tuple[str, Durability]:
-    if not url.startswith("sqlite:///"):
+    """The file path and durability of ``sqlite:///path[?durability=full|normal]``.
+
+    The path is percent-decoded and otherwise taken literally: a ``#``, ``?``
+    or ``%`` in a file name is written ``%23``, ``%3F``, ``%25``. Anything
+    else is a ``ConfigError``, never a silently different file: a fragment
+    (``#``), an empty query, an option without ``=`` or with an empty value,
+    a repeated or unknown option, a raw control character, ``%00``, or a
+    percent-encoding that is not UTF-8. The value of ``durability`` is
+    case-insensitive.
+    """
+    prefix = "sqlite:///"
+    if url[: len(prefix)].lower() != prefix:
         raise ConfigError(
             "an SQLite URL is sqlite:///relative/path.db or sqlite:////absolute/path.db, "
             f"got {url!r}"
         )
-    parts = urlsplit(url)
-    path = unquote(parts.path[1:])  # the third slash only separates the (empty) host
-    if not path:
-        raise ConfigError(f"an SQLite URL needs a file path, got {url!r}")
-    options = parse_qs(parts.query)
-    durability = options.pop("durability", ["full"])[-1]
-    if options:
-        raise ConfigError(f"unknown SQLite URL option(s): {', '.join(sorted(options))}")
-    if durability not in ("full", "normal"):
-        raise ConfigError(f"durability must be 'full' or 'normal', got {durability!r}")
+    rest = url[len(prefix) :]  # the third slash only separates the (empty) host
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in rest):
+        raise ConfigError(f"a control character in SQLite URL {url!r}: percent-encode it")
+    if "#" in rest:
+        raise ConfigError(
+            f"an SQLite URL has no fragment, got {url!r}; write a '#' in a file name as %23"
+        )
+    raw_path, has_query, query = rest.partition("?")
+    try:
+        path = unquote(raw_path, errors="strict")
+    except UnicodeDecodeError:
+        raise ConfigError(f"SQLite URL {url!r}: a percent-encoding that is not UTF-8") from None
+    if not path or "\x00" in path:
+        raise ConfigError(f"an SQLite URL needs a file path (and no NUL), got {url!r}")
+    durability = "full"
+    seen: set[str] = set()
+    for field in query.split("&") if has_query else ():
+        raw_name, has_value, raw_value = field.partition("=")
+        name, value = unquote(raw_name), unquote(raw_value)
+        if name != "durability" or not has_value:
+            raise ConfigError(
+                f"unknown SQLite URL option {field!r} in {url!r}: the one option is "
+                "durability=full|normal, and a '?' in a file name is written %3F"
+            )
+        if name in seen:
+            raise ConfigError(f"SQLite URL option {name!r} given twice in {url!r}")
+        seen.add(name)
+        durability = value.lower()
+        if durability not in ("full", "normal"):
+            raise ConfigError(f"durability must be 'full' or 'normal', got {value!r}")
     return path, "full" if durability == "full" else "normal"
 
 
@@ -89,16 +122,43 @@ def _open_async_redis(url: str) -> AsyncBalanceStore:
     return store
 
 
+_POSTGRES_OWN = ("prefix", "schema", "lock_timeout")
+
+
 def _postgres_options(url: str) -> tuple[str, dict[str, Any]]:
-    """Split creditmeter's own options (``prefix``, ``schema``) off a PostgreSQL URL."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query, keep_blank_values=True)
+    """Split creditmeter's own options off a PostgreSQL URL; the rest goes to libpq as written.
+
+    Ours are ``prefix``, ``schema`` and ``lock_timeout`` (seconds). Every other
+    query option keeps its percent-encoding, so libpq decodes it exactly once
+    (``options=-c%20lock_timeout%3D5s``, ``application_name=a%26b``).
+    """
+    try:
+        urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed [ in the host; the URL may hold a password
+        raise ConfigError(f"not a valid PostgreSQL URL: {exc}") from None
+    base, _, query = url.partition("?")  # libpq reads a "#" as part of a value
+    kept: list[str] = []
     options: dict[str, Any] = {}
-    for name in ("prefix", "schema"):
-        if name in query:
-            options[name] = query.pop(name)[-1]
-    rest = "&".join(f"{key}={value}" for key, values in query.items() for value in values)
-    return urlunsplit(parts._replace(query=rest)), options
+    for piece in query.split("&"):
+        raw_name, equals, raw_value = piece.partition("=")
+        name = unquote(raw_name)
+        if name not in _POSTGRES_OWN:
+            if piece:
+                kept.append(piece)
+            continue
+        if not equals:
+            raise ConfigError(f"the PostgreSQL URL option {name!r} needs a value")
+        if name in options:
+            raise ConfigError(f"the PostgreSQL URL option {name!r} is given twice")
+        options[name] = unquote(raw_value)
+    if "lock_timeout" in options:
+        try:
+            options["lock_timeout"] = float(options["lock_timeout"])
+        except ValueError:
+            raise ConfigError(
+                f"lock_timeout must be a number of seconds, got {options['lock_timeout']!r}"
+            ) from None
+    return base + ("?" + "&".join(kept) if kept else ""), options
 
 
 def _open_postgres(url: str) -> BalanceStore:

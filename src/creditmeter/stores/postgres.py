@@ -38,7 +38,23 @@ inside the block that applies also releases the session lock in its own
 statement (its shared lock keeps the next holder out until it has
 committed), so a hot write is three round trips: lock, load, commit.
 Session locks need session pooling: behind PgBouncer, use ``pool_mode =
-session``, not ``transaction``.
+session``, not ``transaction``. A nested ``exclusive`` on a user the block
+holds already is counted in the process, not taken again on the server.
+
+No wait is unbounded by default. Each connection of the store's own pool
+gets ``lock_timeout`` (30 s unless given; the DSN's ``options`` win), so a
+commit or ``exclusive()`` behind a session that holds the user's row or key
+and never lets go ends in a ``StoreError`` naming the user; a free pooled
+connection is awaited ``timeout`` seconds, a new one ``connect_timeout`` (10 s
+unless the DSN says). ``statement_timeout`` is the server's unless the DSN's
+``options`` set it.
+
+A store made before ``os.fork()`` follows the fork: the child drops the
+connections it inherited without a word to the server (their sockets are
+pointed at /dev/null before libpq says goodbye, so the parent's sessions
+live on) and opens a pool of its own on first use. The async store is
+cancellation-safe at every await: a cancelled call gives its connection
+back, and leaves no advisory lock held and no transaction open.
 
 Idle pooled connections are checked before use without a round trip (a
 readable socket on an idle connection means the server closed it, e.g. after
@@ -59,9 +75,11 @@ import contextlib
 import contextvars
 import functools
 import hashlib
+import os
 import re
 import select
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from importlib import resources
 from types import TracebackType
@@ -70,13 +88,21 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from creditmeter.exceptions import ConfigError, DuplicateRequest, StoreError, VersionConflict
 from creditmeter.models import Account, LedgerEntry
 from creditmeter.serde import account_from_json, account_to_json, entry_from_json, entry_to_json
 
-__all__ = ["DEFAULT_PREFIX", "SCHEMA_VERSION", "AsyncPostgresStore", "PostgresStore", "schema_sql"]
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT",
+    "DEFAULT_PREFIX",
+    "SCHEMA_VERSION",
+    "AsyncPostgresStore",
+    "PostgresStore",
+    "schema_sql",
+]
 
 SCHEMA_VERSION = "1"
 """The layout ``postgres.sql`` creates, as recorded in the ``meta`` table."""
@@ -93,6 +119,18 @@ _STALE_TRIES = 64
 _KEYS_KEPT = 10_000
 _LOCK = b"SELECT pg_advisory_lock(%s)"
 _UNLOCK = b"SELECT pg_advisory_unlock(%s)"
+
+DEFAULT_LOCK_TIMEOUT = 30.0
+"""Seconds a call waits for a user's lock held by another session before ``StoreError``."""
+_MAX_LOCK_TIMEOUT = (2**31 - 1) / 1000  # the server's limit, in seconds
+# Run on each new connection of a store's own pool: bound its lock waits, unless the
+# connection string's options (or PGOPTIONS) set lock_timeout, which then stands.
+_BOUND_LOCKS = (
+    b"SELECT set_config('lock_timeout', %s, false) FROM pg_settings "
+    b"WHERE name = 'lock_timeout' AND source <> 'client'"
+)
+# Connection states in which psycopg_pool takes a connection back without waiting.
+_RETURNS_AT_ONCE = (TransactionStatus.IDLE, TransactionStatus.UNKNOWN)
 
 
 # --- the DDL ------------------------------------------------------------------
@@ -318,9 +356,22 @@ def _commit_params(
     return params
 
 
-def _failed(action: str, exc: BaseException) -> StoreError:
+def _failed(action: str, exc: BaseException, user_id: str | None = None) -> StoreError:
+    """The ``StoreError`` for a driver error: the call, the user, and any wait given up."""
     detail = str(exc).strip() or type(exc).__name__
-    return StoreError(f"PostgreSQL {action} failed: {detail}")
+    where = (
+        f"PostgreSQL {action}" if user_id is None else f"PostgreSQL {action} for user {user_id!r}"
+    )
+    if isinstance(exc, errors.LockNotAvailable):
+        return StoreError(
+            f"{where} gave up waiting for a lock that another session holds on the user "
+            f"(its row, or its exclusive() key) after lock_timeout: {detail}"
+        )
+    if isinstance(exc, PoolTimeout):
+        return StoreError(
+            f"{where} found no free connection in the pool within its timeout: {detail}"
+        )
+    return StoreError(f"{where} failed: {detail}")
 
 
 def _lost_race(current: Account | None, expected_version: int | None) -> bool:
@@ -347,7 +398,7 @@ def _duplicate(
             if request_id in earlier:
                 return DuplicateRequest(user_id, request_id, entry=earlier[request_id])
             earlier[request_id] = entry
-    raise _failed("commit", exc) from exc
+    raise _failed("commit", exc, user_id) from exc
 
 
 def _request_ids(entries: Sequence[LedgerEntry]) -> list[str]:
@@ -392,6 +443,68 @@ def _pool_settings(min_size: object, max_size: object, timeout: object) -> tuple
     return min_size, max_size, float(timeout)
 
 
+def _lock_setting(lock_timeout: object) -> str | None:
+    """``lock_timeout`` seconds as the server setting (``"250ms"``); ``None`` stays ``None``."""
+    if lock_timeout is None:
+        return None
+    if (
+        isinstance(lock_timeout, bool)
+        or not isinstance(lock_timeout, (int, float))
+        or not 0 < lock_timeout <= _MAX_LOCK_TIMEOUT  # also refuses NaN
+    ):
+        raise ConfigError(
+            f"lock_timeout must be None or a number of seconds above 0 and at most "
+            f"{_MAX_LOCK_TIMEOUT}, got {lock_timeout!r}"
+        )
+    return f"{max(1, round(lock_timeout * 1000))}ms"
+
+
+# --- fork ---------------------------------------------------------------------------
+#
+# A child process made by os.fork() inherits the parent's pooled connections: the
+# same sockets, used from two processes, interleave replies (one process reads the
+# other's rows), and the pool's worker threads (or, for the async pool, its tasks)
+# do not exist in the child. So every store notices a changed pid and, in the child,
+# lets go of what it inherited without a word to the server (the parent's sessions
+# live on) and makes a pool of its own. An at-fork hook does the letting go at once,
+# so the child holds no copy of the parent's sockets (a copy would keep a crashed
+# parent's sessions, and their advisory locks, alive); the pid check covers forks
+# that skip the hook.
+
+_STORES: weakref.WeakSet[_Common] = weakref.WeakSet()
+# Pools inherited over a fork: never closed (their close would end the parent's
+# sessions and join threads that do not exist here), and kept so never collected.
+_LEFT_BEHIND: list[object] = []
+
+
+def _in_forked_child() -> None:
+    for store in list(_STORES):
+        store._after_fork()  # noqa: SLF001 - a class of this module
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_in_forked_child)
+
+
+def _drop_silently(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    """Let go of a connection inherited over a fork without a word to the server.
+
+    The socket's descriptor is pointed at /dev/null first, so libpq's goodbye
+    (a Terminate message that would end the parent's session) goes nowhere.
+    """
+    pgconn = conn.pgconn
+    try:
+        fd = pgconn.socket
+    except psycopg.OperationalError:  # closed already
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    pgconn.finish()
+
+
 class _Options:
     """What both stores take: table names, connection settings, and their checks."""
 
@@ -407,11 +520,13 @@ class _Options:
         max_size: object,
         timeout: object,
         application_name: object,
+        lock_timeout: object,
     ) -> None:
         self.prefix, self.schema = _check_names(prefix, schema)
         if type(create_schema) is not bool:
             raise ConfigError(f"create_schema must be True or False, got {create_schema!r}")
         self.create_schema = create_schema
+        self.lock_timeout = _lock_setting(lock_timeout)
         if isinstance(target, pool_class):
             self.dsn: str | None = None
             self.pool: Any = target
@@ -439,10 +554,24 @@ class _Options:
 
 
 class _Common:
-    """What the sync and async stores share: their names, their repr, the schema check."""
+    """What the sync and async stores share: names, repr, schema check, fork handling."""
 
     _options: _Options
     _sql: _Statements
+    _owns_pool: bool
+    _closed: bool
+    _pool: Any
+    # The process whose pool the store uses, and the last one that let go of a parent's.
+    _pid: int
+    _left: int
+    # Every connection the store's own pool made (and the schema connection), so a
+    # forked child can let go of them all.
+    _conns: weakref.WeakSet[Any]
+
+    def _start(self) -> None:
+        self._pid = self._left = os.getpid()
+        self._conns = weakref.WeakSet()
+        _STORES.add(self)
 
     @property
     def prefix(self) -> str:
@@ -466,6 +595,40 @@ class _Common:
                 f"this version of creditmeter reads schema {SCHEMA_VERSION!r}"
             )
 
+    def _bound_params(self) -> tuple[str] | None:
+        """The parameter of ``_BOUND_LOCKS`` for a new session, or ``None`` to leave it."""
+        setting = self._options.lock_timeout
+        return None if setting is None else (setting,)
+
+    def _after_fork(self) -> None:
+        """In the at-fork hook of a child process (the only thread there yet)."""
+        self._leave_parent()
+
+    def _leave_parent(self) -> None:
+        """In a forked child: let go of the parent's connections and pool (once)."""
+        pid = os.getpid()
+        if self._left == pid or self._closed:
+            return
+        self._left = pid
+        for conn in list(self._conns):
+            _drop_silently(conn)
+        self._conns = weakref.WeakSet()
+        pool = getattr(self, "_pool", None)  # None: forked while the store was being built
+        if self._owns_pool and pool is not None:
+            _LEFT_BEHIND.append(pool)
+        self._forget_connections()
+
+    def _forget_connections(self) -> None:
+        """Drop per-thread or per-task state that pointed at the parent's connections."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _foreign_pool(self) -> StoreError:
+        return StoreError(
+            f"this {type(self).__name__} runs on a pool made in process {self._pid}, and a "
+            "pool cannot cross os.fork(): make the pool and the store in each process after "
+            "forking, or give the store a DSN (it then opens a pool of its own in the child)"
+        )
+
 
 # --- the sync store -------------------------------------------------------------
 
@@ -481,9 +644,22 @@ class PostgresStore(_Common):
     the store uses it and never closes it (its connections should be in
     autocommit mode, else each call pays a ``BEGIN`` and a ``COMMIT``).
 
+    ``lock_timeout`` (seconds, default 30; ``None`` leaves the server's
+    setting) bounds every wait for a user's lock: a commit behind another
+    session's row lock or ``exclusive()``, and ``exclusive()`` itself. Past
+    it the call raises ``StoreError`` naming the user. It is set on each
+    connection the store opens, unless the DSN's ``options`` set
+    ``lock_timeout`` themselves (then theirs stands); a pool of your own
+    keeps its connections' settings.
+
     Tables are named ``{prefix}accounts``, ``{prefix}ledger`` and
     ``{prefix}meta``, in ``schema`` if given. ``create_schema=True`` (the
     default) creates them when the store is built, if missing.
+
+    A store made before ``os.fork()`` may be used in both processes: the
+    child lets go of the inherited connections (without closing the
+    parent's sessions) and opens a pool of its own. A pool you gave cannot
+    follow: in the child every call raises ``StoreError``.
     """
 
     def __init__(
@@ -497,6 +673,7 @@ class PostgresStore(_Common):
         max_size: int = 10,
         timeout: float = 30.0,
         application_name: str | None = None,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
         options = _Options(
             dsn_or_pool,
@@ -508,12 +685,15 @@ class PostgresStore(_Common):
             max_size=max_size,
             timeout=timeout,
             application_name=application_name,
+            lock_timeout=lock_timeout,
         )
         self._options = options
         self._sql = _Statements(options.prefix, options.schema)
         self._local = threading.local()
+        self._fork_lock = threading.Lock()
         self._closed = False
         self._owns_pool = options.pool is None
+        self._start()
         if options.pool is not None:
             self._pool: ConnectionPool[Any] = options.pool
             if options.create_schema:
@@ -521,12 +701,21 @@ class PostgresStore(_Common):
             return
         if options.create_schema:
             self.create_schema()  # on a connection of its own: a failure leaves nothing open
-        self._pool = ConnectionPool(
+        try:
+            self._pool = self._open_pool()
+        except StoreError:
+            self._closed = True
+            raise
+
+    def _open_pool(self) -> ConnectionPool[Any]:
+        options = self._options
+        pool: ConnectionPool[Any] = ConnectionPool(
             options.dsn or "",
             kwargs=options.kwargs,
             min_size=options.min_size,
             max_size=options.max_size,
             timeout=options.timeout,
+            configure=self._configure,
             name=f"creditmeter-{options.prefix}",
             open=True,
         )
@@ -534,14 +723,23 @@ class PostgresStore(_Common):
             # Filled before first use: a request that found it empty would grow it, and
             # psycopg_pool hands its connections out in turn (measured: a charge that
             # alternated between two connections took ~80 µs more than on one).
-            self._pool.wait(timeout=options.timeout)
+            pool.wait(timeout=options.timeout)
         except psycopg.Error as exc:  # the pool closed itself
-            self._closed = True
             raise _failed("connect", exc) from exc
+        return pool
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        """Set up a new connection of the store's own: remembered, lock waits bounded."""
+        self._conns.add(conn)
+        bound = self._bound_params()
+        if bound is not None:
+            conn.execute(_BOUND_LOCKS, bound)
 
     # --- connections ----------------------------------------------------------
 
     def _getconn(self) -> psycopg.Connection[Any]:
+        if self._pid != os.getpid():
+            self._follow_fork()
         if self._closed:
             raise StoreError("the store is closed")
         pool = self._pool
@@ -553,6 +751,26 @@ class PostgresStore(_Common):
             pool.putconn(conn)
         last: psycopg.Connection[Any] = pool.getconn()  # pragma: no cover - all stale
         return last  # pragma: no cover
+
+    def _follow_fork(self) -> None:
+        """First use in a forked child: let go of the parent's pool, open one of our own."""
+        with self._fork_lock:
+            pid = os.getpid()
+            if self._pid == pid:
+                return
+            self._leave_parent()
+            if not self._owns_pool:
+                raise self._foreign_pool()
+            if not self._closed:
+                self._pool = self._open_pool()
+            self._pid = pid
+
+    def _after_fork(self) -> None:
+        self._fork_lock = threading.Lock()  # another thread of the parent may have held it
+        super()._after_fork()
+
+    def _forget_connections(self) -> None:
+        self._local = threading.local()  # a pinned connection was the parent's
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -574,6 +792,7 @@ class PostgresStore(_Common):
         try:
             if self._options.dsn is not None:
                 with psycopg.connect(self._options.dsn, **self._options.kwargs) as conn:
+                    self._configure(conn)
                     self._create_on(conn)
             else:
                 with self._connection() as conn:
@@ -593,45 +812,60 @@ class PostgresStore(_Common):
     def exclusive(self, user_id: str) -> Iterator[None]:
         """Keep every other writer of ``user_id`` (in any process, on any host) out.
 
-        Waits for a PostgreSQL advisory lock on a connection that the calling
-        thread then uses for every call on this store until the block ends;
-        each call inside still runs in its own transaction. Commits by other
-        sessions wait for the lock (see the module docstring). The lock is
-        held until the block ends or, sooner, until a commit of this user in
-        the block applies (which hands it on in the same statement). Blocks
-        nest; a nested block on the same user keeps the lock to the end.
+        Waits (at most ``lock_timeout``) for a PostgreSQL advisory lock on a
+        connection that the calling thread then uses for every call on this
+        store until the block ends; each call inside still runs in its own
+        transaction. Commits by other sessions wait for the lock (see the
+        module docstring). The lock is held until the block ends or, sooner,
+        until a commit of this user in the block applies (which hands it on
+        in the same statement). Blocks nest; a nested block on the same user
+        keeps the lock to the end.
         """
         key = self._sql.lock_key(user_id)
+        pid = os.getpid()
         pinned: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        conn = self._lock(key, pinned)
-        if pinned is None:
-            self._local.conn = conn
-            self._local.held = {}
-        held: dict[int, int] = self._local.held
+        held: dict[int, int] = self._local.held if pinned is not None else {}
+        if held.get(key):
+            conn = pinned  # the thread holds this user already: counted here, no round trip
+        else:
+            conn = self._lock(key, pinned, user_id)
+            if pinned is None:
+                self._local.conn = conn
+                self._local.held = held
+        assert conn is not None
         held[key] = held.get(key, 0) + 1
         try:
             yield
         finally:
-            depth = held.pop(key, 0)  # 0: a commit in the block let go of it already
-            if depth > 1:
-                held[key] = depth - 1
-            if pinned is None:
-                self._local.conn = None
-            try:
-                if depth:
-                    with _transaction(conn):
-                        conn.execute(_UNLOCK, (key,))
-            except BaseException as exc:
-                # Closing frees the lock (nested: the outer ones too, the connection is lost
-                # anyway); an error here leaves the block's own outcome standing.
-                conn.close()
-                if not isinstance(exc, Exception):
-                    raise
-            finally:
-                if pinned is None:
-                    self._pool.putconn(conn)
+            if os.getpid() == pid:  # else a forked child: the lock and connection are the parent's
+                self._leave(conn, key, held, give_back=pinned is None)
 
-    def _lock(self, key: int, pinned: psycopg.Connection[Any] | None) -> psycopg.Connection[Any]:
+    def _leave(
+        self, conn: psycopg.Connection[Any], key: int, held: dict[int, int], *, give_back: bool
+    ) -> None:
+        """The end of an ``exclusive`` block: unlock at depth 1, give the connection back."""
+        depth = held.pop(key, 0)  # 0: a commit in the block let go of it already
+        if depth > 1:
+            held[key] = depth - 1
+        if give_back:
+            self._local.conn = None
+        try:
+            if depth == 1:
+                with _transaction(conn):
+                    conn.execute(_UNLOCK, (key,))
+        except BaseException as exc:
+            # Closing frees the lock (nested: the outer ones too, the connection is lost
+            # anyway); an error here leaves the block's own outcome standing.
+            conn.close()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if give_back:
+                self._pool.putconn(conn)
+
+    def _lock(
+        self, key: int, pinned: psycopg.Connection[Any] | None, user_id: str
+    ) -> psycopg.Connection[Any]:
         """Take the advisory lock on the pinned connection, else on one from the pool.
 
         A pooled connection the server had just dropped is replaced (a dead
@@ -642,30 +876,46 @@ class PostgresStore(_Common):
             try:
                 conn = pinned if pinned is not None else self._getconn()
             except psycopg.Error as exc:
-                raise _failed("lock", exc) from exc
+                raise _failed("exclusive", exc, user_id) from exc
             lost = False
             try:
                 with _transaction(conn):
                     conn.execute(_LOCK, (key,))
+            except errors.LockNotAvailable as exc:  # lock_timeout: not granted
+                if pinned is None:
+                    self._pool.putconn(conn)
+                raise _failed("exclusive", exc, user_id) from exc
             except BaseException as exc:
                 lost = conn.broken
-                if pinned is None:
-                    # The lock may have been granted: only closing the session surely frees it.
-                    conn.close()
-                    self._pool.putconn(conn)
+                self._lock_failed(conn, key, pinned=pinned is not None, exc=exc)
                 if not isinstance(exc, psycopg.Error):
                     raise
                 if not (retries and lost):
-                    raise _failed("lock", exc) from exc
+                    raise _failed("exclusive", exc, user_id) from exc
                 retries -= 1
             else:
                 return conn
+
+    def _lock_failed(
+        self, conn: psycopg.Connection[Any], key: int, *, pinned: bool, exc: BaseException
+    ) -> None:
+        """After a failed or interrupted lock statement: make sure the lock is not kept.
+
+        It may have been granted (an interrupt that came after the server
+        granted it): closing the session surely frees it; on a pinned
+        connection, unlocking does (the key was not held before).
+        """
+        if not pinned:
+            conn.close()
+            self._pool.putconn(conn)
+        elif not isinstance(exc, Exception):
+            _release(conn, key)
 
     # --- the contract ---------------------------------------------------------
 
     def load(self, user_id: str) -> Account | None:
         """Return the stored account, or ``None``."""
-        rows = self._fetch("load", self._sql.load, (user_id,))
+        rows = self._fetch("load", user_id, self._sql.load, (user_id,))
         return account_from_json(rows[0][0]) if rows else None
 
     def commit(
@@ -691,12 +941,18 @@ class PostgresStore(_Common):
             row = self._execute_commit(pinned, query, params)
         except errors.UniqueViolation as exc:
             if exc.diag.constraint_name != self._sql.request_index:
-                raise _failed("commit", exc) from exc
+                raise _failed("commit", exc, user_id) from exc
             raise self._duplicate(user_id, entries, exc) from None
         except (errors.SerializationFailure, errors.DeadlockDetected) as exc:
             raise VersionConflict(user_id, expected=expected_version) from exc
         except psycopg.Error as exc:
-            raise _failed("commit", exc) from exc
+            raise _failed("commit", exc, user_id) from exc
+        except BaseException:
+            if release and held is not None and pinned is not None:
+                # Interrupted: whether the lock went with the commit is unknown; let go of it.
+                del held[key]
+                _release(pinned, key)
+            raise
         assert row is not None  # the statement always returns one row
         if row[0]:
             if held is not None and release:
@@ -730,12 +986,12 @@ class PostgresStore(_Common):
                     self._sql.find_requests, (user_id, _request_ids(entries))
                 ).fetchall()
         except psycopg.Error as read_exc:
-            raise _failed("commit", read_exc) from exc
+            raise _failed("commit", read_exc, user_id) from exc
         return _duplicate(user_id, entries, dict(rows), exc)
 
     def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""
-        rows = self._fetch("read", self._sql.find_request, (user_id, request_id))
+        rows = self._fetch("read", user_id, self._sql.find_request, (user_id, request_id))
         return entry_from_json(rows[0][0]) if rows else None
 
     def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
@@ -743,16 +999,19 @@ class PostgresStore(_Common):
         if limit == 0:
             return []
         if limit is None:
-            rows = self._fetch("read", self._sql.ledger_all, (user_id,))
+            rows = self._fetch("read", user_id, self._sql.ledger_all, (user_id,))
         else:
-            rows = self._fetch("read", self._sql.ledger_tail, (user_id, min(limit, _MAX_BIGINT)))
+            tail = (user_id, min(limit, _MAX_BIGINT))
+            rows = self._fetch("read", user_id, self._sql.ledger_tail, tail)
         return [entry_from_json(row[0]) for row in rows]
 
     def users(self) -> list[str]:
         """Return every user id, sorted (by code point, as Python sorts)."""
-        return [row[0] for row in self._fetch("read", self._sql.users, ())]
+        return [row[0] for row in self._fetch("read", None, self._sql.users, ())]
 
-    def _fetch(self, action: str, query: bytes, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    def _fetch(
+        self, action: str, user_id: str | None, query: bytes, params: Sequence[Any]
+    ) -> list[tuple[Any, ...]]:
         """Run a read; again on another connection if the server had dropped the one used.
 
         The server can cut pooled connections (several at once) between the
@@ -773,16 +1032,18 @@ class PostgresStore(_Common):
                         raise
             except psycopg.Error as exc:
                 if not (retries and lost):
-                    raise _failed(action, exc) from exc
+                    raise _failed(action, exc, user_id) from exc
                 retries -= 1
 
     def close(self) -> None:
         """Close the pool if the store made it; further use raises ``StoreError``."""
         if self._closed:
             return
-        self._closed = True
-        if self._owns_pool:
+        if self._pid != os.getpid():
+            self._leave_parent()  # closing the parent's pool would end its sessions
+        elif self._owns_pool:
             self._pool.close()
+        self._closed = True
 
     def __enter__(self) -> PostgresStore:
         return self
@@ -808,6 +1069,16 @@ def _transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
             yield
 
 
+def _release(conn: psycopg.Connection[Any], key: int) -> None:
+    """Let go of a lock this session may or may not hold (the key was not held before)."""
+    try:
+        if not conn.closed:
+            with _transaction(conn):
+                conn.execute(_UNLOCK, (key,))
+    except psycopg.Error:
+        conn.close()  # a closed session holds no lock
+
+
 # --- the async store -----------------------------------------------------------
 
 
@@ -820,6 +1091,11 @@ class AsyncPostgresStore(_Common):
     does that at once, so a bad DSN or a missing server fails there. A pool
     you give must be open already (``await pool.open()``), and is never
     closed by the store.
+
+    Every call may be cancelled at any await: it gives its connection back
+    and leaves no lock held and no transaction open. A cancelled commit may
+    or may not have applied (as with one cut in flight: a request id settles
+    it), never in part.
     """
 
     def __init__(
@@ -833,6 +1109,7 @@ class AsyncPostgresStore(_Common):
         max_size: int = 10,
         timeout: float = 30.0,
         application_name: str | None = None,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
         options = _Options(
             dsn_or_pool,
@@ -844,6 +1121,7 @@ class AsyncPostgresStore(_Common):
             max_size=max_size,
             timeout=timeout,
             application_name=application_name,
+            lock_timeout=lock_timeout,
         )
         self._options = options
         self._sql = _Statements(options.prefix, options.schema)
@@ -855,20 +1133,33 @@ class AsyncPostgresStore(_Common):
         )
         self._closed = False
         self._ready = False
+        self._created = not options.create_schema
         self._opening: asyncio.Lock | None = None
         self._owns_pool = options.pool is None
+        self._start()
         pool: AsyncConnectionPool[Any] | None = options.pool
-        if pool is None:
-            pool = AsyncConnectionPool(
-                options.dsn or "",
-                kwargs=options.kwargs,
-                min_size=options.min_size,
-                max_size=options.max_size,
-                timeout=options.timeout,
-                name=f"creditmeter-{options.prefix}",
-                open=False,
-            )
-        self._pool: AsyncConnectionPool[Any] = pool
+        self._pool: AsyncConnectionPool[Any] = self._new_pool() if pool is None else pool
+
+    def _new_pool(self) -> AsyncConnectionPool[Any]:
+        """The store's own pool, not open yet (it opens in the running loop)."""
+        options = self._options
+        return AsyncConnectionPool(
+            options.dsn or "",
+            kwargs=options.kwargs,
+            min_size=options.min_size,
+            max_size=options.max_size,
+            timeout=options.timeout,
+            configure=self._configure,
+            name=f"creditmeter-{options.prefix}",
+            open=False,
+        )
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Set up a new connection of the store's own: remembered, lock waits bounded."""
+        self._conns.add(conn)
+        bound = self._bound_params()
+        if bound is not None:
+            await conn.execute(_BOUND_LOCKS, bound)
 
     @classmethod
     async def open(
@@ -882,6 +1173,7 @@ class AsyncPostgresStore(_Common):
         max_size: int = 10,
         timeout: float = 30.0,
         application_name: str | None = None,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     ) -> AsyncPostgresStore:
         """Build the store and open it now: pool opened, schema created (if asked)."""
         store = cls(
@@ -893,6 +1185,7 @@ class AsyncPostgresStore(_Common):
             max_size=max_size,
             timeout=timeout,
             application_name=application_name,
+            lock_timeout=lock_timeout,
         )
         try:
             await store._ensure_open()
@@ -902,6 +1195,8 @@ class AsyncPostgresStore(_Common):
         return store
 
     async def _ensure_open(self) -> None:
+        if self._pid != os.getpid():
+            self._follow_fork()
         if self._ready:
             return
         if self._closed:
@@ -911,8 +1206,9 @@ class AsyncPostgresStore(_Common):
         async with self._opening:
             if self._ready:
                 return
-            if self._options.create_schema:
+            if not self._created:
                 await self.create_schema()
+                self._created = True
             if self._owns_pool:
                 try:
                     # Filled before first use, as in PostgresStore.
@@ -921,10 +1217,24 @@ class AsyncPostgresStore(_Common):
                     raise _failed("connect", exc) from exc
             self._ready = True
 
+    def _follow_fork(self) -> None:
+        """First use in a forked child: let go of the parent's pool, make one of our own."""
+        self._leave_parent()
+        if not self._owns_pool:
+            raise self._foreign_pool()
+        if not self._closed:
+            self._pool = self._new_pool()  # opened by _ensure_open, in this process's loop
+        self._pid = os.getpid()
+
+    def _forget_connections(self) -> None:
+        # The parent's event loop does not run here: its pool, lock and tasks are dead.
+        self._ready = False
+        self._opening = None
+
     # --- connections ----------------------------------------------------------
 
     async def _getconn(self) -> psycopg.AsyncConnection[Any]:
-        if not self._ready:
+        if not self._ready or self._pid != os.getpid():
             await self._ensure_open()
         if self._closed:
             raise StoreError("the store is closed")
@@ -934,9 +1244,22 @@ class AsyncPostgresStore(_Common):
             if not _stale(conn):
                 return conn
             await conn.close()
-            await pool.putconn(conn)
+            await self._give_back(conn)
         last: psycopg.AsyncConnection[Any] = await pool.getconn()  # pragma: no cover - all stale
         return last  # pragma: no cover
+
+    async def _give_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Return a connection to the pool, even if the caller is being cancelled.
+
+        An idle (or closed) connection goes back without the pool waiting on
+        anything; one left in a transaction is rolled back by the pool first,
+        and a cancel must not cut that short (the connection would be lost to
+        the pool), so that return runs shielded.
+        """
+        if conn.pgconn.transaction_status in _RETURNS_AT_ONCE:
+            await self._pool.putconn(conn)
+        else:
+            await asyncio.shield(self._pool.putconn(conn))
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -951,7 +1274,7 @@ class AsyncPostgresStore(_Common):
             async with _async_transaction(conn):
                 yield conn
         finally:
-            await self._pool.putconn(conn)
+            await self._give_back(conn)
 
     async def create_schema(self) -> None:
         """Create the schema, tables and indexes if missing (``postgres.sql``); idempotent."""
@@ -962,13 +1285,16 @@ class AsyncPostgresStore(_Common):
                     self._options.dsn, **self._options.kwargs
                 )
                 async with conn:
+                    await self._configure(conn)
                     await self._create_on(conn)
                 return
+            if self._pid != os.getpid():
+                self._follow_fork()  # a pool of yours cannot follow: StoreError
             conn = await self._pool.getconn()
             try:
                 await self._create_on(conn)
             finally:
-                await self._pool.putconn(conn)
+                await self._give_back(conn)
         except psycopg.Error as exc:
             raise _failed("create_schema", exc) from exc
 
@@ -986,31 +1312,40 @@ class AsyncPostgresStore(_Common):
         """Keep every other writer of ``user_id`` out until the block ends.
 
         As ``PostgresStore.exclusive``; the connection is pinned to the
-        calling task, and given back even if the task is cancelled.
+        calling task, and given back even if the task is cancelled (at any
+        await, entering, inside or leaving the block).
         """
         key = self._sql.lock_key(user_id)
+        pid = os.getpid()
         pinned = self._pinned.get()
-        conn = await self._lock(key, pinned)
-        if pinned is None:
-            self._pinned.set(conn)
-            self._held.set({})
-        held = self._held.get()
+        held: dict[int, int] = self._held.get() if pinned is not None else {}
+        if held.get(key):
+            conn = pinned  # the task holds this user already: counted here, no round trip
+        else:
+            conn = await self._lock(key, pinned, user_id)
+            if pinned is None:
+                self._pinned.set(conn)
+                self._held.set(held)
+        assert conn is not None
         held[key] = held.get(key, 0) + 1
         try:
             yield
         finally:
-            depth = held.pop(key, 0)  # 0: a commit in the block let go of it already
-            if depth > 1:
-                held[key] = depth - 1
-            if pinned is None:
-                self._pinned.set(None)
-            # Shielded: a cancelled caller must still let go of the lock and the connection.
-            await asyncio.shield(
-                self._unlock(conn, key if depth else None, give_back=pinned is None)
-            )
+            if os.getpid() == pid:  # else a forked child: the lock and connection are the parent's
+                depth = held.pop(key, 0)  # 0: a commit in the block let go of it already
+                if depth > 1:
+                    held[key] = depth - 1
+                if pinned is None:
+                    self._pinned.set(None)
+                if depth == 1 or pinned is None:
+                    # Shielded: a cancelled caller must still let go of the lock and the
+                    # connection.
+                    await asyncio.shield(
+                        self._unlock(conn, key if depth == 1 else None, give_back=pinned is None)
+                    )
 
     async def _lock(
-        self, key: int, pinned: psycopg.AsyncConnection[Any] | None
+        self, key: int, pinned: psycopg.AsyncConnection[Any] | None, user_id: str
     ) -> psycopg.AsyncConnection[Any]:
         """Take the advisory lock on the pinned connection, else on one from the pool."""
         retries = _STALE_TRIES if pinned is None else 0
@@ -1018,27 +1353,38 @@ class AsyncPostgresStore(_Common):
             try:
                 conn = pinned if pinned is not None else await self._getconn()
             except psycopg.Error as exc:
-                raise _failed("lock", exc) from exc
+                raise _failed("exclusive", exc, user_id) from exc
             lost = False
             try:
                 async with _async_transaction(conn):
                     await conn.execute(_LOCK, (key,))
+            except errors.LockNotAvailable as exc:  # lock_timeout: not granted
+                if pinned is None:
+                    await self._give_back(conn)
+                raise _failed("exclusive", exc, user_id) from exc
             except BaseException as exc:
                 lost = conn.broken
-                if pinned is None:
-                    # The lock may have been granted: only closing the session surely frees it.
-                    await asyncio.shield(self._discard(conn))
+                # Shielded: a second cancel must not cut it short.
+                await asyncio.shield(
+                    self._lock_failed(conn, key, pinned=pinned is not None, exc=exc)
+                )
                 if not isinstance(exc, psycopg.Error):
                     raise
                 if not (retries and lost):
-                    raise _failed("lock", exc) from exc
+                    raise _failed("exclusive", exc, user_id) from exc
                 retries -= 1
             else:
                 return conn
 
-    async def _discard(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.close()
-        await self._pool.putconn(conn)
+    async def _lock_failed(
+        self, conn: psycopg.AsyncConnection[Any], key: int, *, pinned: bool, exc: BaseException
+    ) -> None:
+        """As ``PostgresStore._lock_failed`` (here the lock may be granted before a cancel)."""
+        if not pinned:
+            await conn.close()
+            await self._pool.putconn(conn)
+        elif not isinstance(exc, Exception):
+            await _async_release(conn, key)
 
     async def _unlock(
         self, conn: psycopg.AsyncConnection[Any], key: int | None, *, give_back: bool
@@ -1061,7 +1407,7 @@ class AsyncPostgresStore(_Common):
 
     async def load(self, user_id: str) -> Account | None:
         """Return the stored account, or ``None``."""
-        rows = await self._fetch("load", self._sql.load, (user_id,))
+        rows = await self._fetch("load", user_id, self._sql.load, (user_id,))
         return account_from_json(rows[0][0]) if rows else None
 
     async def commit(
@@ -1074,7 +1420,8 @@ class AsyncPostgresStore(_Common):
         """Store the account and entries in one statement if the version still matches."""
         user_id = account.user_id
         key = self._sql.lock_key(user_id)
-        held = self._held.get(None) if self._pinned.get() is not None else None
+        pinned = self._pinned.get()
+        held = self._held.get(None) if pinned is not None else None
         release = held is not None and held.get(key) == 1  # as in PostgresStore.commit
         query = self._sql.commit(
             new=expected_version is None, entries=len(entries), release=release
@@ -1086,12 +1433,18 @@ class AsyncPostgresStore(_Common):
                 row = await cursor.fetchone()
         except errors.UniqueViolation as exc:
             if exc.diag.constraint_name != self._sql.request_index:
-                raise _failed("commit", exc) from exc
+                raise _failed("commit", exc, user_id) from exc
             raise await self._duplicate(user_id, entries, exc) from None
         except (errors.SerializationFailure, errors.DeadlockDetected) as exc:
             raise VersionConflict(user_id, expected=expected_version) from exc
         except psycopg.Error as exc:
-            raise _failed("commit", exc) from exc
+            raise _failed("commit", exc, user_id) from exc
+        except BaseException:
+            if release and held is not None and pinned is not None:
+                # Cancelled: whether the lock went with the commit is unknown; let go of it.
+                del held[key]
+                await asyncio.shield(_async_release(pinned, key))
+            raise
         assert row is not None  # the statement always returns one row
         if row[0]:
             if held is not None and release:
@@ -1112,12 +1465,12 @@ class AsyncPostgresStore(_Common):
                 )
                 rows = await cursor.fetchall()
         except psycopg.Error as read_exc:
-            raise _failed("commit", read_exc) from exc
+            raise _failed("commit", read_exc, user_id) from exc
         return _duplicate(user_id, entries, dict(rows), exc)
 
     async def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""
-        rows = await self._fetch("read", self._sql.find_request, (user_id, request_id))
+        rows = await self._fetch("read", user_id, self._sql.find_request, (user_id, request_id))
         return entry_from_json(rows[0][0]) if rows else None
 
     async def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
@@ -1125,18 +1478,18 @@ class AsyncPostgresStore(_Common):
         if limit == 0:
             return []
         if limit is None:
-            rows = await self._fetch("read", self._sql.ledger_all, (user_id,))
+            rows = await self._fetch("read", user_id, self._sql.ledger_all, (user_id,))
         else:
             tail = (user_id, min(limit, _MAX_BIGINT))
-            rows = await self._fetch("read", self._sql.ledger_tail, tail)
+            rows = await self._fetch("read", user_id, self._sql.ledger_tail, tail)
         return [entry_from_json(row[0]) for row in rows]
 
     async def users(self) -> list[str]:
         """Return every user id, sorted (by code point, as Python sorts)."""
-        return [row[0] for row in await self._fetch("read", self._sql.users, ())]
+        return [row[0] for row in await self._fetch("read", None, self._sql.users, ())]
 
     async def _fetch(
-        self, action: str, query: bytes, params: Sequence[Any]
+        self, action: str, user_id: str | None, query: bytes, params: Sequence[Any]
     ) -> list[tuple[Any, ...]]:
         """Run a read; again on another connection if the server had dropped the one used."""
         retries = _STALE_TRIES if self._pinned.get() is None else 0
@@ -1152,16 +1505,20 @@ class AsyncPostgresStore(_Common):
                         raise
             except psycopg.Error as exc:
                 if not (retries and lost):
-                    raise _failed(action, exc) from exc
+                    raise _failed(action, exc, user_id) from exc
                 retries -= 1
 
     async def aclose(self) -> None:
         """Close the pool if the store made it; further use raises ``StoreError``."""
         if self._closed:
             return
-        self._closed = True
-        if self._owns_pool:
-            await self._pool.close()
+        if self._pid != os.getpid():
+            self._leave_parent()  # closing the parent's pool would end its sessions
+            self._closed = True
+        else:
+            self._closed = True
+            if self._owns_pool:
+                await self._pool.close()
 
     async def __aenter__(self) -> AsyncPostgresStore:
         await self._ensure_open()
@@ -1186,3 +1543,13 @@ async def _async_transaction(conn: psycopg.AsyncConnection[Any]) -> AsyncIterato
     else:
         async with conn.transaction():
             yield
+
+
+async def _async_release(conn: psycopg.AsyncConnection[Any], key: int) -> None:
+    """Let go of a lock this session may or may not hold (the key was not held before)."""
+    try:
+        if not conn.closed:
+            async with _async_transaction(conn):
+                await conn.execute(_UNLOCK, (key,))
+    except psycopg.Error:
+        await conn.close()  # a closed session holds no lock
