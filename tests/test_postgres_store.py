@@ -1239,11 +1239,11 @@ def test_corrupt_stored_data_is_a_store_error(store, prefix):
     with raw() as conn:
         conn.execute(sql.SQL("UPDATE {} SET data = 'not json'").format(table(prefix, "accounts")))
         conn.execute(sql.SQL("UPDATE {} SET data = '[]'").format(table(prefix, "ledger")))
-    with pytest.raises(StoreError, match="corrupt"):
+    with pytest.raises(StoreError, match="of user 'u' is corrupt"):
         store.load("u")
-    with pytest.raises(StoreError, match="corrupt"):
+    with pytest.raises(StoreError, match="of user 'u' is corrupt"):
         store.ledger("u")
-    with pytest.raises(StoreError, match="corrupt"):
+    with pytest.raises(StoreError, match="of user 'u' is corrupt"):
         store.find_request("u", "r")
 
 

@@ -717,13 +717,15 @@ def test_corrupt_stored_data_is_a_store_error(store, prefix):
         client.hset(f"{base}account", "d", "{not json")
         client.rpush(f"{base}ledger", '{"schema": 99}')
         client.hset(f"{base}requests", "r", "[]")
-    with pytest.raises(StoreError, match="corrupt"):
+    with pytest.raises(StoreError, match="of user 'alice' is corrupt"):
         store.load("alice")
-    with pytest.raises(StoreError, match="corrupt"):
+    with pytest.raises(StoreError, match="of user 'alice' is corrupt"):
         store.ledger("alice")
-    with pytest.raises(StoreError, match="corrupt"):
+    with pytest.raises(StoreError, match="of user 'alice' is corrupt"):
         store.find_request("alice", "r")
-    with pytest.raises(StoreError, match="corrupt"):  # the conflict's account is read too
+    with pytest.raises(
+        StoreError, match="of user 'alice' is corrupt"
+    ):  # the conflict's account is read too
         store.commit(make_account(version=2), [], expected_version=7)
 
 

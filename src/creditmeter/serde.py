@@ -76,7 +76,7 @@ def to_plain(record: Any) -> dict[str, Any]:
     return data
 
 
-def _from_json(text: str | bytes, cls: type[_T]) -> _T:
+def _from_json(text: str | bytes, cls: type[_T], user_id: str | None) -> _T:
     try:
         data = json.loads(text)
         if not isinstance(data, dict):
@@ -88,7 +88,8 @@ def _from_json(text: str | bytes, cls: type[_T]) -> _T:
             raise ValueError(msg)
         return _converter.structure(data, cls)
     except Exception as exc:
-        raise StoreError(f"stored {cls.__name__} is corrupt: {exc}") from exc
+        whose = "" if user_id is None else f" of user {user_id!r}"
+        raise StoreError(f"stored {cls.__name__}{whose} is corrupt: {exc}") from exc
 
 
 def account_to_json(account: Account) -> str:
@@ -105,9 +106,9 @@ def account_to_json(account: Account) -> str:
     )
 
 
-def account_from_json(text: str | bytes) -> Account:
-    """Read an account written by ``account_to_json``; ``StoreError`` if corrupt."""
-    return _from_json(text, Account)
+def account_from_json(text: str | bytes, *, user_id: str | None = None) -> Account:
+    """Read an account written by ``account_to_json``; ``StoreError`` naming the user if corrupt."""
+    return _from_json(text, Account, user_id)
 
 
 def entry_to_json(entry: LedgerEntry) -> str:
@@ -143,6 +144,6 @@ def _time(value: datetime) -> str:
     return text
 
 
-def entry_from_json(text: str | bytes) -> LedgerEntry:
-    """Read an entry written by ``entry_to_json``; ``StoreError`` if corrupt."""
-    return _from_json(text, LedgerEntry)
+def entry_from_json(text: str | bytes, *, user_id: str | None = None) -> LedgerEntry:
+    """Read an entry written by ``entry_to_json``; ``StoreError`` naming the user if corrupt."""
+    return _from_json(text, LedgerEntry, user_id)

@@ -797,31 +797,37 @@ TRACE = [  # SQLite: statements
 ]
 REDIS_TRACE = [  # commands (EVALSHA named by its script)
     *["HGET", "EVALSHA-commit"],  # grant, opening alice: read it (none), then commit
-    *["EVALSHA-commit"] * 4,  # charge, hold, settle, set_balance: from the account last seen
+    "EVALSHA-commit",  # charge: from the account last seen
+    *["HGET", "EVALSHA-commit"],  # hold: how the request's earlier holds ended, then commit
+    *["EVALSHA-commit"] * 2,  # settle, set_balance
     *["HGET", "EVALSHA-commit"],  # refill: read fresh, then commit
     *["HGET", "EVALSHA-commit"],  # charge, opening bob
-    *["EVALSHA-commit"] * 2,  # hold bob, release
+    *["HGET", "EVALSHA-commit"],  # hold bob (its request's holds), then commit
+    "EVALSHA-commit",  # release
     *["HGET", "LRANGE", "SSCAN"],  # the three reads
     *["HGET", "EVALSHA-commit"],  # another writer grants alice
     *["EVALSHA-commit", "EVALSHA-acquire", "EVALSHA-commit"],  # charge: lost CAS, exclusive()
     *["HGET", "EVALSHA-commit"],  # another writer charges bob
-    *["EVALSHA-commit", "EVALSHA-acquire", "EVALSHA-commit"],  # hold bob: likewise
+    *["HGET", "EVALSHA-commit", "EVALSHA-acquire", "EVALSHA-commit"],  # hold bob: likewise
     *["HGET", "EVALSHA-commit"],  # grant, opening carol
     *["HGET", "EVALSHA-commit"],  # another writer sets carol
     *["EVALSHA-commit", "EVALSHA-acquire", "EVALSHA-commit"],  # charge carol: likewise
 ]
 POSTGRES_TRACE = [  # statements, named by what they do
     *["load", "commit"],  # grant, opening alice
-    *["commit"] * 4,  # charge, hold, settle, set_balance
+    "commit",  # charge
+    *["find", "commit"],  # hold: how the request's earlier holds ended, then commit
+    *["commit"] * 2,  # settle, set_balance
     *["load", "commit"],  # refill
     *["load", "commit"],  # charge, opening bob
-    *["commit"] * 2,  # hold bob, release
+    *["find", "commit"],  # hold bob
+    "commit",  # release
     *["load", "ledger", "users"],  # the three reads
     *["load", "commit"],  # another writer grants alice
     # the charge loses its compare-and-set; exclusive(): the advisory lock, load, commit
     *["commit", "lock", "load", "commit"],
     *["load", "commit"],  # another writer charges bob
-    *["commit", "lock", "load", "commit"],  # hold bob: likewise
+    *["find", "commit", "lock", "load", "commit"],  # hold bob: likewise
     *["load", "commit"],  # grant, opening carol
     *["load", "commit"],  # another writer sets carol
     *["commit", "lock", "load", "commit"],  # charge carol: likewise

@@ -390,7 +390,9 @@ def _duplicate(
     for entry in entries:
         request_id = entry.request_id
         if request_id is not None and request_id in found:
-            return DuplicateRequest(user_id, request_id, entry=entry_from_json(found[request_id]))
+            return DuplicateRequest(
+                user_id, request_id, entry=entry_from_json(found[request_id], user_id=user_id)
+            )
     earlier: dict[str, LedgerEntry] = {}
     for entry in entries:  # not stored: the commit repeats a request id of its own
         request_id = entry.request_id
@@ -916,7 +918,7 @@ class PostgresStore(_Common):
     def load(self, user_id: str) -> Account | None:
         """Return the stored account, or ``None``."""
         rows = self._fetch("load", user_id, self._sql.load, (user_id,))
-        return account_from_json(rows[0][0]) if rows else None
+        return account_from_json(rows[0][0], user_id=user_id) if rows else None
 
     def commit(
         self,
@@ -958,7 +960,7 @@ class PostgresStore(_Common):
             if held is not None and release:
                 del held[key]
             return
-        current = None if row[1] is None else account_from_json(row[1])
+        current = None if row[1] is None else account_from_json(row[1], user_id=user_id)
         if _lost_race(current, expected_version):
             current = self.load(user_id)
         raise VersionConflict(user_id, expected=expected_version, current=current)
@@ -992,7 +994,7 @@ class PostgresStore(_Common):
     def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""
         rows = self._fetch("read", user_id, self._sql.find_request, (user_id, request_id))
-        return entry_from_json(rows[0][0]) if rows else None
+        return entry_from_json(rows[0][0], user_id=user_id) if rows else None
 
     def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
         """Return the user's entries, oldest first (the newest ``limit`` if given)."""
@@ -1003,7 +1005,7 @@ class PostgresStore(_Common):
         else:
             tail = (user_id, min(limit, _MAX_BIGINT))
             rows = self._fetch("read", user_id, self._sql.ledger_tail, tail)
-        return [entry_from_json(row[0]) for row in rows]
+        return [entry_from_json(row[0], user_id=user_id) for row in rows]
 
     def users(self) -> list[str]:
         """Return every user id, sorted (by code point, as Python sorts)."""
@@ -1408,7 +1410,7 @@ class AsyncPostgresStore(_Common):
     async def load(self, user_id: str) -> Account | None:
         """Return the stored account, or ``None``."""
         rows = await self._fetch("load", user_id, self._sql.load, (user_id,))
-        return account_from_json(rows[0][0]) if rows else None
+        return account_from_json(rows[0][0], user_id=user_id) if rows else None
 
     async def commit(
         self,
@@ -1450,7 +1452,7 @@ class AsyncPostgresStore(_Common):
             if held is not None and release:
                 del held[key]
             return
-        current = None if row[1] is None else account_from_json(row[1])
+        current = None if row[1] is None else account_from_json(row[1], user_id=user_id)
         if _lost_race(current, expected_version):
             current = await self.load(user_id)
         raise VersionConflict(user_id, expected=expected_version, current=current)
@@ -1471,7 +1473,7 @@ class AsyncPostgresStore(_Common):
     async def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""
         rows = await self._fetch("read", user_id, self._sql.find_request, (user_id, request_id))
-        return entry_from_json(rows[0][0]) if rows else None
+        return entry_from_json(rows[0][0], user_id=user_id) if rows else None
 
     async def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
         """Return the user's entries, oldest first (the newest ``limit`` if given)."""
@@ -1482,7 +1484,7 @@ class AsyncPostgresStore(_Common):
         else:
             tail = (user_id, min(limit, _MAX_BIGINT))
             rows = await self._fetch("read", user_id, self._sql.ledger_tail, tail)
-        return [entry_from_json(row[0]) for row in rows]
+        return [entry_from_json(row[0], user_id=user_id) for row in rows]
 
     async def users(self) -> list[str]:
         """Return every user id, sorted (by code point, as Python sorts)."""

@@ -450,13 +450,17 @@ class _Layout:
         if isinstance(reply, list) and reply:
             code = reply[0]
             if code == _CONFLICT:
-                current = account_from_json(reply[1]) if len(reply) > 1 else None
+                current = (
+                    account_from_json(reply[1], user_id=account.user_id) if len(reply) > 1 else None
+                )
                 raise VersionConflict(account.user_id, expected=expected_version, current=current)
             if code == _DUPLICATE and len(reply) == 3:
                 request_id = entries[int(reply[1]) - 1].request_id
                 if request_id is not None:
                     raise DuplicateRequest(
-                        account.user_id, request_id, entry=entry_from_json(reply[2])
+                        account.user_id,
+                        request_id,
+                        entry=entry_from_json(reply[2], user_id=account.user_id),
                     )
         raise StoreError(f"unexpected reply from the Redis commit script: {reply!r}")
 
@@ -680,7 +684,7 @@ class RedisStore:
             data = self.client.hget(layout.keys(user_id).account, _DATA)
         except _ERRORS as exc:
             raise _failed("load", exc) from exc
-        return None if data is None else account_from_json(data)
+        return None if data is None else account_from_json(data, user_id=user_id)
 
     def commit(
         self,
@@ -714,7 +718,7 @@ class RedisStore:
             data = self.client.hget(key, request_id.encode())
         except _ERRORS as exc:
             raise _failed("read", exc) from exc
-        return None if data is None else entry_from_json(data)
+        return None if data is None else entry_from_json(data, user_id=user_id)
 
     def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
         """Return the user's entries, oldest first (the newest ``limit`` if given)."""
@@ -726,7 +730,7 @@ class RedisStore:
             rows = self.client.lrange(key, *bounds)
         except _ERRORS as exc:
             raise _failed("read", exc) from exc
-        return [entry_from_json(row) for row in rows]
+        return [entry_from_json(row, user_id=user_id) for row in rows]
 
     def users(self) -> list[str]:
         """Return every user id, sorted (read with SSCAN, never KEYS)."""
@@ -966,7 +970,7 @@ class AsyncRedisStore:
             data = await _honour_cancel(self.client.hget(layout.keys(user_id).account, _DATA))
         except _ERRORS as exc:
             raise _failed("load", exc) from exc
-        return None if data is None else account_from_json(data)
+        return None if data is None else account_from_json(data, user_id=user_id)
 
     async def commit(
         self,
@@ -1002,7 +1006,7 @@ class AsyncRedisStore:
             data = await _honour_cancel(self.client.hget(key, request_id.encode()))
         except _ERRORS as exc:
             raise _failed("read", exc) from exc
-        return None if data is None else entry_from_json(data)
+        return None if data is None else entry_from_json(data, user_id=user_id)
 
     async def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
         """Return the user's entries, oldest first (the newest ``limit`` if given)."""
@@ -1014,7 +1018,7 @@ class AsyncRedisStore:
             rows = await _honour_cancel(self.client.lrange(key, *bounds))
         except _ERRORS as exc:
             raise _failed("read", exc) from exc
-        return [entry_from_json(row) for row in rows]
+        return [entry_from_json(row, user_id=user_id) for row in rows]
 
     async def users(self) -> list[str]:
         """Return every user id, sorted (read with SSCAN, never KEYS)."""
