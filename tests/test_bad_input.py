@@ -793,7 +793,7 @@ def test_corrupt_account_row_is_a_store_error(
     raw_before = _raw_rows(path)
     # A manager that has not seen alice yet must read her row, and find it corrupt.
     manager = BalanceManager(store, sqlite_manager.config, clock=sqlite_manager.clock)
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=f"of user {EXISTING!r} is corrupt"):
         CORRUPT_ROW_CALLS[method](manager)
     assert _raw_rows(path) == raw_before
     # Other users are unaffected.
@@ -806,9 +806,9 @@ def test_corrupt_ledger_row_is_a_store_error(sqlite_manager: BalanceManager):
     path = Path(store.path)
     _execute(path, "UPDATE creditmeter_ledger SET data = '{not json' WHERE request_id = ?", "seed")
     raw_before = _raw_rows(path)
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=f"of user {EXISTING!r} is corrupt"):
         sqlite_manager.ledger(EXISTING)
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=f"of user {EXISTING!r} is corrupt"):
         store.find_request(EXISTING, "seed")
     # Replaying the request must read the corrupt entry: refused, and rolled back.
     manager = BalanceManager(store, sqlite_manager.config, clock=sqlite_manager.clock)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import re
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from fake_provider import FakeProvider
+
+from creditmeter import AsyncBalanceManager
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -67,10 +70,6 @@ def test_readme_commands_are_the_ci_commands(command):
 
 def test_readme_gateway_examples_build_apps(tmp_path, monkeypatch):
     """The middleware blocks (those that need no running gateway) build working apps."""
-    import asyncio
-
-    from creditmeter import AsyncBalanceManager
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "librechat.yaml").write_text("version: 1.2.1\nbalance:\n  enabled: true\n")
     blocks = [

@@ -778,19 +778,20 @@ OPERATIONS: list[tuple[str, Callable[[Run], Any]]] = [
 TRACE = [  # SQLite: statements
     *["SELECT", "BEGIN", "INSERT", "INSERT", "INSERT", "COMMIT"],  # grant, opening alice
     *["BEGIN", "UPDATE", "INSERT", "COMMIT"],  # charge
-    *["BEGIN", "UPDATE", "COMMIT"],  # hold (no entry)
+    *["SELECT", "BEGIN", "UPDATE", "COMMIT"],  # hold: its request's earlier holds; no entry
     *["BEGIN", "UPDATE", "INSERT", "COMMIT"],  # settle
     *["BEGIN", "UPDATE", "INSERT", "COMMIT"],  # set_balance
     *["SELECT", "BEGIN", "UPDATE", "INSERT", "COMMIT"],  # refill: read fresh, then write
     *["SELECT", "BEGIN", "INSERT", "INSERT", "INSERT", "COMMIT"],  # charge, opening bob
-    *["BEGIN", "UPDATE", "COMMIT"],  # hold bob
+    *["SELECT", "BEGIN", "UPDATE", "COMMIT"],  # hold bob
     *["BEGIN", "UPDATE", "INSERT", "COMMIT"],  # release
     *["SELECT", "SELECT", "SELECT"],  # the three reads
     *["SELECT", "BEGIN", "UPDATE", "INSERT", "COMMIT"],  # another writer grants alice
     # the charge loses its compare-and-set, reads what won; then again under exclusive()
     *["BEGIN", "UPDATE", "SELECT", "ROLLBACK", "SELECT", "BEGIN", "UPDATE", "INSERT", "COMMIT"],
     *["SELECT", "BEGIN", "UPDATE", "INSERT", "COMMIT"],  # another writer charges bob
-    *["BEGIN", "UPDATE", "SELECT", "ROLLBACK", "SELECT", "BEGIN", "UPDATE", "COMMIT"],  # hold
+    # hold: its request's holds, then as the charge above
+    *["SELECT", "BEGIN", "UPDATE", "SELECT", "ROLLBACK", "SELECT", "BEGIN", "UPDATE", "COMMIT"],
     *["SELECT", "BEGIN", "INSERT", "INSERT", "INSERT", "COMMIT"],  # grant, opening carol
     *["SELECT", "BEGIN", "UPDATE", "INSERT", "COMMIT"],  # another writer sets carol
     *["BEGIN", "UPDATE", "SELECT", "ROLLBACK", "SELECT", "BEGIN", "UPDATE", "INSERT", "COMMIT"],

@@ -9,20 +9,43 @@ Writers queue on an ``flock`` of a lock file beside the database before they
 begin: SQLite's own busy handler retries on a timer and was measured starving
 writers under contention (p99 near 2 s with four processes), while a
 blocking lock is handed over in order.
+
+Each thread that uses a store has its own connection and lock-file
+descriptor (a handle); when the thread ends, the handle goes back to the
+store, which keeps ``_MAX_IDLE`` of them for the next threads and closes the
+rest, so a thread per request does not run the process out of descriptors.
+
+No connection may be open across ``fork()``: SQLite keeps its lock state per
+process, so a child that inherits an open connection believes it holds locks
+it does not (measured: the child's writes failed with "database is locked",
+or a parent closing its last connection deleted the WAL the child was still
+writing to, losing the child's commits). Before a fork, each store waits (up
+to ``_FORK_WAIT`` seconds) for the calls in flight in other threads and
+closes every connection it has; the parent reopens them on its next calls,
+and the child starts with none and closes its copies of the lock-file
+descriptors, so no connection or ``flock`` is ever shared by two processes.
+
+A file that this process may read but not write (permissions, a read-only
+mount) is opened read-only: reads work, writes are a ``StoreError`` naming
+the file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import functools
+import errno
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
+from urllib.parse import quote
 
 from creditmeter.exceptions import ConfigError, DuplicateRequest, StoreError, VersionConflict
 from creditmeter.models import Account, LedgerEntry
@@ -76,17 +99,52 @@ _USERS = "SELECT user_id FROM creditmeter_accounts ORDER BY user_id"
 
 _SQLITE_MAX_INT = 2**63 - 1
 
-# Bumped in a forked child, so that no connection or lock file crosses a fork.
+_MAX_IDLE = 4  # handles of ended threads kept for new threads; the rest are closed
+_FORK_WAIT = 10.0  # seconds a fork waits for the calls in flight in other threads
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+# Bumped in a forked child: the async store starts a new worker thread there.
 _fork_generation = 0
+_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+_stores_lock = threading.Lock()
+_forking = threading.local()  # .stores: the stores whose lock this thread's fork holds
+# Connections a fork caught in the middle of a call: the child must never close them
+# (closing runs SQLite's cleanup, which would write to the parent's WAL index).
+_inherited: list[sqlite3.Connection] = []
 
 
-def _after_fork() -> None:
-    global _fork_generation  # noqa: PLW0603 - one process-wide counter
+def _before_fork() -> None:
+    with _stores_lock:
+        stores = sorted(_stores, key=id)  # one order for every forking thread: no deadlock
+    held: list[SQLiteStore] = []
+    _forking.stores = held
+    for store in stores:
+        store._before_fork()  # noqa: SLF001 - the module's own hook
+        held.append(store)
+
+
+def _after_fork_in_parent() -> None:
+    stores: list[SQLiteStore] = getattr(_forking, "stores", [])
+    _forking.stores = []
+    for store in stores:
+        store._after_fork_in_parent()  # noqa: SLF001
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation, _stores_lock  # noqa: PLW0603 - process-wide state, reset once
     _fork_generation += 1
+    _stores_lock = threading.Lock()
+    _forking.stores = []
+    for store in list(_stores):
+        store._after_fork_in_child()  # noqa: SLF001
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def _finish(conn: sqlite3.Connection) -> None:
@@ -100,32 +158,71 @@ def _finish(conn: sqlite3.Connection) -> None:
         raise
 
 
+class _Abandoned(Exception):
+    """The asyncio task awaiting this call was cancelled before the call took the lock."""
+
+
+class _Job:
+    """What a call on the async store's worker thread knows of the task awaiting it."""
+
+    __slots__ = ("abandoned", "handle")
+
+    def __init__(self) -> None:
+        self.abandoned = False  # set by the loop when the awaiting task is cancelled
+        self.handle: _Handle | None = None  # exclusive(): the handle whose lock it holds
+
+
 class _Handle:
-    """One thread's connection and writer-lock file descriptor."""
+    """One connection and one descriptor of the lock file, used by one thread at a time.
 
-    __slots__ = ("conn", "depth", "generation", "lock_fd")
+    ``depth`` counts the writer-lock holders of the owning thread (nested
+    ``exclusive()`` and commits); ``busy`` is true while a statement runs.
+    Only the store's lock guards the fields another thread reads (``close()``
+    and forks): ``depth``, ``busy``, ``dead`` and the two resources.
+    """
 
-    def __init__(self, conn: sqlite3.Connection, lock_fd: int | None, generation: int) -> None:
+    __slots__ = ("busy", "conn", "dead", "depth", "lock_fd", "pid")
+
+    def __init__(self, conn: sqlite3.Connection | None, lock_fd: int | None) -> None:
         self.conn = conn
         self.lock_fd = lock_fd
-        self.generation = generation
-        self.depth = 0  # how many nested holders of the writer lock this thread has
+        self.depth = 0
+        self.busy = False
+        self.dead = False
+        self.pid = os.getpid()
 
-    def acquire(self) -> None:
-        if self.depth == 0 and self.lock_fd is not None:
-            try:
-                fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                raise StoreError(f"cannot take the SQLite writer lock: {exc}") from exc
-        self.depth += 1
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        fd, self.lock_fd = self.lock_fd, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
-    def release(self) -> None:
-        self.depth -= 1
-        if self.depth == 0 and self.lock_fd is not None:
-            try:
-                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
-            except OSError as exc:
-                raise StoreError(f"cannot release the SQLite writer lock: {exc}") from exc
+
+class _Owner:
+    """Sits in a thread's slot of the store's thread-local, and outlives it by nothing.
+
+    When the thread ends, it hands the thread's handle back to the store
+    without taking any lock: this may run at any point of the thread that
+    drops it.
+    """
+
+    __slots__ = ("handle", "returned")
+
+    def __init__(self, handle: _Handle, returned: collections.deque[_Handle]) -> None:
+        self.handle = handle
+        self.returned = returned
+
+    def __del__(self) -> None:
+        handle = self.handle
+        # A fork's copy belongs to the parent: the child never touches it. At
+        # interpreter exit the modules this needs may be gone: nothing to hand back then.
+        with contextlib.suppress(Exception):
+            if not handle.dead and handle.pid == os.getpid():
+                self.returned.append(handle)
 
 
 class SQLiteStore:
@@ -135,7 +232,12 @@ class SQLiteStore:
     returns (``synchronous=FULL``): an acknowledged charge survives a power
     loss. ``"normal"`` (``synchronous=NORMAL``) survives a crash of the
     process but may lose the last commits on power loss, for several times
-    the throughput. The file is created with mode 0600.
+    the throughput. The file is created with mode 0600. A file this process
+    can read but not write is opened read-only (``read_only`` is then true):
+    reads work, and every write raises ``StoreError``.
+
+    Safe to share between threads (each gets its own connection, returned
+    when the thread ends) and across ``fork()`` (each process opens its own).
     """
 
     def __init__(
@@ -155,42 +257,70 @@ class SQLiteStore:
         if self.path in ("", ":memory:") or self.path.startswith("file:"):
             raise ConfigError("SQLiteStore needs a file path; use MemoryStore for memory")
         self.durability: Durability = durability
+        self.read_only = False
+        self._read_only_why = ""
+        # Resolved once: a later chdir() must not make new connections open another file.
+        self._file = str(Path(self.path).absolute())
         self._busy_ms = int(busy_timeout * 1000)
-        self._lock_path = self.path + ".lock"
-        self._local = threading.local()
-        self._handles: list[_Handle] = []
-        self._handles_lock = threading.Lock()
+        self._lock_path = self._file + ".lock"
+        self._local = threading.local()  # .owner: this thread's _Owner
+        self._jobs = threading.local()  # .job: the async call this thread is running
+        self._cond = threading.Condition(threading.Lock())
+        self._all: set[_Handle] = set()  # every open handle, for close() and forks
+        self._idle: list[_Handle] = []
+        self._returned: collections.deque[_Handle] = collections.deque()
+        self._busy = 0  # handles running a statement
+        self._fork_pending = False
         self._closed = False
         self._create_file()
+        with _stores_lock:
+            _stores.add(self)
         self._init_schema()
 
-    # --- connections --------------------------------------------------------
+    # --- files and connections ----------------------------------------------
 
     def _create_file(self) -> None:
-        for name in (self.path, self._lock_path):
-            try:
-                fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError as exc:
-                raise StoreError(f"cannot open SQLite store {name!r}: {exc.strerror}") from exc
-            os.close(fd)
-
-    def _handle(self) -> _Handle:
-        handle: _Handle | None = getattr(self._local, "handle", None)
-        if handle is not None and handle.generation == _fork_generation:
-            return handle
-        if self._closed:
-            raise StoreError("the store is closed")
-        return self._connect()
-
-    def _connect(self) -> _Handle:
-        generation = _fork_generation
+        """Create the file and its lock file, or find that they can only be read."""
         try:
-            conn = sqlite3.connect(
-                self.path,
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=self._busy_ms / 1000,
-            )
+            fd = os.open(self._file, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY_ERRNOS or not Path(self._file).is_file():
+                raise StoreError(f"cannot open SQLite store {self.path!r}: {exc.strerror}") from exc
+            self._read_only(f"the file is not writable: {exc.strerror}")
+            return
+        os.close(fd)
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY_ERRNOS:
+                raise StoreError(
+                    f"cannot open SQLite store {self._lock_path!r}: {exc.strerror}"
+                ) from exc
+            self._read_only(f"its lock file {self._lock_path!r} is not writable: {exc.strerror}")
+            return
+        os.close(fd)
+
+    def _read_only(self, why: str) -> None:
+        try:
+            fd = os.open(self._file, os.O_RDONLY)
+        except OSError as exc:
+            raise StoreError(f"cannot open SQLite store {self.path!r}: {exc.strerror}") from exc
+        os.close(fd)
+        self.read_only = True
+        self._read_only_why = why
+
+    def _open_connection(self) -> sqlite3.Connection:
+        """A new connection with this store's settings (read-only ones for a read-only file)."""
+        try:
+            if self.read_only:
+                conn = self._open_read_only()
+            else:
+                conn = sqlite3.connect(
+                    self._file,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=self._busy_ms / 1000,
+                )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path!r}: {exc}") from exc
         try:
@@ -200,27 +330,223 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(f"cannot open SQLite store {self.path!r}: {exc}") from exc
-        lock_fd = None
-        if fcntl is not None:
-            try:
-                lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError as exc:
-                conn.close()
-                raise StoreError(f"cannot open the SQLite writer lock: {exc.strerror}") from exc
-        handle = _Handle(conn, lock_fd, generation)
-        with self._handles_lock:
-            if self._handles and self._handles[0].generation != generation:
-                # Handles inherited through fork belong to the parent: forget, never close.
-                self._handles = []
-            self._handles.append(handle)
-        self._local.handle = handle
+        return conn
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """A read-only connection: ``mode=ro``, or ``immutable=1`` when that cannot read.
+
+        To read a WAL database SQLite needs its -wal and -shm files; in a
+        directory this process cannot write it cannot make them. If no writer
+        has the file open (there is no -wal file), the file alone holds every
+        commit, and is read as immutable.
+        """
+        uri = f"file:{quote(self._file)}?mode=ro"
+        conn = sqlite3.connect(
+            uri,
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=self._busy_ms / 1000,
+        )
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            conn.close()
+            if Path(self._file + "-wal").exists():
+                raise
+            conn = sqlite3.connect(
+                uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False
+            )
+        return conn
+
+    def _connect(self) -> _Handle:
+        """Open a new handle (a connection and a lock-file descriptor) and list it."""
+        self._start_call()
+        try:
+            conn = self._open_connection()
+            lock_fd = None
+            if fcntl is not None and not self.read_only:
+                try:
+                    lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+                except OSError as exc:
+                    conn.close()
+                    raise StoreError(f"cannot open the SQLite writer lock: {exc.strerror}") from exc
+            handle = _Handle(conn, lock_fd)
+            with self._cond:
+                listed = not self._closed
+                if listed:
+                    self._all.add(handle)
+            if not listed:
+                handle.close()
+                raise StoreError("the store is closed")
+        finally:
+            self._end_call()
         return handle
 
-    def _hold_writer(self) -> None:
-        self._handle().acquire()
+    def _handle(self) -> _Handle:
+        """Return this thread's handle: its own, else one an ended thread gave back, else new."""
+        owner: _Owner | None = getattr(self._local, "owner", None)
+        if owner is not None and not owner.handle.dead:
+            return owner.handle
+        with self._cond:
+            if self._closed:
+                raise StoreError("the store is closed")
+            retired = self._take_returned()
+            handle = self._idle.pop() if self._idle else None
+        for old in retired:
+            old.close()
+        if handle is None:
+            handle = self._connect()
+        # Outside the lock: replacing a previous owner runs its __del__.
+        self._local.owner = _Owner(handle, self._returned)
+        return handle
 
-    def _release_writer(self) -> None:
-        self._handle().release()
+    def _take_returned(self) -> list[_Handle]:
+        """With the lock held: file the handles of ended threads; return those to close."""
+        retired = []
+        while self._returned:
+            handle = self._returned.popleft()
+            if handle.dead:
+                continue
+            if not self._closed and handle.depth == 0 and len(self._idle) < _MAX_IDLE:
+                self._idle.append(handle)
+            else:  # closing it lets go of a lock its thread died holding
+                handle.dead = True
+                self._all.discard(handle)
+                retired.append(handle)
+        return retired
+
+    def _start_call(self) -> None:
+        """Count a call in flight (forks wait for it), after any pending fork."""
+        with self._cond:
+            while self._fork_pending:
+                self._cond.wait(1.0)
+            self._busy += 1
+
+    def _end_call(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            if self._fork_pending and not self._busy:
+                self._cond.notify_all()
+
+    def _enter(self, handle: _Handle) -> sqlite3.Connection:
+        """Mark ``handle`` busy and return its connection, reopened if a fork closed it."""
+        with self._cond:
+            while self._fork_pending:
+                self._cond.wait(1.0)
+            if self._closed or handle.dead:
+                raise StoreError("the store is closed")
+            handle.busy = True
+            self._busy += 1
+            conn = handle.conn
+            retired = self._take_returned() if self._returned else []
+        for old in retired:
+            old.close()
+        if conn is None:
+            try:
+                conn = self._open_connection()
+            except BaseException:
+                self._leave(handle)
+                raise
+            handle.conn = conn
+        return conn
+
+    def _leave(self, handle: _Handle) -> None:
+        with self._cond:
+            handle.busy = False
+            self._busy -= 1
+            if self._fork_pending and not self._busy:
+                self._cond.notify_all()
+            retire = self._retire(handle)
+        if retire:
+            handle.close()
+
+    def _retire(self, handle: _Handle) -> bool:
+        """With the lock held: True if ``handle`` of a closed store is now free to close."""
+        if not self._closed or handle.dead or handle.busy or handle.depth:
+            return False
+        handle.dead = True
+        self._all.discard(handle)
+        return True
+
+    def _acquire(self, handle: _Handle, job: _Job | None = None) -> None:
+        """Take the writer lock for this thread (nested holders only count)."""
+        with self._cond:
+            if self._closed or handle.dead:
+                raise StoreError("the store is closed")
+            handle.depth += 1
+            fd = handle.lock_fd if handle.depth == 1 else None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                self._release(handle, locked=False)
+                raise StoreError(f"cannot take the SQLite writer lock: {exc}") from exc
+        if job is not None and job.abandoned:
+            self._release(handle)
+            raise _Abandoned
+
+    def _release(self, handle: _Handle, *, locked: bool = True) -> None:
+        error = None
+        with self._cond:
+            handle.depth -= 1
+            # Under the store's lock: close() cannot close this descriptor meanwhile.
+            if not handle.depth and locked and handle.lock_fd is not None:
+                try:
+                    fcntl.flock(handle.lock_fd, fcntl.LOCK_UN)
+                except OSError as exc:
+                    error = exc
+            retire = self._retire(handle)
+        if retire:
+            handle.close()
+        if error is not None:
+            raise StoreError(f"cannot release the SQLite writer lock: {error}") from error
+
+    # --- forks (called by the module's at-fork hooks) -----------------------
+
+    def _before_fork(self) -> None:
+        """Hold the store still across the fork, with no connection open."""
+        self._cond.acquire()
+        self._fork_pending = True
+        self._cond.wait_for(lambda: not self._busy, _FORK_WAIT)
+        retired = self._take_returned() + self._idle
+        self._idle = []
+        for handle in retired:
+            handle.dead = True
+            self._all.discard(handle)
+            handle.close()
+        for handle in self._all:
+            if not handle.busy and handle.conn is not None:
+                conn, handle.conn = handle.conn, None  # its thread reopens it when next used
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    def _after_fork_in_parent(self) -> None:
+        self._fork_pending = False
+        self._cond.notify_all()
+        self._cond.release()
+
+    def _after_fork_in_child(self) -> None:
+        """Start with nothing: close the inherited lock descriptors, keep no connection."""
+        handles = self._all
+        self._cond = threading.Condition(threading.Lock())
+        self._all = set()
+        self._idle = []
+        self._returned = collections.deque()
+        self._busy = 0
+        self._fork_pending = False
+        for handle in handles:
+            handle.dead = True
+            if handle.conn is not None:  # in flight in another thread when the fork came
+                _inherited.append(handle.conn)
+                handle.conn = None
+            if handle.lock_fd is not None:  # the parent keeps its own descriptor and lock
+                with contextlib.suppress(OSError):
+                    os.close(handle.lock_fd)
+                handle.lock_fd = None
+        self._local = threading.local()
+
+    # --- the writer lock ----------------------------------------------------
 
     @contextlib.contextmanager
     def exclusive(self, user_id: str) -> Iterator[None]:  # noqa: ARG002 - one lock for the file
@@ -231,48 +557,81 @@ class SQLiteStore:
         writers are served in turn instead of the last winner winning again.
         """
         handle = self._handle()
-        handle.acquire()
+        self._acquire(handle)
         try:
             yield
         finally:
-            handle.release()
+            self._release(handle)
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        """Hold the writer lock and an immediate transaction; roll back on any error."""
+    def _hold(self, job: _Job) -> None:
+        """The async store's exclusive(): take the lock unless the caller gave up waiting."""
+        if job.abandoned:
+            return
         handle = self._handle()
-        conn = handle.conn
-        handle.acquire()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            _finish(conn)
-        finally:
-            handle.release()
+        with contextlib.suppress(_Abandoned):
+            self._acquire(handle, job)
+            job.handle = handle
+
+    def _let_go(self, job: _Job) -> None:
+        """Release what ``_hold(job)`` took, if it took anything (once)."""
+        handle, job.handle = job.handle, None
+        if handle is not None:
+            self._release(handle)
 
     def _init_schema(self) -> None:
         try:
+            if self.read_only:
+                self._check_schema()
+                return
             self._enable_wal()
-            with self._writing() as conn:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                row = conn.execute(
-                    "SELECT value FROM creditmeter_meta WHERE key = 'schema'"
-                ).fetchone()
-                if row is None or row[0] != "1":
-                    raise StoreError(f"{self.path!r} holds an unknown creditmeter schema")
+            handle = self._handle()
+            self._acquire(handle)
+            try:
+                conn = self._enter(handle)
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        for statement in _SCHEMA.split(";"):
+                            if statement.strip():
+                                conn.execute(statement)
+                        self._check_schema_on(conn)
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        raise
+                    _finish(conn)
+                finally:
+                    self._leave(handle)
+            finally:
+                self._release(handle)
         except sqlite3.Error as exc:
             self.close()
             raise StoreError(f"cannot open SQLite store {self.path!r}: {exc}") from exc
         except StoreError:
             self.close()
             raise
+
+    def _check_schema(self) -> None:
+        handle = self._handle()
+        conn = self._enter(handle)
+        try:
+            tables = {
+                row[0]
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if "creditmeter_meta" not in tables:
+                raise StoreError(
+                    f"{self.path!r} is not a creditmeter store, and is read-only "
+                    f"({self._read_only_why})"
+                )
+            self._check_schema_on(conn)
+        finally:
+            self._leave(handle)
+
+    def _check_schema_on(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT value FROM creditmeter_meta WHERE key = 'schema'").fetchone()
+        if row is None or row[0] != "1":
+            raise StoreError(f"{self.path!r} holds an unknown creditmeter schema")
 
     def _enable_wal(self) -> None:
         """Refuse another application's database, then switch the file to WAL.
@@ -285,28 +644,37 @@ class SQLiteStore:
         first because switching to WAL rewrites the file's header.
         """
         handle = self._handle()
-        conn = handle.conn
-        handle.acquire()
+        self._acquire(handle)
         try:
-            tables = {
-                row[0]
-                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-            if tables and "creditmeter_meta" not in tables:
-                raise StoreError(f"{self.path!r} is an SQLite database but not a creditmeter store")
-            conn.execute("PRAGMA journal_mode = WAL")
+            conn = self._enter(handle)
+            try:
+                tables = {
+                    row[0]
+                    for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                }
+                if tables and "creditmeter_meta" not in tables:
+                    raise StoreError(
+                        f"{self.path!r} is an SQLite database but not a creditmeter store"
+                    )
+                conn.execute("PRAGMA journal_mode = WAL")
+            finally:
+                self._leave(handle)
         finally:
-            handle.release()
+            self._release(handle)
 
     # --- the contract -------------------------------------------------------
 
     def load(self, user_id: str) -> Account | None:
         """Return the stored account, or ``None``."""
+        handle = self._handle()
+        conn = self._enter(handle)
         try:
-            row = self._handle().conn.execute(_LOAD, (user_id,)).fetchone()
+            row = conn.execute(_LOAD, (user_id,)).fetchone()
         except sqlite3.Error as exc:
-            raise StoreError(f"SQLite load failed: {exc}") from exc
-        return None if row is None else account_from_json(row[0])
+            raise StoreError(f"SQLite load from {self.path!r} failed: {exc}") from exc
+        finally:
+            self._leave(handle)
+        return None if row is None else account_from_json(row[0], user_id=user_id)
 
     def commit(
         self,
@@ -316,33 +684,43 @@ class SQLiteStore:
         expected_version: int | None,
     ) -> None:
         """Store the account and entries in one transaction if the version still matches."""
+        job: _Job | None = getattr(self._jobs, "job", None)
+        if self.read_only:
+            raise StoreError(
+                f"cannot write to SQLite store {self.path!r}: opened read-only "
+                f"({self._read_only_why})"
+            )
+        if job is not None and job.abandoned:
+            raise _Abandoned
         user_id = account.user_id
         data = account_to_json(account)
         rows = [(user_id, entry.request_id, entry_to_json(entry)) for entry in entries]
         handle = self._handle()
-        conn = handle.conn
-        # The body of _writing(), inline: this is every write's path.
-        handle.acquire()
+        self._acquire(handle, job)
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn = self._enter(handle)
             try:
-                self._apply(
-                    conn,
-                    user_id=user_id,
-                    version=account.version,
-                    data=data,
-                    rows=rows,
-                    expected_version=expected_version,
-                )
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            _finish(conn)
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite commit failed: {exc}") from exc
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._apply(
+                        conn,
+                        user_id=user_id,
+                        version=account.version,
+                        data=data,
+                        rows=rows,
+                        expected_version=expected_version,
+                    )
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                _finish(conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite commit to {self.path!r} failed: {exc}") from exc
+            finally:
+                self._leave(handle)
         finally:
-            handle.release()
+            self._release(handle)
 
     @staticmethod
     def _apply(
@@ -360,7 +738,7 @@ class SQLiteStore:
             cursor = conn.execute(_UPDATE_ACCOUNT, (version, data, user_id, expected_version))
         if cursor.rowcount != 1:
             row = conn.execute(_LOAD, (user_id,)).fetchone()
-            current = None if row is None else account_from_json(row[0])
+            current = None if row is None else account_from_json(row[0], user_id=user_id)
             raise VersionConflict(user_id, expected=expected_version, current=current)
         for row in rows:
             try:
@@ -373,49 +751,84 @@ class SQLiteStore:
                 if found is None:
                     raise
                 raise DuplicateRequest(
-                    user_id, request_id, entry=entry_from_json(found[0])
+                    user_id, request_id, entry=entry_from_json(found[0], user_id=user_id)
                 ) from None
 
     def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""
+        handle = self._handle()
+        conn = self._enter(handle)
         try:
-            row = self._handle().conn.execute(_FIND_REQUEST, (user_id, request_id)).fetchone()
+            row = conn.execute(_FIND_REQUEST, (user_id, request_id)).fetchone()
         except sqlite3.Error as exc:
-            raise StoreError(f"SQLite read failed: {exc}") from exc
-        return None if row is None else entry_from_json(row[0])
+            raise StoreError(f"SQLite read of {self.path!r} failed: {exc}") from exc
+        finally:
+            self._leave(handle)
+        return None if row is None else entry_from_json(row[0], user_id=user_id)
 
     def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
         """Return the user's entries, oldest first (the newest ``limit`` if given)."""
+        handle = self._handle()
+        conn = self._enter(handle)
         try:
-            conn = self._handle().conn
             if limit is None:
                 rows = conn.execute(_LEDGER, (user_id,)).fetchall()
             else:
                 rows = conn.execute(_LEDGER_TAIL, (user_id, min(limit, _SQLITE_MAX_INT))).fetchall()
                 rows.reverse()
         except sqlite3.Error as exc:
-            raise StoreError(f"SQLite read failed: {exc}") from exc
-        return [entry_from_json(row[0]) for row in rows]
+            raise StoreError(f"SQLite read of {self.path!r} failed: {exc}") from exc
+        finally:
+            self._leave(handle)
+        return [entry_from_json(row[0], user_id=user_id) for row in rows]
 
     def users(self) -> list[str]:
         """Return every user id, sorted."""
+        handle = self._handle()
+        conn = self._enter(handle)
         try:
-            return [row[0] for row in self._handle().conn.execute(_USERS)]
+            return [row[0] for row in conn.execute(_USERS)]
         except sqlite3.Error as exc:
-            raise StoreError(f"SQLite read failed: {exc}") from exc
+            raise StoreError(f"SQLite read of {self.path!r} failed: {exc}") from exc
+        finally:
+            self._leave(handle)
 
     def close(self) -> None:
-        """Close every connection this process opened; further use raises ``StoreError``."""
-        self._closed = True
-        with self._handles_lock:
-            handles, self._handles = self._handles, []
-        for handle in handles:
-            if handle.generation != _fork_generation:
-                continue
-            handle.conn.close()
-            if handle.lock_fd is not None:
-                os.close(handle.lock_fd)
-        self._local = threading.local()
+        """Close every connection and lock descriptor this process opened, in every thread.
+
+        A handle in use by another thread at that moment is closed by that
+        thread as soon as its call (or its ``exclusive()`` block) ends. Further
+        use raises ``StoreError``.
+        """
+        owner: _Owner | None = getattr(self._local, "owner", None)
+        mine = None if owner is None else owner.handle
+        conns = []
+        with self._cond:
+            self._closed = True
+            retired = self._take_returned() + self._idle
+            self._idle = []
+            for handle in list(self._all):
+                if handle.busy:
+                    continue
+                if handle.depth and handle is not mine:
+                    # Another thread holds (or waits for) the writer lock with it:
+                    # that thread closes the descriptor when it lets go.
+                    if handle.conn is not None:
+                        conns.append(handle.conn)
+                        handle.conn = None
+                    continue
+                retired.append(handle)
+            for handle in retired:
+                handle.dead = True
+                self._all.discard(handle)
+        for handle in retired:
+            handle.close()
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        with _stores_lock:
+            _stores.discard(self)
+        self._local = threading.local()  # outside the lock: this runs the owners' __del__
 
     def __enter__(self) -> SQLiteStore:
         return self
@@ -429,7 +842,8 @@ class SQLiteStore:
         self.close()
 
     def __repr__(self) -> str:
-        return f"SQLiteStore({self.path!r}, durability={self.durability!r})"
+        read_only = ", read_only=True" if self.read_only else ""
+        return f"SQLiteStore({self.path!r}, durability={self.durability!r}{read_only})"
 
 
 class AsyncSQLiteStore:
@@ -438,6 +852,12 @@ class AsyncSQLiteStore:
     One thread keeps each connection (and the writer lock it holds) on the
     thread that opened it; SQLite serializes writers anyway. Opening the
     store (creating the file and schema) happens in the constructor.
+
+    Every await is cancellation-safe: a cancelled call that had not taken
+    the writer lock yet writes nothing and gives the lock back as soon as
+    its worker gets it; a commit that holds the lock completes (all or
+    nothing) after its caller has gone. A forked child starts its own worker
+    thread on its first call.
     """
 
     def __init__(
@@ -449,18 +869,40 @@ class AsyncSQLiteStore:
     ) -> None:
         self.sync = SQLiteStore(path, durability=durability, busy_timeout=busy_timeout)
         self.path = self.sync.path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="creditmeter-sqlite")
+        self._executor = self._new_executor()
+        self._generation = _fork_generation
         self._closed = False
 
-    async def _run(self, call: Callable[..., _T], *args: object, **kwargs: object) -> _T:
+    @staticmethod
+    def _new_executor() -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="creditmeter-sqlite")
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._generation != _fork_generation:
+            # A forked child: the parent's worker thread does not exist here, and the
+            # executor inherited from it would queue every call forever.
+            self._executor = self._new_executor()
+            self._generation = _fork_generation
+        return self._executor
+
+    async def _run(
+        self, job: _Job | None, call: Callable[..., _T], *args: object, **kwargs: object
+    ) -> _T:
         if self._closed:
             raise StoreError("the store is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(call, *args, **kwargs))
+        future = self._worker().submit(call, *args, **kwargs)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # A call still queued is dropped with the future; one already running
+            # sees this flag once it has the writer lock, and lets go of it.
+            if job is not None:
+                job.abandoned = True
+            raise
 
     async def load(self, user_id: str) -> Account | None:
         """Return the stored account, or ``None``."""
-        return await self._run(self.sync.load, user_id)
+        return await self._run(None, self.sync.load, user_id)
 
     async def commit(
         self,
@@ -470,39 +912,73 @@ class AsyncSQLiteStore:
         expected_version: int | None,
     ) -> None:
         """Store the account and entries in one transaction if the version still matches."""
-        await self._run(self.sync.commit, account, entries, expected_version=expected_version)
+        job = _Job()
+        await self._run(job, self._commit, job, account, entries, expected_version)
+
+    def _commit(
+        self,
+        job: _Job,
+        account: Account,
+        entries: Sequence[LedgerEntry],
+        expected_version: int | None,
+    ) -> None:
+        """On the worker thread: the sync commit, told which call it runs for."""
+        jobs = self.sync._jobs  # noqa: SLF001 - the store's own twin
+        jobs.job = job
+        try:
+            self.sync.commit(account, entries, expected_version=expected_version)
+        finally:
+            jobs.job = None
 
     async def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""
-        return await self._run(self.sync.find_request, user_id, request_id)
+        return await self._run(None, self.sync.find_request, user_id, request_id)
 
     async def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
         """Return the user's entries, oldest first (the newest ``limit`` if given)."""
-        return await self._run(self.sync.ledger, user_id, limit=limit)
+        return await self._run(None, self.sync.ledger, user_id, limit=limit)
 
     async def users(self) -> list[str]:
         """Return every user id, sorted."""
-        return await self._run(self.sync.users)
+        return await self._run(None, self.sync.users)
+
+    def _submit_let_go(self, job: _Job) -> Future[None] | None:
+        """Queue the release of what ``job`` holds behind its own hold (one worker: in order)."""
+        try:
+            return self._worker().submit(self.sync._let_go, job)  # noqa: SLF001
+        except RuntimeError:  # shut down by aclose(): closing let go of every lock
+            return None
 
     @contextlib.asynccontextmanager
     async def exclusive(self, user_id: str) -> AsyncIterator[None]:  # noqa: ARG002 - one lock
         """Keep every other writer of this file out until the block ends (see ``SQLiteStore``)."""
-        await self._run(self.sync._hold_writer)  # noqa: SLF001 - the store's own twin
+        job = _Job()
+        try:
+            await self._run(job, self.sync._hold, job)  # noqa: SLF001 - the store's own twin
+        except asyncio.CancelledError:
+            self._submit_let_go(job)  # the hold may have gone through meanwhile
+            raise
         try:
             yield
         finally:
-            # Shielded: a cancelled caller must still let go of the lock.
-            await asyncio.shield(self._run(self.sync._release_writer))  # noqa: SLF001
+            # Shielded: a caller cancelled again meanwhile still lets go of the lock.
+            released = self._submit_let_go(job)
+            if released is not None:
+                await asyncio.shield(asyncio.wrap_future(released))
 
     async def aclose(self) -> None:
-        """Close every connection and stop the worker thread."""
+        """Close every connection and stop the worker thread.
+
+        The closing runs even if this call is cancelled, once the worker has
+        finished the calls queued before it.
+        """
         if self._closed:
             return
-        try:
-            await self._run(self.sync.close)
-        finally:
-            self._closed = True
-            self._executor.shutdown(wait=False)
+        self._closed = True
+        executor = self._worker()
+        closed = executor.submit(self.sync.close)
+        executor.shutdown(wait=False)
+        await asyncio.shield(asyncio.wrap_future(closed))
 
     async def __aenter__(self) -> AsyncSQLiteStore:
         return self
