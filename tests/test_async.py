@@ -152,6 +152,18 @@ def test_open_async_store_urls(tmp_path):
     run(main())
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["mongodb://admin:pw-1@db/x", "mongodb://admin:pw-1@[db/x", "nope://:pw-1@[::1"],
+)
+def test_an_unknown_store_url_never_shows_its_password(url):
+    # Tried: a parsable URL, and two that urlsplit cannot read (which were shown whole).
+    with pytest.raises(ConfigError, match="known schemes") as caught:
+        open_async_store(url)
+    assert "pw-1" not in str(caught.value)
+    assert "***" in str(caught.value)
+
+
 def test_a_closed_async_store_refuses_work(tmp_path):
     async def main():
         store = AsyncSQLiteStore(tmp_path / "c.db")

@@ -58,6 +58,8 @@ from creditmeter import (
     InvalidInput,
     StoreError,
     VersionConflict,
+    open_async_store,
+    open_store,
 )
 from creditmeter.stores.redis import COMMIT_SCRIPT, DEFAULT_PREFIX, AsyncRedisStore, RedisStore
 from creditmeter.testing import Blocking, StoreContract, make_account, make_entry
@@ -288,6 +290,24 @@ def test_default_prefix_and_prefix_in_the_url():
         RedisStore(f"{REDIS_URL}?prefix=a:", prefix="b:")
     with pytest.raises(ConfigError, match="braces"):
         RedisStore(f"{REDIS_URL}?prefix=a%7Bb")
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://[bad", "not a valid Redis URL"),  # urlsplit's ValueError, before the fix
+        ("redis://user:secret@[::1/0", "not a valid Redis URL"),
+        ("redis://127.0.0.1:6379/abc", "is a number"),  # silently database 0, before the fix
+        ("redis://127.0.0.1:6379/1x", "is a number"),
+        ("redis://127.0.0.1:6379/%31%32", "is a number"),
+        ("rediss://127.0.0.1:6379/-1", "is a number"),
+    ],
+)
+def test_a_bad_url_is_a_config_error_that_hides_the_password(url, says):
+    for opener in (open_store, open_async_store):
+        with pytest.raises(ConfigError, match=says) as caught:
+            opener(url)
+        assert "secret" not in str(caught.value)
 
 
 def test_constructor_arguments():

@@ -12,6 +12,7 @@ extras.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -222,10 +223,9 @@ def __getattr__(name: str) -> Any:
 def redact(url: str) -> str:
     """The URL with any password replaced by ``***``, for messages."""
     try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
+        password = urlsplit(url).password
+    except ValueError:  # unparsable: hide whatever stands between "user:" and "@"
+        return re.sub(r"(//[^/@:]*:)[^@/]*@", r"\1***@", url, count=1)
     if not password:
         return url
     return url.replace(f":{password}@", ":***@", 1)

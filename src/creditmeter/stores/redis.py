@@ -321,7 +321,17 @@ def _split_url(url: object, prefix: str | None) -> tuple[str, str]:
     """Return the URL without a ``prefix=`` query option, and the prefix to use."""
     if not isinstance(url, str) or not url:
         raise ConfigError(f"a Redis URL must be a non-empty str, got {url!r}")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed [ in the host; the URL may hold a password
+        raise ConfigError(f"not a valid Redis URL: {exc}") from None
+    if (
+        parts.scheme in ("redis", "rediss")
+        and parts.path.strip("/")
+        and not (parts.path.strip("/").isdigit() and parts.path.strip("/").isascii())
+    ):
+        # redis-py reads a path that is not a number as database 0, silently.
+        raise ConfigError(f"the database in a Redis URL is a number, got {parts.path[1:]!r}")
     query = parse_qsl(parts.query, keep_blank_values=True)
     given = [value for name, value in query if name == "prefix"]
     if given:
