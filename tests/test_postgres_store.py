@@ -961,8 +961,9 @@ def test_tasks_of_two_async_managers_charging_one_user(prefix):
     asyncio.run(main())
 
 
-BALANCE = 5000
-ATTEMPTS = 8000
+# Oversubscription: 8,000 holds of 1 on a balance of 5,000 with CREDITMETER_LONG=1, as the
+# holds issue measured; a quarter of that by default, to keep the default run short.
+BALANCE, ATTEMPTS = (5000, 8000) if os.environ.get("CREDITMETER_LONG") == "1" else (1250, 2000)
 
 
 def assert_spent_exactly(store, user="u"):
