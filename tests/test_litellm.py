@@ -32,6 +32,7 @@ from pathlib import Path
 import fastapi
 import litellm
 import pytest
+from broken import BrokenSQLite
 from litellm.caching.dual_cache import DualCache
 from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
 from litellm.proxy._types import UserAPIKeyAuth
@@ -702,26 +703,6 @@ def test_usd_to_credits_keeps_the_digits_a_float_holds(usd, expected):
 
 
 # --- the store down ------------------------------------------------------------------------
-
-
-class BrokenSQLite:
-    """An SQLite store's files overwritten with garbage (a real outage), then put back."""
-
-    def __init__(self, path: Path) -> None:
-        self.files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
-        self.saved: dict[Path, bytes] = {}
-
-    def break_(self) -> None:
-        self.saved = {f: f.read_bytes() for f in self.files if f.exists()}
-        for f in self.saved:
-            with f.open("r+b") as handle:
-                handle.write(b"garbage!" * 4096)
-
-    def repair(self) -> None:
-        for f, data in self.saved.items():
-            with f.open("r+b") as handle:
-                handle.write(data)
-                handle.truncate()
 
 
 @pytest.fixture

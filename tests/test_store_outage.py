@@ -26,6 +26,7 @@ import httpx
 import httpx2
 import openai
 import pytest
+from broken import BrokenSQLite
 from fastapi import FastAPI, Request
 
 from creditmeter import (
@@ -131,26 +132,6 @@ def redis_up(redis_server):
     if redis_server.process is None:
         redis_server.start()
     return redis_server
-
-
-class BrokenSQLite:
-    """An SQLite store's files, overwritten with garbage and put back."""
-
-    def __init__(self, path: Path) -> None:
-        self.files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
-        self.saved: dict[Path, bytes] = {}
-
-    def break_(self) -> None:
-        self.saved = {f: f.read_bytes() for f in self.files if f.exists()}
-        for f in self.saved:
-            with f.open("r+b") as handle:
-                handle.write(b"garbage!" * 4096)
-
-    def repair(self) -> None:
-        for f, data in self.saved.items():
-            with f.open("r+b") as handle:
-                handle.write(data)
-                handle.truncate()
 
 
 def config() -> BalanceConfig:
