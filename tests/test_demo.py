@@ -121,8 +121,9 @@ def test_a_second_demo_run_on_the_same_store_is_refused(tmp_path):
 
 
 def test_demo_reports_a_malformed_store_url_as_a_config_error():
-    with pytest.raises(ConfigError, match="bad store URL 'redis://u:\\*\\*\\*@\\[x/0'"):
+    with pytest.raises(ConfigError, match="not a valid Redis URL") as caught:
         run_demo(store_url="redis://u:hunter2@[x/0", console=None, **SMALL)
+    assert "hunter2" not in str(caught.value)
 
 
 def test_demo_on_the_default_store_removes_its_folder(tmp_path, monkeypatch):
