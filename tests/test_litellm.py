@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import threading
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -76,12 +77,22 @@ TIMEOUT = 30.0  # seconds to wait for LiteLLM's background logging; reached only
 
 
 class Recording(CreditMeterLogger):
-    """The logger under test, noting each event LiteLLM delivered once it has been handled."""
+    """The logger under test, noting each event LiteLLM delivered once it has been handled.
+
+    LiteLLM reads its callback lists when it delivers an event, not when the
+    call starts, so a call of an earlier test whose event is still queued can
+    reach a logger registered after it. Such events (of calls started before
+    this logger was made) are dropped, so each test counts only its own calls.
+    """
 
     def __init__(self, meter, **options):
         super().__init__(meter, **options)
         self.handled = threading.Condition()
         self.events: list[tuple[str, dict, object]] = []
+        self.since = datetime.now()  # noqa: DTZ005 - LiteLLM stamps calls with naive local time
+
+    def _earlier(self, start_time) -> bool:
+        return isinstance(start_time, datetime) and start_time < self.since
 
     def _note(self, name, kwargs, response):
         with self.handled:
@@ -89,17 +100,25 @@ class Recording(CreditMeterLogger):
             self.handled.notify_all()
 
     def log_success_event(self, kwargs, response_obj, start_time, end_time):
+        if self._earlier(start_time):
+            return
         super().log_success_event(kwargs, response_obj, start_time, end_time)
         self._note("success", kwargs, response_obj)
 
     async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+        if self._earlier(start_time):
+            return
         await super().async_log_success_event(kwargs, response_obj, start_time, end_time)
         self._note("success", kwargs, response_obj)
 
     def log_failure_event(self, kwargs, response_obj, start_time, end_time):
+        if self._earlier(start_time):
+            return
         self._note("failure", kwargs, response_obj)
 
     async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):
+        if self._earlier(start_time):
+            return
         self._note("failure", kwargs, response_obj)
 
     def wait_for(self, count: int) -> list[tuple[str, dict, object]]:

@@ -773,6 +773,302 @@ def test_an_sqlite_url_scheme_is_case_insensitive(tmp_path):
         assert isinstance(store, SQLiteStore)
 
 
+# --- 6. bounded waits for the writer lock ---------------------------------------------------
+
+
+def guarded(call: Callable[[], Any], timeout: float) -> tuple[str, Any, threading.Thread]:
+    """Run ``call`` on a daemon thread: ("returned", value), ("raised", error) or ("hung", None)."""
+    outcome: list[tuple[str, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("returned", call()))
+        except BaseException as exc:
+            outcome.append(("raised", exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    kind, value = outcome[0] if outcome else ("hung", None)
+    return kind, value, thread
+
+
+@contextlib.contextmanager
+def stopped_holder(locker: Locker, path: Path) -> Iterator[None]:
+    """The Locker takes the writer lock through a store's exclusive(), then is SIGSTOPped.
+
+    On the way out it is continued and lets go, whatever happened inside.
+    """
+    assert locker.ask(f"hold {path}") == "held"
+    os.kill(locker.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(locker.proc.pid, signal.SIGCONT)
+        assert locker.ask("release") == "released"
+
+
+def gave_up(error: object, lock_path: Path, wait: str) -> bool:
+    return isinstance(error, StoreError) and str(lock_path) in str(error) and wait in str(error)
+
+
+def lock_users(lock_path: Path) -> tuple[int, int]:
+    """(this process's threads, its descriptors on the lock file)."""
+    return threading.active_count(), len(fds_on(lock_path))
+
+
+def test_a_charge_gives_up_waiting_for_a_stopped_lock_holder(tmp_path, locker):
+    """Another process holds the writer lock and is stopped (SIGSTOP) inside exclusive().
+
+    A charge with lock_wait=0.5 raises StoreError naming the lock file and the
+    wait, and writes nothing; 20 more timed-out calls add no thread and no
+    descriptor; once the holder goes on and lets go, no wait of ours takes the
+    lock (the other process can), and the next charge works. Before the fix
+    the charge hung (there was no lock_wait: run with it dropped, the guard
+    reported "hung" after 10 s).
+    """
+    path = tmp_path / "credits.db"
+    lock_path = Path(f"{path}.lock")
+    with (
+        SQLiteStore(path, durability="normal", lock_wait=0.5) as store,
+        SQLiteStore(path, durability="normal", lock_wait=0.02) as quick,
+    ):
+        manager = BalanceManager(store, CONFIG)
+        manager.grant("alice", 5, request_id="g1")
+        quick.load("alice")
+        before = snapshot(store)
+        with stopped_holder(locker, path):
+            kind, error, thread = guarded(
+                lambda: manager.charge("alice", 1, request_id="late"), timeout=10
+            )
+            if kind == "raised":
+                used = lock_users(lock_path)
+                for number in range(20):
+                    with pytest.raises(StoreError):
+                        BalanceManager(quick, CONFIG).charge("bob", 1, request_id=f"q{number}")
+                grown = [a - b for a, b in zip(lock_users(lock_path), used, strict=True)]
+                assert snapshot(store) == before
+        thread.join(10)  # hung before the fix: it goes on once the holder lets go
+        assert kind == "raised", (kind, error)
+        assert gave_up(error, lock_path, "0.5 s"), error
+        assert grown[0] <= 1, grown  # threads
+        assert grown[1] <= 1, grown  # descriptors
+        assert snapshot(store) == before
+        # The other process takes the lock; none of our timed-out waits kept it.
+        assert locker.ask(f"probe {path}") == "took"
+        assert asyncio.run(until(lambda: not flock_entries(lock_path), "no flock left", 10)) is None
+        manager.charge("alice", 1, request_id="next")
+        BalanceManager(quick, CONFIG).charge("bob", 1, request_id="q-next")
+        assert [e.request_id for e in store.ledger("alice")] == [None, "g1", "next"]
+        assert [e.request_id for e in store.ledger("bob")] == [None, "q-next"]
+
+
+async def async_gives_up(path: Path, locker: Locker) -> None:
+    lock_path = Path(f"{path}.lock")
+    store = AsyncSQLiteStore(path, durability="normal", lock_wait=0.5)
+    patient = AsyncSQLiteStore(path, durability="normal")  # the default wait, 30 s
+    try:
+        manager = AsyncBalanceManager(store, CONFIG)
+        await manager.grant("alice", 5, request_id="g1")
+        alice = await patient.load("alice")
+        assert alice is not None
+        with stopped_holder(locker, path):
+            try:
+                await asyncio.wait_for(manager.charge("alice", 1, request_id="late"), 10)
+                outcome: object = "charged"
+            except (StoreError, asyncio.TimeoutError) as exc:
+                outcome = exc
+            assert gave_up(outcome, lock_path, "0.5 s"), repr(outcome)
+            # A cancelled commit stops waiting at once: the worker serves the next call.
+            change = attrs.evolve(alice, balance=alice.balance - 1, version=alice.version + 2)
+            task = asyncio.create_task(patient.commit(change, [], expected_version=alice.version))
+            await until(lambda: (True, os.getpid()) in flock_entries(lock_path), "a wait")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+            assert await asyncio.wait_for(patient.users(), 5) == ["alice"]
+        assert await asyncio.to_thread(locker.ask, f"probe {path}") == "took"
+        await until(lambda: not flock_entries(lock_path), "no flock left")
+        await asyncio.wait_for(manager.charge("alice", 1, request_id="next"), 10)
+        entries = await patient.ledger("alice")
+        assert [e.request_id for e in entries] == [None, "g1", "next"]
+        assert (await patient.load("alice")).balance == sum(e.amount for e in entries)
+    finally:
+        await store.aclose()
+        await patient.aclose()
+
+
+def test_an_async_charge_gives_up_waiting_for_a_stopped_lock_holder(tmp_path, locker):
+    """The async store: StoreError after lock_wait, nothing written, the next call works;
+    a cancelled commit waiting with the default 30 s lets the worker go on at once.
+
+    Before the fix (no lock_wait) wait_for timed out after 10 s instead.
+    """
+    asyncio.run(asyncio.wait_for(async_gives_up(tmp_path / "credits.db", locker), 60))
+
+
+def test_a_wait_for_a_thread_of_this_process_is_bounded_too(tmp_path):
+    """One thread holds exclusive(); another thread's charge gives up (lock_wait 0.2, and
+    0: no wait at all), writes nothing, and goes through once the first lets go."""
+    path = tmp_path / "credits.db"
+    lock_path = Path(f"{path}.lock")
+    entered, leave = threading.Event(), threading.Event()
+    with (
+        SQLiteStore(path, durability="normal", lock_wait=0.2) as store,
+        SQLiteStore(path, durability="normal", lock_wait=0) as no_wait,
+    ):
+        manager = BalanceManager(store, CONFIG)
+        manager.grant("alice", 5)
+        before = snapshot(store)
+
+        def hold() -> None:
+            with store.exclusive("alice"):
+                entered.set()
+                leave.wait(20)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert entered.wait(10)
+            kind, error, thread = guarded(lambda: manager.charge("alice", 1), timeout=10)
+            no_wait_kind, no_wait_error, no_wait_thread = guarded(
+                lambda: BalanceManager(no_wait, CONFIG).charge("alice", 1), timeout=10
+            )
+        finally:
+            leave.set()
+            holder.join(10)
+        thread.join(10)
+        no_wait_thread.join(10)
+        assert kind == "raised", (kind, error)
+        assert gave_up(error, lock_path, "0.2 s"), error
+        assert no_wait_kind == "raised", (no_wait_kind, no_wait_error)
+        assert gave_up(no_wait_error, lock_path, "0 s"), no_wait_error
+        assert snapshot(store) == before
+        manager.charge("alice", 1)
+        BalanceManager(no_wait, CONFIG).charge("alice", 1)
+        assert [e.kind for e in store.ledger("alice")][-2:] == [EntryKind.CHARGE] * 2
+
+
+# Huge finite waits are valid (waited in slices); these are not.
+BAD_LOCK_WAITS = [-1, -0.001, float("nan"), float("inf"), float("-inf"), True, "1", None]
+
+
+@pytest.mark.parametrize("lock_wait", BAD_LOCK_WAITS, ids=repr)
+def test_a_bad_lock_wait_is_a_config_error_and_creates_nothing(tmp_path, lock_wait):
+    for opener in (SQLiteStore, AsyncSQLiteStore):
+        with pytest.raises(ConfigError, match="lock_wait"):
+            opener(tmp_path / "credits.db", lock_wait=lock_wait)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_forked_while_a_wait_of_it_is_queued_works_in_both(tmp_path):
+    """A fork while an abandoned wait of the parent is still queued on the lock, and an
+    idle waiter thread exists: the child's own waits work, it keeps no descriptor of
+    the parent's wait, and parent and child both write once the lock is free."""
+    result = run_script("fork-wait", str(tmp_path), timeout=60)
+    assert result == {"parent": [], "child": [], "hung": []}
+
+
+def fork_wait_scenario(directory: str) -> dict[str, Any]:
+    """Fork with an idle waiter thread and an abandoned wait still queued on the lock.
+
+    A child that inherited the parent's wait descriptor, or believed the
+    parent's idle waiter thread existed, would keep a descriptor of the
+    parent's queue or wait forever for a thread that is not there.
+    """
+    import fcntl  # noqa: PLC0415 - POSIX only, like the tests that use it
+    import select  # noqa: PLC0415
+
+    path = Path(directory) / "credits.db"
+    lock_path = Path(f"{path}.lock")
+    store = SQLiteStore(path, durability="normal", lock_wait=0.2)
+    patient = SQLiteStore(path, durability="normal", lock_wait=10)
+    manager, patient_manager = BalanceManager(store, CONFIG), BalanceManager(patient, CONFIG)
+    manager.grant("p", 1)
+    patient_manager.grant("c", 1)
+    errors: list[str] = []
+    hung: list[str] = []
+    holder = os.open(lock_path, os.O_RDWR)
+
+    def waiting(pid: int, count: int = 1) -> bool:
+        deadline = time.monotonic() + 10
+        while flock_entries(lock_path).count((True, pid)) < count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    # Two waits at once, served: two waiter threads, idle afterwards.
+    def enter_and_leave() -> None:
+        with patient.exclusive("c"):
+            pass
+
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    threads = [threading.Thread(target=enter_and_leave) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    if not waiting(os.getpid(), 2):
+        errors.append("the two waits were not seen")
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    for thread in threads:
+        thread.join(10)
+    # A wait that gives up: one waiter thread stays queued, the other is idle.
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        manager.charge("p", 1, request_id="timed-out")
+        errors.append("charged while the lock was held")
+    except StoreError:
+        pass
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read)
+        found: list[str] = []
+        try:
+            inherited = len(fds_on(lock_path))
+            if inherited != 1:  # only its copy of `holder`
+                found.append(f"{inherited} descriptors on the lock file, expected 1")
+            patient_manager.charge("c", 1, request_id="child")  # waits: the parent holds
+            manager.charge("p", 1, request_id="child-p")
+            store.close()
+            patient.close()
+        except BaseException as exc:
+            found.append(repr(exc))
+        os.write(write, json.dumps(found).encode())
+        os._exit(0)
+    os.close(write)
+    if not waiting(pid):
+        errors.append("the child's wait was never queued")
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    child: list[str] = []
+    if select.select([read], [], [], 30)[0]:
+        child = json.loads(os.read(read, 65536) or b'["no report"]')
+    else:
+        hung.append("child")
+        os.kill(pid, signal.SIGKILL)
+    os.close(read)
+    deadline = time.monotonic() + 10
+    while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        manager.charge("p", 1, request_id="after")
+        patient_manager.charge("c", 1, request_id="after")
+        ledgers = {user: [e.request_id for e in store.ledger(user)] for user in ("p", "c")}
+        if ledgers != {"p": [None, None, "child-p", "after"], "c": [None, None, "child", "after"]}:
+            errors.append(f"ledgers: {ledgers}")
+    except Exception as exc:
+        errors.append(repr(exc))
+    store.close()
+    patient.close()
+    deadline = time.monotonic() + 10
+    while len(fds_on(lock_path)) > 1 and time.monotonic() < deadline:  # `holder` itself
+        time.sleep(0.01)
+    if len(fds_on(lock_path)) != 1:
+        errors.append(f"descriptors left on the lock file: {fds_on(lock_path)}")
+    os.close(holder)
+    return {"parent": errors, "child": child, "hung": hung}
+
+
 # --- the script's commands -----------------------------------------------------------------
 
 
@@ -824,5 +1120,7 @@ if __name__ == "__main__":
         locker_process(*arguments)
     elif command == "readonly":
         print(json.dumps(readonly_scenario(*arguments)), flush=True)
+    elif command == "fork-wait":
+        print(json.dumps(fork_wait_scenario(*arguments)), flush=True)
     else:
         raise SystemExit(f"unknown command {command!r}")

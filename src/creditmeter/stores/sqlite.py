@@ -8,7 +8,12 @@ ledger inserts, with a unique index on (user_id, request_id).
 Writers queue on an ``flock`` of a lock file beside the database before they
 begin: SQLite's own busy handler retries on a timer and was measured starving
 writers under contention (p99 near 2 s with four processes), while a
-blocking lock is handed over in order.
+blocking lock is handed over in order. A writer first tries the lock without
+blocking; only if it is taken does the blocking ``flock`` run, on a waiter
+thread with a descriptor of its own, while the writer waits for it at most
+``lock_wait`` seconds. A wait given up stays in the queue: the store's next
+contended writer takes it over (with its place), and if none comes, the
+waiter thread lets go of the lock the moment it gets it.
 
 Each thread that uses a store has its own connection and lock-file
 descriptor (a handle); when the thread ends, the handle goes back to the
@@ -36,9 +41,11 @@ import asyncio
 import collections
 import contextlib
 import errno
+import math
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -100,6 +107,8 @@ _USERS = "SELECT user_id FROM creditmeter_accounts ORDER BY user_id"
 _SQLITE_MAX_INT = 2**63 - 1
 
 _MAX_IDLE = 4  # handles of ended threads kept for new threads; the rest are closed
+_WAITER_IDLE = 10.0  # seconds an idle waiter thread stays for the next contended writer
+_WAIT_SLICE = 3600.0  # a longer lock_wait is waited in slices (threading's limit is finite)
 _FORK_WAIT = 10.0  # seconds a fork waits for the calls in flight in other threads
 _READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -131,12 +140,15 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _fork_generation, _stores_lock  # noqa: PLW0603 - process-wide state, reset once
+    global _fork_generation, _stores_lock, _waiters  # noqa: PLW0603 - process-wide, reset once
     _fork_generation += 1
     _stores_lock = threading.Lock()
     _forking.stores = []
+    # The parent's waiter threads do not exist here; their descriptors are the parent's.
+    closed = _waiters.forget()
+    _waiters = _Waiters()
     for store in list(_stores):
-        store._after_fork_in_child()  # noqa: SLF001
+        store._after_fork_in_child(closed)  # noqa: SLF001
 
 
 if hasattr(os, "register_at_fork"):
@@ -165,11 +177,144 @@ class _Abandoned(Exception):
 class _Job:
     """What a call on the async store's worker thread knows of the task awaiting it."""
 
-    __slots__ = ("abandoned", "handle")
+    __slots__ = ("abandoned", "handle", "wait")
 
     def __init__(self) -> None:
         self.abandoned = False  # set by the loop when the awaiting task is cancelled
         self.handle: _Handle | None = None  # exclusive(): the handle whose lock it holds
+        self.wait: _Wait | None = None  # the lock wait the worker is in for it, if any
+
+    def abandon(self) -> None:
+        """From the loop: the task is gone; a lock wait for it stops at once."""
+        self.abandoned = True
+        wait = self.wait
+        if wait is not None:
+            with wait.mutex:
+                wait.wake()
+
+
+# The states of a _Wait, changed only with its mutex held.
+_WAITING = "waiting"  # queued in the kernel, a caller waits for it
+_ABANDONED = "abandoned"  # queued, nobody waits: the next contended caller may adopt it
+_GRANTED = "granted"  # the waiter thread got the lock for the caller waiting
+_FAILED = "failed"  # flock failed (error); the caller waiting reports it
+_DONE = "done"  # over: the caller took the descriptor, or the waiter thread closed it
+
+
+class _Wait:
+    """One blocking ``flock`` of the lock file, run on a waiter thread with its own descriptor.
+
+    The descriptor belongs to the waiter thread until the caller takes it
+    (granted); a wait nobody waits for any more is closed by the waiter thread
+    as soon as its ``flock`` returns, which lets go of the lock at once.
+    """
+
+    __slots__ = ("error", "fd", "mutex", "signal", "state")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.mutex = threading.Lock()  # guards state
+        # Released to wake the caller waiting (a bare lock: the cheapest wake-up there is).
+        self.signal = threading.Lock()
+        self.signal.acquire()
+        self.state = _WAITING
+        self.error: OSError | None = None
+
+    def wake(self) -> None:
+        """With ``mutex`` held: wake the caller waiting, if it was not woken already."""
+        if self.signal.locked():
+            self.signal.release()
+
+    def run(self) -> None:
+        """On a waiter thread: block until the lock is ours, then hand it over or let go."""
+        error = None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            error = exc
+        with self.mutex:
+            if self.state == _WAITING:
+                self.state = _GRANTED if error is None else _FAILED
+                self.error = error
+                self.wake()
+                return
+            self.state = _DONE  # abandoned: nobody wants the lock
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the lock (if this descriptor has it) and close the descriptor, once."""
+        _waiters.discard(self)  # first: a fork from now on must not close the number again
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class _Waiters:
+    """Daemon threads that run blocking ``flock`` calls, reused, and gone when idle.
+
+    One thread per wait in progress (a thread blocked in ``flock`` cannot be
+    interrupted), so their number is bounded by the writers waiting at once,
+    not by the calls made. Daemon threads: one blocked on a lock a stopped
+    process holds must not keep the interpreter from exiting.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.queue: collections.deque[_Wait] = collections.deque()
+        self.idle = 0  # threads free for the next wait
+        self.live: set[_Wait] = set()  # every wait whose descriptor the waiter side owns
+
+    def start(self, wait: _Wait) -> None:
+        """Run ``wait`` on an idle thread, or on a new one."""
+        with self.cond:
+            self.live.add(wait)
+            self.queue.append(wait)
+            if self.idle >= len(self.queue):  # an idle thread for each queued wait
+                self.cond.notify()
+                return
+        try:
+            threading.Thread(
+                target=self._serve, name="creditmeter-sqlite-lock", daemon=True
+            ).start()
+        except BaseException:
+            with self.cond:
+                if wait not in self.queue:
+                    return  # a thread that came free meanwhile runs it
+                self.queue.remove(wait)
+                self.live.discard(wait)
+            raise
+
+    def discard(self, wait: _Wait) -> None:
+        """The descriptor of ``wait`` is no longer the waiter side's to close."""
+        with self.cond:
+            self.live.discard(wait)
+
+    def _serve(self) -> None:
+        while True:
+            with self.cond:
+                if not self.queue:
+                    self.idle += 1
+                    try:
+                        while not self.queue:
+                            if not self.cond.wait(_WAITER_IDLE) and not self.queue:
+                                return
+                    finally:
+                        self.idle -= 1
+                wait = self.queue.popleft()
+            wait.run()
+
+    def forget(self) -> set[int]:
+        """In a forked child: close this process's copies of the waits' descriptors."""
+        closed = set()
+        for wait in list(self.live):
+            with contextlib.suppress(OSError):
+                os.close(wait.fd)
+            closed.add(wait.fd)
+        return closed
+
+
+_waiters = _Waiters()
 
 
 class _Handle:
@@ -236,6 +381,11 @@ class SQLiteStore:
     can read but not write is opened read-only (``read_only`` is then true):
     reads work, and every write raises ``StoreError``.
 
+    A write waits at most ``lock_wait`` seconds (default 30, as SQLite's
+    ``busy_timeout``) for the writer lock that another process or thread
+    holds, then raises ``StoreError`` naming the lock file, having written
+    nothing; ``lock_wait=0`` never waits.
+
     Safe to share between threads (each gets its own connection, returned
     when the thread ends) and across ``fork()`` (each process opens its own).
     """
@@ -246,9 +396,18 @@ class SQLiteStore:
         *,
         durability: Durability = "full",
         busy_timeout: float = 30.0,
+        lock_wait: float = 30.0,
     ) -> None:
         if durability not in ("full", "normal"):
             raise ConfigError(f"durability must be 'full' or 'normal', got {durability!r}")
+        if (
+            not isinstance(lock_wait, (int, float))
+            or isinstance(lock_wait, bool)
+            or not 0 <= lock_wait < math.inf
+        ):
+            raise ConfigError(
+                f"lock_wait must be a finite number of seconds >= 0, got {lock_wait!r}"
+            )
         self.path = os.fspath(path)
         if "\x00" in self.path or any(0xD800 <= ord(c) <= 0xDFFF for c in self.path):
             raise StoreError(
@@ -262,6 +421,7 @@ class SQLiteStore:
         # Resolved once: a later chdir() must not make new connections open another file.
         self._file = str(Path(self.path).absolute())
         self._busy_ms = int(busy_timeout * 1000)
+        self.lock_wait = float(lock_wait)
         self._lock_path = self._file + ".lock"
         self._local = threading.local()  # .owner: this thread's _Owner
         self._jobs = threading.local()  # .job: the async call this thread is running
@@ -270,6 +430,7 @@ class SQLiteStore:
         self._idle: list[_Handle] = []
         self._returned: collections.deque[_Handle] = collections.deque()
         self._busy = 0  # handles running a statement
+        self._abandoned: list[_Wait] = []  # lock waits given up, still queued: adoptable
         self._fork_pending = False
         self._closed = False
         self._create_file()
@@ -478,13 +639,116 @@ class SQLiteStore:
             fd = handle.lock_fd if handle.depth == 1 else None
         if fd is not None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._wait_for_lock(handle, job)
             except OSError as exc:
                 self._release(handle, locked=False)
                 raise StoreError(f"cannot take the SQLite writer lock: {exc}") from exc
         if job is not None and job.abandoned:
             self._release(handle)
             raise _Abandoned
+
+    def _wait_for_lock(self, handle: _Handle, job: _Job | None) -> None:
+        """Wait at most ``lock_wait`` for the writer lock that another holder has.
+
+        On success the handle's lock descriptor is the one that got the lock;
+        otherwise the handle is released (it holds nothing) and this raises.
+        """
+        wait = None
+        state = _WAITING
+        if self.lock_wait > 0:
+            deadline = time.monotonic() + self.lock_wait
+            wait = self._adopt() or self._start_wait(handle)
+            try:
+                state = self._await(wait, deadline, job)
+            except BaseException:  # KeyboardInterrupt in the wait, say: hold nothing
+                self._release(handle, locked=False)
+                raise
+        if wait is not None and state == _GRANTED:
+            with self._cond:
+                # The descriptor that holds the lock becomes the handle's; the old one
+                # holds nothing. Under the lock: close() and forks see one or the other.
+                old, handle.lock_fd = handle.lock_fd, wait.fd
+                if old is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(old)
+            _waiters.discard(wait)
+            return
+        self._release(handle, locked=False)
+        if wait is not None and state == _FAILED:
+            wait.close()
+            raise StoreError(f"cannot take the SQLite writer lock: {wait.error}") from wait.error
+        if wait is not None:
+            with self._cond:
+                if not self._closed:
+                    self._abandoned.append(wait)
+        if job is not None and job.abandoned:
+            raise _Abandoned
+        raise StoreError(
+            f"SQLite store {self.path!r}: gave up waiting for the writer lock "
+            f"{self._lock_path!r} after lock_wait = {self.lock_wait:g} s; another process "
+            "or thread holds it. Nothing was written."
+        )
+
+    def _start_wait(self, handle: _Handle) -> _Wait:
+        """Queue a new blocking wait for the lock, on a descriptor of its own."""
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            self._release(handle, locked=False)
+            raise StoreError(f"cannot open the SQLite writer lock: {exc.strerror}") from exc
+        wait = _Wait(fd)
+        try:
+            _waiters.start(wait)
+        except BaseException as exc:
+            os.close(fd)
+            self._release(handle, locked=False)
+            raise StoreError(f"cannot wait for the SQLite writer lock: {exc}") from exc
+        return wait
+
+    @staticmethod
+    def _await(wait: _Wait, deadline: float, job: _Job | None) -> str:
+        """Wait for ``wait`` until ``deadline`` (or the async caller goes); return its state.
+
+        A wait still queued is marked abandoned (another caller may adopt it);
+        a granted or failed one is marked done: the caller takes it.
+        """
+        if job is not None:
+            job.wait = wait
+        try:
+            while True:
+                with wait.mutex:
+                    state = wait.state
+                    left = deadline - time.monotonic()
+                    if state != _WAITING or left <= 0 or (job is not None and job.abandoned):
+                        wait.state = _ABANDONED if state == _WAITING else _DONE
+                        return state
+                try:
+                    # A wake-up left from an earlier caller of an adopted wait loops once more.
+                    wait.signal.acquire(timeout=min(left, _WAIT_SLICE))
+                except BaseException:  # KeyboardInterrupt, say: nobody waits any more
+                    with wait.mutex:
+                        state = wait.state
+                        wait.state = _ABANDONED if state == _WAITING else _DONE
+                    if state in (_GRANTED, _FAILED):  # got for nobody: let go at once
+                        wait.close()
+                    raise
+        finally:
+            if job is not None:
+                job.wait = None
+
+    def _adopt(self) -> _Wait | None:
+        """Take over a wait given up earlier that is still queued (oldest first), if any."""
+        while True:
+            with self._cond:
+                if not self._abandoned:
+                    return None
+                wait = self._abandoned.pop(0)
+            with wait.mutex:
+                if wait.state == _ABANDONED:
+                    wait.state = _WAITING
+                    return wait
 
     def _release(self, handle: _Handle, *, locked: bool = True) -> None:
         error = None
@@ -526,12 +790,16 @@ class SQLiteStore:
         self._cond.notify_all()
         self._cond.release()
 
-    def _after_fork_in_child(self) -> None:
-        """Start with nothing: close the inherited lock descriptors, keep no connection."""
+    def _after_fork_in_child(self, closed: set[int]) -> None:
+        """Start with nothing: close the inherited lock descriptors, keep no connection.
+
+        ``closed``: descriptors already closed here (the parent's lock waits).
+        """
         handles = self._all
         self._cond = threading.Condition(threading.Lock())
         self._all = set()
         self._idle = []
+        self._abandoned = []
         self._returned = collections.deque()
         self._busy = 0
         self._fork_pending = False
@@ -541,8 +809,9 @@ class SQLiteStore:
                 _inherited.append(handle.conn)
                 handle.conn = None
             if handle.lock_fd is not None:  # the parent keeps its own descriptor and lock
-                with contextlib.suppress(OSError):
-                    os.close(handle.lock_fd)
+                if handle.lock_fd not in closed:
+                    with contextlib.suppress(OSError):
+                        os.close(handle.lock_fd)
                 handle.lock_fd = None
         self._local = threading.local()
 
@@ -805,6 +1074,10 @@ class SQLiteStore:
         conns = []
         with self._cond:
             self._closed = True
+            # Waits given up stay with their waiter threads, which close them once they
+            # get the lock (closing a descriptor a thread is blocked on could close
+            # another file that reuses its number).
+            self._abandoned = []
             retired = self._take_returned() + self._idle
             self._idle = []
             for handle in list(self._all):
@@ -854,9 +1127,10 @@ class AsyncSQLiteStore:
     store (creating the file and schema) happens in the constructor.
 
     Every await is cancellation-safe: a cancelled call that had not taken
-    the writer lock yet writes nothing and gives the lock back as soon as
-    its worker gets it; a commit that holds the lock completes (all or
-    nothing) after its caller has gone. A forked child starts its own worker
+    the writer lock yet writes nothing and stops waiting for it at once,
+    so the worker goes on with the next call; a commit that holds the lock
+    completes (all or nothing) after its caller has gone. ``lock_wait`` is
+    as for ``SQLiteStore``. A forked child starts its own worker
     thread on its first call.
     """
 
@@ -866,8 +1140,11 @@ class AsyncSQLiteStore:
         *,
         durability: Durability = "full",
         busy_timeout: float = 30.0,
+        lock_wait: float = 30.0,
     ) -> None:
-        self.sync = SQLiteStore(path, durability=durability, busy_timeout=busy_timeout)
+        self.sync = SQLiteStore(
+            path, durability=durability, busy_timeout=busy_timeout, lock_wait=lock_wait
+        )
         self.path = self.sync.path
         self._executor = self._new_executor()
         self._generation = _fork_generation
@@ -895,9 +1172,9 @@ class AsyncSQLiteStore:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             # A call still queued is dropped with the future; one already running
-            # sees this flag once it has the writer lock, and lets go of it.
+            # stops waiting for the writer lock, or lets go of it once it has it.
             if job is not None:
-                job.abandoned = True
+                job.abandon()
             raise
 
     async def load(self, user_id: str) -> Account | None:
