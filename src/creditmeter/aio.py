@@ -1,9 +1,23 @@
-"""``AsyncBalanceManager``: the same methods as ``BalanceManager``, awaited.
+# unasync-target: manager.py
+# unasync-rename: _tell -> _emit
+"""``AsyncBalanceManager``: validate, load, apply a rule, commit; retry a lost compare-and-set.
 
-It runs the same operations (built by the shared ``_base.ManagerBase``, over
-the same pure rules) against an ``AsyncBalanceStore``. Writes to one user
-from the tasks of one process queue on an ``asyncio.Lock``; compare-and-set
-retries use tenacity's async retrying.
+The manager holds no business rule (those are in ``rules.py``). Each write
+runs under a per-user lock, so writes to one user from the threads or tasks of
+one process queue instead of colliding; compare-and-set retries only absorb
+contention from other processes and hosts. A write starts from the last
+account this manager saw for the user, so an uncontended write is one store
+round trip; if another writer got there first, the conflict reports the
+current account and the retry starts from that. After a first loss, a store
+that offers ``exclusive()`` (every bundled store) is asked to hold other
+writers off while the manager loads and commits again.
+
+Events are told to ``on_event`` once the user's lock is let go, in order, so a
+callback may call the manager (a top-up on ``LowBalance``). A manager made
+before ``os.fork()`` works in the child too, with new locks of its own.
+
+This is the source of both managers: ``manager.py`` (``BalanceManager``) is
+generated from it by ``tools/unasync.py``.
 """
 
 from __future__ import annotations
@@ -13,11 +27,11 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import timedelta
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from creditmeter import _validate, rules
 from creditmeter._base import (
@@ -32,29 +46,30 @@ from creditmeter._base import (
     is_noop,
     plan_once,
 )
+
+# sync-only: from creditmeter._base import utc_now
+from creditmeter._compat import AsyncLock
 from creditmeter._ids import new_id
 from creditmeter._retry import async_retrying
 from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
 from creditmeter.events import Event
 from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, VersionConflict
+from creditmeter.metering import OnMissingUsage, OnStoreError, acting_as, metered
 from creditmeter.models import Account, BalanceCheck, Hold, LedgerEntry
 from creditmeter.pricing import Pricing
 from creditmeter.reservations import DEFAULT_TTL, AsyncReservation
 from creditmeter.stores.base import AsyncBalanceStore
 from creditmeter.usage import TokenUsage
 
-if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
-    from creditmeter.metering import OnMissingUsage, OnStoreError
-
-__all__ = ["AsyncBalanceManager"]
+__all__ = ["AsyncBalanceManager"]  # async-only
+# sync-only: __all__ = ["BalanceManager", "Clock", "utc_now"]
 
 _ZERO = Decimal(0)
 P = ParamSpec("P")
 T = TypeVar("T")
-logger = logging.getLogger("creditmeter")
+logger = logging.getLogger("creditmeter")  # async-only
 
+# async-only: begin
 # Work a cancelled call leaves running (its events' callbacks, dropping a hold it wrote
 # but never handed out): kept here so that nothing collects it half done.
 _DETACHED: set[asyncio.Future[object]] = set()
@@ -73,18 +88,26 @@ def _finished(task: asyncio.Future[object]) -> None:
         logger.error("work left by a cancelled call failed", exc_info=task.exception())
 
 
+# async-only: end
+
+
 class AsyncBalanceManager(ManagerBase):
-    """Check, charge, grant and refill token credits over an ``AsyncBalanceStore``.
+    """Check, charge, grant and refill token credits over a store.
 
-    The arguments and rules are those of ``BalanceManager``; every method is
-    a coroutine. Close it with ``await manager.aclose()`` or ``async with``.
-    ``on_event`` may also be an ``async def`` callback: it is awaited after the
-    write, once the user's lock is let go, so it may await the manager.
+    ``store`` follows the ``AsyncBalanceStore`` protocol. ``config`` decides how balances
+    behave (LibreChat's ``balance`` keys); ``pricing`` prices token usage
+    (LibreChat's table by default); ``clock`` is any zero-argument callable
+    returning an aware datetime; ``retry`` bounds the retries of a lost
+    compare-and-set. Close the manager (and its store) with ``aclose()``, or
+    use it as a context manager.
 
-    A call cancelled at any await holds nothing afterwards (the user's lock and
-    the store's ``exclusive()`` are let go) and writes nothing by halves: a
-    commit the store took is whole, and a hold written for a caller that was
-    cancelled before it got it is dropped again.
+    The async manager's methods that reach the store are coroutines, and its
+    ``on_event`` may also be a coroutine function (awaited after the write,
+    once the user's lock is let go). A call cancelled at any suspension point
+    holds nothing afterwards (the user's lock and the store's ``exclusive()``
+    are let go) and writes nothing by halves: a commit the store took is
+    whole, and a hold written for a caller that was cancelled before it got
+    it is dropped again.
     """
 
     def __init__(
@@ -107,10 +130,10 @@ class AsyncBalanceManager(ManagerBase):
             low_balance_threshold=low_balance_threshold,
         )
         self.store = store
-        self._locks = tuple(asyncio.Lock() for _ in range(LOCK_STRIPES))
+        self._locks = tuple(AsyncLock() for _ in range(LOCK_STRIPES))
 
     def _after_fork(self) -> None:
-        self._locks = tuple(asyncio.Lock() for _ in range(LOCK_STRIPES))
+        self._locks = tuple(AsyncLock() for _ in range(LOCK_STRIPES))
 
     # --- reads ----------------------------------------------------------------
 
@@ -173,7 +196,14 @@ class AsyncBalanceManager(ManagerBase):
         request_id: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> LedgerEntry:
-        """Spend credits: ``amount``, or the priced ``usage`` of ``model`` (as the sync one)."""
+        """Spend credits: ``amount``, or the priced ``usage`` of ``model``; return the entry.
+
+        The balance is clamped at zero unless the config allows a negative
+        balance; the entry keeps the full cost. ``strict=True`` refuses with
+        ``InsufficientBalance`` (writing nothing) when the available balance,
+        after a due refill, cannot pay. ``incomplete=True`` prices a
+        completion cut short at LibreChat's cancel rate.
+        """
         return await self._apply(
             self._charge_op(
                 user_id,
@@ -201,7 +231,7 @@ class AsyncBalanceManager(ManagerBase):
         )
 
     async def maybe_refill(self, user_id: str, *, cost: Decimal | float = 0) -> LedgerEntry | None:
-        """Apply a refill if one is due; return its entry or ``None``."""
+        """Apply a refill if one is due (see ``rules.refill_due``); return its entry or ``None``."""
         user_id = _validate.user_id(user_id)
         op = self._refill_op(user_id, _validate.amount(cost, name="cost"))
         return self._refill_entry(await self._fresh(op))
@@ -214,7 +244,13 @@ class AsyncBalanceManager(ManagerBase):
         model: str | None = None,
         input_tokens: int | None = None,
     ) -> BalanceCheck:
-        """Can the user pay ``cost`` now? A due refill is applied first (see ``BalanceManager``)."""
+        """Can the user pay ``cost`` now? A due refill is applied first.
+
+        Give the cost in credits, or a ``model`` and ``input_tokens`` to price
+        the prompt as LibreChat's balance check does. Without either, the
+        answer is whether the available balance is above zero. Equal to the
+        cost is enough.
+        """
         user_id = _validate.user_id(user_id)
         price = self._check_cost(cost, model=model, input_tokens=input_tokens)
         quick = self._check_without_refill(await self.store.load(user_id), price)
@@ -279,11 +315,13 @@ class AsyncBalanceManager(ManagerBase):
             self._denied(refused, ask.started, out)
             await self._tell_after(out, refused)
             raise
+        # async-only: begin
         except asyncio.CancelledError as cancelled:
             if made:  # its commit may have gone through: nobody will resolve it
                 await self._unmake(made[0])
             await self._tell_after(out, cancelled)
             raise
+        # async-only: end
         except BaseException as failed:
             await self._tell_after(out, failed)
             raise
@@ -341,8 +379,9 @@ class AsyncBalanceManager(ManagerBase):
     ) -> AsyncReservation:
         """``async with meter.reserve(user, amount) as held:``: hold, and release unless settled.
 
-        Inside the block call ``await held.settle(...)`` with the real cost; on an
-        exception, or if the block settles nothing, the hold is released.
+        Inside the block settle the hold with the real cost
+        (``held.settle(...)``); on an exception, or if the block settles
+        nothing, the hold is released.
         """
         return AsyncReservation(
             self,
@@ -370,9 +409,11 @@ class AsyncBalanceManager(ManagerBase):
         on_missing_usage: OnMissingUsage = "warn",
         on_store_error: OnStoreError = "closed",
     ) -> Callable[[Callable[P, T]], Callable[P, T]]:
-        """Wrap a coroutine or async generator function that calls a model (see ``metering``)."""
-        from creditmeter.metering import metered  # noqa: PLC0415 - metering imports managers
+        """Wrap a function that calls a model: check before, charge after (see ``metering``).
 
+        The async manager meters coroutine and async generator functions; the
+        sync one, plain functions (a returned stream is metered as it is read).
+        """
         return metered(
             self,
             user=user,
@@ -386,8 +427,6 @@ class AsyncBalanceManager(ManagerBase):
 
     def acting_as(self, user_id: str) -> AbstractContextManager[None]:
         """Within the block, ``metered`` functions without a ``user=`` charge ``user_id``."""
-        from creditmeter.metering import acting_as  # noqa: PLC0415 - metering imports managers
-
         return acting_as(user_id)
 
     # --- lifecycle --------------------------------------------------------------
@@ -410,11 +449,12 @@ class AsyncBalanceManager(ManagerBase):
     def __repr__(self) -> str:
         return f"AsyncBalanceManager({self.store!r}, {self.config!r})"
 
-    # --- running operations (the twin of BalanceManager's) ----------------------
+    # --- running operations -----------------------------------------------------
 
-    def _lock(self, user_id: str) -> asyncio.Lock:
+    def _lock(self, user_id: str) -> AsyncLock:
         return self._locks[hash(user_id) % LOCK_STRIPES]
 
+    # async-only: begin
     async def _tell(self, events: list[Event]) -> None:
         """Tell ``on_event``, awaiting an async callback; a failure is logged, never raised."""
         callback = self.on_event
@@ -428,16 +468,21 @@ class AsyncBalanceManager(ManagerBase):
             except Exception:  # noqa: PERF203 - each event gets its own chance
                 logger.exception("the on_event callback failed on %s", type(event).__name__)
 
-    async def _tell_after(self, out: Outbox, failed: BaseException) -> None:
-        """Tell the events of a call that raised; a cancelled call does not wait for them."""
+    # async-only: end
+    async def _tell_after(self, out: Outbox, failed: BaseException) -> None:  # sync-noqa: ARG002
+        """Tell the events of a call that raised (a cancelled async call does not wait for them)."""
         if not out:
             return
-        if isinstance(failed, Exception):
-            await self._tell(out)
-        else:  # cancelled (or the coroutine closed): the callbacks run as a task of their own
+        # async-only: begin
+        if not isinstance(failed, Exception):
+            # Cancelled (or the coroutine closed): the callbacks run as a task of their own.
             with contextlib.suppress(RuntimeError):  # no loop left to run them
                 _detach(self._tell(out))
+            return
+        # async-only: end
+        await self._tell(out)
 
+    # async-only: begin
     async def _unmake(self, hold: Hold) -> None:
         """Drop a hold this call wrote for a caller that was cancelled before it got it.
 
@@ -459,6 +504,7 @@ class AsyncBalanceManager(ManagerBase):
                 exc_info=True,
             )
 
+    # async-only: end
     async def _locked(self, op: Op) -> rules.Change:
         """Run a write from the last account seen under the user's lock; then tell its events."""
         out = self._outbox()
@@ -484,6 +530,7 @@ class AsyncBalanceManager(ManagerBase):
         return search.hold_id()
 
     async def _fresh(self, op: Op) -> rules.Change:
+        """Run ``op`` from the stored account (for operations that decide on what they read)."""
         out = self._outbox()
         try:
             async with self._lock(op.user_id):
@@ -539,6 +586,7 @@ class AsyncBalanceManager(ManagerBase):
     async def _write(
         self, op: Op, account: Account | None, *, fresh: bool, out: Outbox
     ) -> rules.Change:
+        """Plan and commit, retrying lost compare-and-sets; the caller holds the user's lock."""
         exclusive: Callable[[str], AbstractAsyncContextManager[None]] | None = getattr(
             self.store, "exclusive", None
         )
@@ -557,6 +605,7 @@ class AsyncBalanceManager(ManagerBase):
                 seen = conflict.current
                 self._retried(conflict, out)
         if exclusive is not None:
+            # Under the store's writer lock a fresh load cannot be overtaken.
             async with exclusive(op.user_id):
                 try:
                     return await self._attempt(op, None, fresh=False, out=out)
@@ -584,6 +633,7 @@ class AsyncBalanceManager(ManagerBase):
         except InsufficientBalance:
             if fresh:
                 raise
+            # Refused on a remembered account: decide again on the stored one.
             change = plan_once(op, await self.store.load(op.user_id), now)
         if is_noop(change):
             return change
@@ -596,10 +646,12 @@ class AsyncBalanceManager(ManagerBase):
         except VersionConflict as conflict:
             self._lost(conflict)
             raise
+        # async-only: begin
         except asyncio.CancelledError:
             # The store may have taken the commit: what this manager saw last is stale.
             self._seen.pop(op.user_id, None)
             raise
+        # async-only: end
         self._remember(change.account)
         self._committed(op, change, out)
         return change

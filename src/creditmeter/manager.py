@@ -1,28 +1,33 @@
+# Generated from src/creditmeter/aio.py by tools/unasync.py.
+# Do not edit: change the source, then run `python tools/unasync.py`.
 """``BalanceManager``: validate, load, apply a rule, commit; retry a lost compare-and-set.
 
 The manager holds no business rule (those are in ``rules.py``). Each write
-runs under a per-user lock, so writes to one user from the threads of one
-process queue instead of colliding; compare-and-set retries only absorb
+runs under a per-user lock, so writes to one user from the threads or tasks of
+one process queue instead of colliding; compare-and-set retries only absorb
 contention from other processes and hosts. A write starts from the last
 account this manager saw for the user, so an uncontended write is one store
 round trip; if another writer got there first, the conflict reports the
 current account and the retry starts from that. After a first loss, a store
-that offers ``exclusive()`` (every bundled store) is asked to hold other writers off while
-the manager loads and commits again.
+that offers ``exclusive()`` (every bundled store) is asked to hold other
+writers off while the manager loads and commits again.
 
 Events are told to ``on_event`` once the user's lock is let go, in order, so a
 callback may call the manager (a top-up on ``LowBalance``). A manager made
 before ``os.fork()`` works in the child too, with new locks of its own.
+
+This is the source of both managers: ``manager.py`` (``BalanceManager``) is
+generated from it by ``tools/unasync.py``.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from creditmeter import _validate, rules
 from creditmeter._base import (
@@ -38,21 +43,18 @@ from creditmeter._base import (
     plan_once,
     utc_now,
 )
+from creditmeter._compat import Lock
 from creditmeter._ids import new_id
 from creditmeter._retry import retrying
 from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
 from creditmeter.events import Event
 from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, VersionConflict
+from creditmeter.metering import OnMissingUsage, OnStoreError, acting_as, metered
 from creditmeter.models import Account, BalanceCheck, Hold, LedgerEntry
 from creditmeter.pricing import Pricing
 from creditmeter.reservations import DEFAULT_TTL, Reservation
 from creditmeter.stores.base import BalanceStore
 from creditmeter.usage import TokenUsage
-
-if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
-    from creditmeter.metering import OnMissingUsage, OnStoreError
 
 __all__ = ["BalanceManager", "Clock", "utc_now"]
 
@@ -62,12 +64,22 @@ T = TypeVar("T")
 
 
 class BalanceManager(ManagerBase):
-    """Check, charge, grant and refill token credits over a ``BalanceStore``.
+    """Check, charge, grant and refill token credits over a store.
 
-    ``config`` decides how balances behave (LibreChat's ``balance`` keys);
-    ``pricing`` prices token usage (LibreChat's table by default); ``clock``
-    is any zero-argument callable returning an aware datetime; ``retry``
-    bounds the retries of a lost compare-and-set.
+    ``store`` follows the ``BalanceStore`` protocol. ``config`` decides how balances
+    behave (LibreChat's ``balance`` keys); ``pricing`` prices token usage
+    (LibreChat's table by default); ``clock`` is any zero-argument callable
+    returning an aware datetime; ``retry`` bounds the retries of a lost
+    compare-and-set. Close the manager (and its store) with ``close()``, or
+    use it as a context manager.
+
+    The async manager's methods that reach the store are coroutines, and its
+    ``on_event`` may also be a coroutine function (awaited after the write,
+    once the user's lock is let go). A call cancelled at any suspension point
+    holds nothing afterwards (the user's lock and the store's ``exclusive()``
+    are let go) and writes nothing by halves: a commit the store took is
+    whole, and a hold written for a caller that was cancelled before it got
+    it is dropped again.
     """
 
     def __init__(
@@ -90,10 +102,10 @@ class BalanceManager(ManagerBase):
             low_balance_threshold=low_balance_threshold,
         )
         self.store = store
-        self._locks = tuple(threading.Lock() for _ in range(LOCK_STRIPES))
+        self._locks = tuple(Lock() for _ in range(LOCK_STRIPES))
 
     def _after_fork(self) -> None:
-        self._locks = tuple(threading.Lock() for _ in range(LOCK_STRIPES))
+        self._locks = tuple(Lock() for _ in range(LOCK_STRIPES))
 
     # --- reads ----------------------------------------------------------------
 
@@ -105,16 +117,18 @@ class BalanceManager(ManagerBase):
             with self._lock(op.user_id):
                 account = self.store.load(op.user_id)
                 if account is None:
-                    account = self._write(op, None, fresh=True, out=out).account
+                    account = (self._write(op, None, fresh=True, out=out)).account
                 self._remember(account)
-        finally:
-            if out:
-                self._emit(out)
+        except BaseException as failed:
+            self._tell_after(out, failed)
+            raise
+        if out:
+            self._emit(out)
         return rules.open_holds(account, self._now())
 
     def balance(self, user_id: str) -> Decimal:
         """Return the user's balance, opening the account on first sight."""
-        return self.account(user_id).balance
+        return (self.account(user_id)).balance
 
     def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
         """Return the user's ledger entries oldest first; with ``limit``, the newest ``limit``."""
@@ -264,16 +278,20 @@ class BalanceManager(ManagerBase):
             user_id, amount, model=model, usage=usage, ttl=ttl, request_id=request_id
         )
         out = self._outbox()
+        made: list[Hold] = []  # the hold the last plan put in, until the caller has it
         try:
             with self._lock(ask.user_id):
                 hold_id = self._hold_id(ask)
-                change = self._from_seen(self._hold_op(ask, hold_id), out)
+                change = self._from_seen(self._hold_op(ask, hold_id, made), out)
         except InsufficientBalance as refused:
             self._denied(refused, ask.started, out)
+            self._tell_after(out, refused)
             raise
-        finally:
-            if out:
-                self._emit(out)
+        except BaseException as failed:
+            self._tell_after(out, failed)
+            raise
+        if out:
+            self._emit(out)
         return self._found_hold(change, hold_id)
 
     def settle(
@@ -312,7 +330,7 @@ class BalanceManager(ManagerBase):
         Written like any change, with an ``ADJUST`` entry of amount 0 that
         records what the settings became; returns the account.
         """
-        return self._locked(self._configure_refill_op(user_id, settings)).account
+        return (self._locked(self._configure_refill_op(user_id, settings))).account
 
     def reserve(
         self,
@@ -324,10 +342,11 @@ class BalanceManager(ManagerBase):
         ttl: timedelta = DEFAULT_TTL,
         request_id: str | None = None,
     ) -> Reservation:
-        """``with meter.reserve(user, amount) as held:`` hold on entry, release unless settled.
+        """``with meter.reserve(user, amount) as held:``: hold, and release unless settled.
 
-        Inside the block call ``held.settle(...)`` with the real cost; on an
-        exception, or if the block settles nothing, the hold is released.
+        Inside the block settle the hold with the real cost
+        (``held.settle(...)``); on an exception, or if the block settles
+        nothing, the hold is released.
         """
         return Reservation(
             self,
@@ -355,9 +374,11 @@ class BalanceManager(ManagerBase):
         on_missing_usage: OnMissingUsage = "warn",
         on_store_error: OnStoreError = "closed",
     ) -> Callable[[Callable[P, T]], Callable[P, T]]:
-        """Wrap a function that calls a model: check before, charge after (see ``metering``)."""
-        from creditmeter.metering import metered  # noqa: PLC0415 - metering imports managers
+        """Wrap a function that calls a model: check before, charge after (see ``metering``).
 
+        The async manager meters coroutine and async generator functions; the
+        sync one, plain functions (a returned stream is metered as it is read).
+        """
         return metered(
             self,
             user=user,
@@ -371,8 +392,6 @@ class BalanceManager(ManagerBase):
 
     def acting_as(self, user_id: str) -> AbstractContextManager[None]:
         """Within the block, ``metered`` functions without a ``user=`` charge ``user_id``."""
-        from creditmeter.metering import acting_as  # noqa: PLC0415 - metering imports managers
-
         return acting_as(user_id)
 
     # --- lifecycle --------------------------------------------------------------
@@ -397,18 +416,27 @@ class BalanceManager(ManagerBase):
 
     # --- running operations -----------------------------------------------------
 
-    def _lock(self, user_id: str) -> threading.Lock:
+    def _lock(self, user_id: str) -> Lock:
         return self._locks[hash(user_id) % LOCK_STRIPES]
+
+    def _tell_after(self, out: Outbox, failed: BaseException) -> None:  # noqa: ARG002
+        """Tell the events of a call that raised (a cancelled async call does not wait for them)."""
+        if not out:
+            return
+        self._emit(out)
 
     def _locked(self, op: Op) -> rules.Change:
         """Run a write from the last account seen under the user's lock; then tell its events."""
         out = self._outbox()
         try:
             with self._lock(op.user_id):
-                return self._from_seen(op, out)
-        finally:
-            if out:
-                self._emit(out)
+                change = self._from_seen(op, out)
+        except BaseException as failed:
+            self._tell_after(out, failed)
+            raise
+        if out:
+            self._emit(out)
+        return change
 
     def _hold_id(self, ask: HoldAsk) -> str:
         """The id of the hold asked for: new, or the request's (see ``HoldSearch``)."""
@@ -426,12 +454,15 @@ class BalanceManager(ManagerBase):
         out = self._outbox()
         try:
             with self._lock(op.user_id):
-                change = self._write(op, self.store.load(op.user_id), fresh=True, out=out)
+                account = self.store.load(op.user_id)
+                change = self._write(op, account, fresh=True, out=out)
                 self._remember(change.account)
-                return change
-        finally:
-            if out:
-                self._emit(out)
+        except BaseException as failed:
+            self._tell_after(out, failed)
+            raise
+        if out:
+            self._emit(out)
+        return change
 
     def _from_seen(self, op: Op, out: Outbox) -> rules.Change:
         """Run a write from the last account seen; the caller holds the user's lock."""
@@ -443,28 +474,34 @@ class BalanceManager(ManagerBase):
 
     def _apply(self, op: Op) -> LedgerEntry:
         """Run a write and return the operation's entry (the first one, for a repeat)."""
-        user_id = op.user_id
         out: Outbox = [] if self.on_event is not None else None
         try:
-            with self._lock(user_id):
-                try:
-                    return (self._from_seen(op, out)).entry
-                except Replayed as replayed:
-                    return replayed.entry
-                except InsufficientBalance as refused:
-                    if op.request_id is None or op.lenient is None:
-                        self._denied(refused, op.started, out)
-                        raise
-                    found = self.store.find_request(user_id, op.request_id)
-                    if found is None:
-                        self._denied(refused, op.started, out)
-                        raise
-                    # An applied request is answered with its entry, even if it could not pay now.
-                    attempted = op.lenient(self.store.load(user_id), self._now())
-                    return rules.replay(found, attempted.entry)
-        finally:
-            if out:
-                self._emit(out)
+            with self._lock(op.user_id):
+                entry = self._apply_locked(op, out)
+        except BaseException as failed:
+            self._tell_after(out, failed)
+            raise
+        if out:
+            self._emit(out)
+        return entry
+
+    def _apply_locked(self, op: Op, out: Outbox) -> LedgerEntry:
+        user_id = op.user_id
+        try:
+            return (self._from_seen(op, out)).entry
+        except Replayed as replayed:
+            return replayed.entry
+        except InsufficientBalance as refused:
+            if op.request_id is None or op.lenient is None:
+                self._denied(refused, op.started, out)
+                raise
+            found = self.store.find_request(user_id, op.request_id)
+            if found is None:
+                self._denied(refused, op.started, out)
+                raise
+            # An applied request is answered with its entry, even if it could not pay now.
+            attempted = op.lenient(self.store.load(user_id), self._now())
+            return rules.replay(found, attempted.entry)
 
     def _write(self, op: Op, account: Account | None, *, fresh: bool, out: Outbox) -> rules.Change:
         """Plan and commit, retrying lost compare-and-sets; the caller holds the user's lock."""
