@@ -1122,12 +1122,13 @@ class FailingFlock:
     """Stands in for the fcntl module: taking the lock fails with ENOLCK while armed."""
 
     LOCK_EX = fcntl.LOCK_EX
+    LOCK_NB = fcntl.LOCK_NB
     LOCK_UN = fcntl.LOCK_UN
     armed = False
 
     @classmethod
     def flock(cls, fd: int, operation: int) -> None:
-        if cls.armed and operation == fcntl.LOCK_EX:
+        if cls.armed and operation & fcntl.LOCK_EX:
             raise OSError(errno.ENOLCK, "No locks available")
         fcntl.flock(fd, operation)
 
