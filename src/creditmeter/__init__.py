@@ -5,6 +5,7 @@ it returns, grant credits and refill them on a schedule, with LibreChat's
 ``balance`` rules over a pluggable store.
 """
 
+from creditmeter import stores as _stores
 from creditmeter._version import __version__
 from creditmeter.aio import AsyncBalanceManager
 from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy, load_config
@@ -49,9 +50,7 @@ from creditmeter.usage import StreamUsage, TokenUsage, usage_from_stream
 def __getattr__(name: str) -> object:
     """The Redis and PostgreSQL store classes, imported on first use (their drivers are extras)."""
     if name in _LAZY_STORES:
-        from creditmeter import stores  # noqa: PLC0415
-
-        return getattr(stores, name)
+        return getattr(_stores, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -25,6 +25,7 @@ import attrs
 
 from creditmeter import _validate
 from creditmeter._exact import EXACT
+from creditmeter.config import load_yaml
 from creditmeter.exceptions import ConfigError, InvalidInput
 from creditmeter.usage import TokenUsage
 
@@ -176,8 +177,6 @@ class Pricing:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], *, fallback: bool = True) -> Pricing:
         """Read model rates from YAML: the mapping itself, or under a ``tokenConfig`` key."""
-        from creditmeter.config import load_yaml  # noqa: PLC0415 - avoids an import cycle
-
         document = load_yaml(path)
         if isinstance(document, Mapping) and "tokenConfig" in document:
             document = document["tokenConfig"]
