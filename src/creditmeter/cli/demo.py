@@ -12,8 +12,7 @@ demo's (a second month dated before the first one's refills would jumble those
 ledgers). Nothing it writes is dated in the future: the simulated month is the
 month before the run, so its calls are dated 31 days ago and its refill now.
 
-Run it with ``creditmeter demo`` or ``python -m creditmeter.demo`` (needs the
-``[cli]`` extra).
+Run it with ``creditmeter demo`` (needs the ``[cli]`` extra).
 """
 
 from __future__ import annotations
@@ -38,12 +37,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from creditmeter._cli_format import credits_text, money, plain, redact
+from creditmeter._urls import redact
+from creditmeter.cli.format import credits_text, money, plain
+from creditmeter.cli.session import open_url
 from creditmeter.config import BalanceConfig
-from creditmeter.exceptions import ConfigError, CreditMeterError, InsufficientBalance, InvalidInput
+from creditmeter.exceptions import InsufficientBalance, InvalidInput
 from creditmeter.manager import BalanceManager
 from creditmeter.models import EntryKind
-from creditmeter.stores import BalanceStore, SQLiteStore, open_store
+from creditmeter.stores import BalanceStore, SQLiteStore
 from creditmeter.testing import FakeClock
 
 __all__ = ["run_demo"]
@@ -168,12 +169,7 @@ def open_demo_store(store_url: str | None, stack: contextlib.ExitStack) -> Balan
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="creditmeter-demo-"))
         # "normal" durability: a throw-away file needs no sync to disk at every commit.
         return SQLiteStore(Path(folder) / "credits.db", durability="normal")
-    try:
-        store = open_store(store_url)
-    except CreditMeterError:
-        raise
-    except ValueError as exc:  # a URL too malformed to parse
-        raise ConfigError(f"bad store URL {redact(store_url)!r}: {exc}") from None
+    store = open_url(store_url)
     try:
         users = store.users()
         if users:
@@ -332,8 +328,3 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
     whole, cut = result["streams"]["complete"], result["streams"]["cut_short"]
     streams = f"Streams: {whole} charged at their end, {cut} cut short (at the cancel rate)."
     console.print(users, models, streams)
-
-
-if __name__ == "__main__":
-    outcome = run_demo(console=Console())
-    Console().print(f"Every user's ledger sums to their balance: {outcome['ledger_balanced']}")

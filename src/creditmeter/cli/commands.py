@@ -1,197 +1,41 @@
-"""The ``creditmeter`` command: see and change balances without writing Python.
+"""The ``creditmeter`` command group and its commands, one function each.
 
-``creditmeter [--store URL] [--config PATH] [--json] COMMAND ...`` with the
-commands ``balance``, ``list``, ``grant``, ``set``, ``refill``,
-``refill-settings``, ``ledger``, ``export``, ``price`` and ``demo``. The store
-is opened with ``open_store`` and the config built with ``load_config`` (the
-legacy environment variables, then the YAML file's ``balance:`` section), as
-LibreChat builds it. Output is a rich table for people, or JSON with
-``--json``; amounts in JSON and CSV are exact decimal strings with no trailing
-zeros (``_cli_format.plain``).
-
-Reading commands never open an account; ``grant``, ``set`` and
-``refill-settings`` do, as a first charge would. ``grant`` and ``set`` warn
-on stderr when no config was given, since balances are then disabled.
-
-Errors end the command with one line on stderr: exit status 1 for a
-creditmeter error (bad amount or user id, bad store URL, unreadable config,
-corrupt store) or a failed command, 2 for a usage error. A reader that goes
-away early (``creditmeter export | head``) ends the command quietly, status 0.
-Needs the ``[cli]`` extra (click and rich); helpers are in ``_cli_format``.
+Each command reads its arguments, asks the ``Session`` for the config and the
+manager, and hands what it found to ``format`` to be shown as a table or as
+JSON. Reading commands never open an account; ``grant``, ``set`` and
+``refill-settings`` do, as a first charge would.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import shlex
 import sys
-from collections.abc import Callable, Sequence
-from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any
 
-try:
-    import click
-    from rich.console import Console
-    from rich.text import Text
-except ImportError as _missing:  # pragma: no cover - tested in a subprocess without click
-    # The console script imports this module before it can call main(): say it here.
-    sys.stderr.write(
-        f"creditmeter: the command needs {(_missing.name or 'click').partition('.')[0]}: "
-        "pip install 'creditmeter[cli]'\n"
-    )
-    raise SystemExit(1) from None
+import click
 
-from creditmeter import _cli_format as fmt
 from creditmeter import _validate, rules
 from creditmeter._version import __version__
-from creditmeter.config import BalanceConfig, IntervalUnit, RefillSettings, load_config
-from creditmeter.exceptions import ConfigError, CreditMeterError
-from creditmeter.manager import BalanceManager
-from creditmeter.models import Account, LedgerEntry
+from creditmeter.cli import format as fmt
+from creditmeter.cli.demo import run_demo
+from creditmeter.cli.session import (
+    DEFAULT_STORE,
+    Session,
+    json_option,
+    pass_session,
+    usage_error,
+)
+from creditmeter.config import IntervalUnit, RefillSettings
+from creditmeter.models import LedgerEntry
 from creditmeter.pricing import Pricing
-from creditmeter.stores import BalanceStore, open_store
 from creditmeter.usage import MAX_TOKENS, TokenUsage
 
-__all__ = ["DEFAULT_STORE", "cli", "main"]
+__all__ = ["cli"]
 
-DEFAULT_STORE = "sqlite:///./creditmeter.db"
 DEFAULT_PAGE = 50
 MAX_PAGE = 10_000
-_JSON_KEY = "creditmeter.json"
-_F = TypeVar("_F", bound=Callable[..., Any])
-_SECRETS: set[str] = set()  # passwords in store URLs, kept out of error messages
-NO_CONFIG_WARNING = (
-    "creditmeter: warning: balances are disabled because no config was given: accounts open "
-    "at 0 and charges move no credits; give one with --config PATH (or CREDITMETER_CONFIG), "
-    "or set CHECK_BALANCE=true"
-)
-
-
-class Session:
-    """What the global options chose; the config and store are opened on first use."""
-
-    def __init__(self, ctx: click.Context, store_url: str, config_path: str | None) -> None:
-        source = ctx.get_parameter_source("store_url")
-        self.ctx = ctx
-        self.store_url = store_url
-        self.config_path = config_path
-        password = fmt.password_of(store_url)
-        if password is not None:
-            _SECRETS.add(password)
-        # Typed on the command line: repeat it in suggested commands, and the demo may use
-        # it (CREDITMETER_STORE is the operator's real store: the demo never touches it).
-        self.store_typed = source is click.core.ParameterSource.COMMANDLINE
-        self._config: BalanceConfig | None = None
-        self._manager: BalanceManager | None = None
-        self._console: Console | None = None
-
-    @property
-    def json(self) -> bool:
-        """Whether ``--json`` was given, before or after the command name."""
-        return bool(self.ctx.meta.get(_JSON_KEY))
-
-    @property
-    def config(self) -> BalanceConfig:
-        """``load_config(--config, os.environ)``, built once."""
-        if self._config is None:
-            self._config = load_config(self.config_path, os.environ)
-        return self._config
-
-    @property
-    def manager(self) -> BalanceManager:
-        """A manager over the store ``--store`` names, opened once and closed at exit."""
-        if self._manager is None:
-            config = self.config  # a bad config is reported before a store file is created
-            manager = BalanceManager(_open_store(self.store_url), config)
-            self.ctx.call_on_close(manager.close)
-            self._manager = manager
-        return self._manager
-
-    @property
-    def console(self) -> Console:
-        """The console people read."""
-        if self._console is None:
-            self._console = fmt.console()
-        return self._console
-
-    def warn_if_balances_off(self) -> None:
-        """Say on stderr that balances are off when no config turned them on or off."""
-        given = self.config_path is not None or "CHECK_BALANCE" in os.environ
-        if not given and not self.config.enabled:
-            click.echo(NO_CONFIG_WARNING, err=True)
-
-    def now(self) -> datetime:
-        """The manager's clock."""
-        return self.manager.clock()
-
-    def show(self, plain: object, human: Callable[[], object]) -> None:
-        """Print ``plain`` as JSON with ``--json``, else what ``human()`` renders.
-
-        ``human()`` returns a renderable, a str, or a list of them; text is not
-        wrapped, so a suggested command stays on one line to copy.
-        """
-        if self.json:
-            click.echo(fmt.dumps(plain))
-            return
-        shown = human()
-        for item in shown if isinstance(shown, list) else [shown]:
-            text = isinstance(item, (str, Text))
-            self.console.print(Text(item) if isinstance(item, str) else item, soft_wrap=text)
-
-    def account(self, user_id: str) -> Account:
-        """The user's stored account (open holds only); an error if the user has none."""
-        user_id = _validate.user_id(user_id)
-        account = self.manager.store.load(user_id)
-        if account is None:
-            raise click.ClickException(
-                f"user {user_id!r} has no account in {fmt.redact(self.store_url)}; "
-                "'creditmeter grant' or 'creditmeter set' opens one"
-            )
-        return rules.open_holds(account, self.now())
-
-    def command(self, *words: str) -> str:
-        """A command line to suggest, with ``--store`` if it was typed."""
-        store = f" --store {shlex.quote(fmt.redact(self.store_url))}" if self.store_typed else ""
-        return f"creditmeter{store} {' '.join(words)}"
-
-
-pass_session = click.make_pass_decorator(Session)
-
-
-def _open_store(url: str) -> BalanceStore:
-    """``open_store(url)``; a URL too malformed to parse is a ``ConfigError``, not a traceback."""
-    try:
-        return open_store(url)
-    except CreditMeterError:
-        raise
-    except ValueError as exc:  # urlsplit's "Invalid IPv6 URL" and the like, from a driver
-        raise ConfigError(f"bad store URL {fmt.redact(url)!r}: {exc}") from None
-
-
-def _want_json(ctx: click.Context, _: click.Parameter, value: bool) -> None:
-    if value:
-        ctx.meta[_JSON_KEY] = True
-
-
-def json_option(function: _F) -> _F:
-    """``--json``, accepted before the command name and after it."""
-    option = click.option(
-        "--json",
-        is_flag=True,
-        expose_value=False,
-        callback=_want_json,
-        help="Print machine-readable JSON (amounts as exact decimal strings).",
-    )
-    return option(function)
-
-
-def _usage(message: str) -> NoReturn:
-    raise click.UsageError(message, click.get_current_context())
-
-
 _CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # AMOUNT may look like an option ("-5"): let it through to be refused by name.
 _AMOUNT_CONTEXT: dict[str, Any] = {**_CONTEXT, "ignore_unknown_options": True}
@@ -258,7 +102,7 @@ def list_users(
     """List every user and balance, sorted by user id, a page at a time."""
     by_page = page is not None or page_size is not None
     if by_page and (limit is not None or offset is not None):
-        _usage("use --limit/--offset or --page/--page-size, not both")
+        usage_error("use --limit/--offset or --page/--page-size, not both")
     size = (page_size if by_page else limit) or DEFAULT_PAGE
     start = ((page or 1) - 1) * size if by_page else offset or 0
     store = session.manager.store
@@ -396,9 +240,9 @@ def refill_settings(
     """
     changes = enabled is not None or amount is not None or every is not None
     if reset and changes:
-        _usage("--reset cannot be combined with --enabled/--disabled, --amount or --every")
+        usage_error("--reset cannot be combined with --enabled/--disabled, --amount or --every")
     if not reset and not changes:
-        _usage("give --enabled/--disabled, --amount, --every or --reset")
+        usage_error("give --enabled/--disabled, --amount, --every or --reset")
     manager, config = session.manager, session.config
     user = _validate.user_id(user)
     settings: RefillSettings | None = None
@@ -434,7 +278,7 @@ def refill_settings(
 def ledger(session: Session, *, user: str, limit: int | None, form: str | None) -> None:
     """Show USER's ledger entries, oldest first (--format json: plain JSON)."""
     if form is not None and form != "json" and session.json:
-        _usage(f"--json and --format {form} contradict each other")
+        usage_error(f"--json and --format {form} contradict each other")
     form = form or ("json" if session.json else "table")
     user = session.account(user).user_id
     entries = session.manager.ledger(user, limit=limit)
@@ -522,13 +366,6 @@ def demo(session: Session, *, users: int | None, calls: int | None) -> None:
     Only a --store on the command line counts: CREDITMETER_STORE names the real store,
     and the demo never touches it. A store given with --store must hold no user.
     """
-    try:
-        module = importlib.import_module("creditmeter.demo")
-    except ModuleNotFoundError as exc:
-        if exc.name != "creditmeter.demo":
-            raise
-        raise click.ClickException("this installation has no demo (creditmeter.demo)") from None
-    run_demo = cast("Callable[..., dict[str, Any]]", module.run_demo)
     sizes = {name: value for name, value in (("users", users), ("calls", calls)) if value}
     summary = run_demo(
         store_url=session.store_url if session.store_typed else None,
@@ -540,63 +377,3 @@ def demo(session: Session, *, users: int | None, calls: int | None) -> None:
     session.show(summary, lambda: f"Every user's ledger sums to their balance: {verdict}")
     if not balanced:
         raise click.ClickException("the demo's ledger does not balance")
-
-
-def _fail(message: str, code: int) -> int:
-    for secret in _SECRETS:
-        message = message.replace(secret, "***")
-    click.echo(f"creditmeter: error: {' '.join(message.split())}", err=True)
-    return code
-
-
-def _invoke(args: list[str]) -> object:
-    """Run the command as ``cli.main(standalone_mode=False)`` does, minus its EPIPE handling.
-
-    click turns a closed stdout into exit status 1 inside ``main``; here the
-    ``BrokenPipeError`` reaches ``main()`` below, which ends quietly with 0.
-    """
-    if os.environ.get("_CREDITMETER_COMPLETE"):  # shell completion: click answers and exits
-        cli.main(args=args, prog_name="creditmeter")
-    try:
-        with cli.make_context("creditmeter", args) as ctx:
-            return cli.invoke(ctx)
-    except click.exceptions.Exit as exc:  # --help, --version
-        return exc.exit_code
-
-
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null, so flushing what is left at exit cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (AttributeError, OSError, ValueError):  # no real file behind sys.stdout
-        pass
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command and exit: 0, 1 (an error) or 2 (a usage error), one line on stderr."""
-    try:
-        result = _invoke(list(sys.argv[1:] if argv is None else argv))
-    except click.exceptions.NoArgsIsHelpError as exc:  # bare "creditmeter": the help
-        exc.show()
-        code = exc.exit_code
-    except click.UsageError as exc:
-        hint = "" if exc.ctx is None else f" (see '{exc.ctx.command_path} --help')"
-        code = _fail(exc.format_message() + hint, exc.exit_code)
-    except click.ClickException as exc:
-        code = _fail(exc.format_message(), exc.exit_code)
-    except CreditMeterError as exc:  # every mistake the library names, in one place
-        code = _fail(str(exc), 1)
-    except (click.Abort, KeyboardInterrupt):
-        code = _fail("interrupted", 130)
-    except BrokenPipeError:  # the reader went away (creditmeter export | head): not an error
-        _quiet_stdout()
-        code = 0
-    else:
-        code = result if isinstance(result, int) else 0
-    sys.exit(code)
-
-
-if __name__ == "__main__":
-    main()

@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 
 from creditmeter import BalanceConfig, BalanceManager, SQLiteStore, TokenUsage
-from creditmeter._cli_format import parse_every
 from creditmeter.cli import main
+from creditmeter.cli.format import parse_every
 from creditmeter.exceptions import InvalidInput
 from creditmeter.stores import _OPENERS
 

@@ -21,7 +21,7 @@ from creditmeter import (
     SQLiteStore,
     TokenUsage,
 )
-from creditmeter.demo import run_demo
+from creditmeter.cli.demo import run_demo
 
 SMALL = {"users": 3, "calls": 12}  # enough for a refusal, a refill and a cut stream
 

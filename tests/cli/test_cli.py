@@ -31,8 +31,8 @@ from creditmeter import (
     SQLiteStore,
     TokenUsage,
 )
-from creditmeter._cli_format import parse_every, write_ledgers
 from creditmeter.cli import NO_CONFIG_WARNING
+from creditmeter.cli.format import parse_every, write_ledgers
 from creditmeter.exceptions import InvalidInput
 from creditmeter.testing import FakeClock, make_entry
 
@@ -562,7 +562,7 @@ def test_corrupt_store(cli):
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("creditmeter.demo") is None, reason="demo module not written yet"
+    importlib.util.find_spec("creditmeter.cli.demo") is None, reason="demo module not written yet"
 )
 def test_demo_balances_every_ledger(cli):
     store = f"sqlite:///{cli.dir / 'd.db'}"

@@ -1,6 +1,6 @@
 """The ``creditmeter`` command's helpers: reading its arguments, describing what it found.
 
-Nothing here opens a store. ``cli.py`` reads accounts and entries and hands
+Nothing here opens a store. The commands read accounts and entries and hands
 them here: to be described as JSON-ready dicts (amounts as exact decimal
 strings, times as ISO-8601 UTC), as CSV rows or JSON lines, or as ``rich``
 tables for people.
@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple, TextIO, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import click
@@ -65,13 +64,11 @@ __all__ = [
     "money",
     "next_refill_text",
     "parse_every",
-    "password_of",
     "plain",
     "plural",
     "price_plain",
     "price_view",
     "record_plain",
-    "redact",
     "refill_plain",
     "refill_status",
     "settings_text",
@@ -109,32 +106,6 @@ def dumps(data: object, *, indent: int | None = 2) -> str:
     return json.dumps(
         data, indent=indent, ensure_ascii=False, separators=separators, default=_json_default
     )
-
-
-# user:password@ after the scheme, for a URL urlsplit cannot read ("redis://u:p@[bad").
-_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:([^/@]*)@")
-
-
-def password_of(url: str) -> str | None:
-    """The password in a store URL, if it has one (even in a URL too malformed to parse)."""
-    try:
-        return urlsplit(url).password or None
-    except ValueError:
-        match = _USERINFO.match(url)
-        return match[1] or None if match else None
-
-
-def redact(url: str) -> str:
-    """A store URL fit to print: any password replaced by ``***``."""
-    password = password_of(url)
-    if password is None:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        match = _USERINFO.match(url)
-        return url if match is None else url[: match.start(1)] + "***" + url[match.end(1) :]
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1)))
 
 
 def _trim(text: str) -> str:
@@ -730,7 +701,7 @@ def console(*, markup: bool = False, file: TextIO | None = None) -> Console:
 
 
 class _Console(Console):
-    """A rich console that lets a closed pipe reach ``cli.main`` (which exits 0)."""
+    """A rich console that lets a closed pipe reach ``main()`` (which exits 0)."""
 
     def on_broken_pipe(self) -> None:
         """Print nothing more and raise ``BrokenPipeError`` (rich would exit with status 1)."""
