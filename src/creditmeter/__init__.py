@@ -43,6 +43,7 @@ from creditmeter.stores import (
     SQLiteStore,
     open_async_store,
     open_store,
+    register_store,
 )
 from creditmeter.usage import StreamUsage, TokenUsage, usage_from_stream
 
@@ -109,5 +110,6 @@ __all__ = [
     "metered",
     "open_async_store",
     "open_store",
+    "register_store",
     "usage_from_stream",
 ]

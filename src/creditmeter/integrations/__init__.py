@@ -1,1 +1,1 @@
-"""Ready-made hooks for the gateways creditmeter runs in (ASGI apps, LiteLLM)."""
+"""Ready-made hooks for the gateways creditmeter runs in: ASGI apps, LiteLLM, OpenTelemetry."""
