@@ -1,0 +1,255 @@
+"""What the sync and async PostgreSQL stores share at run time.
+
+The base class of both (names, repr, the schema check, following a fork),
+the idle check of pooled connections, and the connection each thread (sync)
+or task (async) pins inside ``exclusive()``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import weakref
+from contextvars import ContextVar
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection, Connection
+from psycopg.pq import TransactionStatus
+
+from creditmeter.exceptions import StoreError
+from creditmeter.stores.postgres.options import Options
+from creditmeter.stores.postgres.sql import SCHEMA_VERSION, Statements
+
+__all__ = ["RETURNS_AT_ONCE", "STALE_TRIES", "StoreBase", "TaskPin", "ThreadPin", "stale"]
+
+STALE_TRIES = 64
+"""How many stale pooled connections to throw away before using whatever comes."""
+RETURNS_AT_ONCE = (TransactionStatus.IDLE, TransactionStatus.UNKNOWN)
+"""Connection states in which psycopg_pool takes a connection back without waiting."""
+
+
+# --- connections ------------------------------------------------------------------
+
+
+def _readable(fd: int) -> bool:
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])  # pragma: no cover - Windows
+
+
+def stale(conn: Connection[Any] | AsyncConnection[Any]) -> bool:
+    """Tell whether an idle pooled connection was cut by the server (without a round trip).
+
+    An idle connection has nothing to read; if its socket is readable the
+    server has sent its goodbye (``pg_terminate_backend``, a restart) or
+    closed it.
+    """
+    if conn.closed or conn.broken:
+        return True
+    try:
+        return _readable(conn.pgconn.socket)
+    except psycopg.OperationalError:
+        return True
+
+
+class ThreadPin(threading.local):
+    """The connection ``exclusive()`` pinned to each thread, and the user keys it holds."""
+
+    conn: Connection[Any] | None = None
+    _held: dict[int, int]
+
+    def get(self) -> Connection[Any] | None:
+        """The current thread's pinned connection, if any."""
+        return self.conn
+
+    def held(self) -> dict[int, int]:
+        """How many nested blocks hold each user's key on the pinned connection."""
+        return self._held
+
+    def pin(self, conn: Connection[Any], held: dict[int, int]) -> None:
+        """Pin ``conn`` to the current thread, holding the keys counted in ``held``."""
+        self.conn = conn
+        self._held = held
+
+    def unpin(self) -> None:
+        """The current thread's calls take their connections from the pool again."""
+        self.conn = None
+
+
+class TaskPin:
+    """The connection ``exclusive()`` pinned to each asyncio task, and the user keys it holds."""
+
+    def __init__(self) -> None:
+        self._conn: ContextVar[AsyncConnection[Any] | None] = ContextVar(
+            f"creditmeter_postgres_{id(self)}", default=None
+        )
+        self._held: ContextVar[dict[int, int]] = ContextVar(f"creditmeter_postgres_held_{id(self)}")
+
+    def get(self) -> AsyncConnection[Any] | None:
+        """The current task's pinned connection, if any."""
+        return self._conn.get()
+
+    def held(self) -> dict[int, int]:
+        """How many nested blocks hold each user's key on the pinned connection."""
+        return self._held.get()
+
+    def pin(self, conn: AsyncConnection[Any], held: dict[int, int]) -> None:
+        """Pin ``conn`` to the current task, holding the keys counted in ``held``."""
+        self._conn.set(conn)
+        self._held.set(held)
+
+    def unpin(self) -> None:
+        """The current task's calls take their connections from the pool again."""
+        self._conn.set(None)
+
+
+# --- fork ---------------------------------------------------------------------------
+#
+# A child process made by os.fork() inherits the parent's pooled connections: the
+# same sockets, used from two processes, interleave replies (one process reads the
+# other's rows), and the pool's worker threads (or, for the async pool, its tasks)
+# do not exist in the child. So every store notices a changed pid and, in the child,
+# lets go of what it inherited without a word to the server (the parent's sessions
+# live on) and makes a pool of its own. An at-fork hook does the letting go at once,
+# so the child holds no copy of the parent's sockets (a copy would keep a crashed
+# parent's sessions, and their advisory locks, alive); the pid check covers forks
+# that skip the hook.
+
+_STORES: weakref.WeakSet[StoreBase] = weakref.WeakSet()
+# Pools inherited over a fork: never closed (their close would end the parent's
+# sessions and join threads that do not exist here), and kept so never collected.
+_LEFT_BEHIND: list[object] = []
+
+
+def _in_forked_child() -> None:
+    for store in list(_STORES):
+        store._after_fork()  # noqa: SLF001 - a class of this module
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_in_forked_child)
+
+
+def _drop_silently(conn: Connection[Any] | AsyncConnection[Any]) -> None:
+    """Let go of a connection inherited over a fork without a word to the server.
+
+    The socket's descriptor is pointed at /dev/null first, so libpq's goodbye
+    (a Terminate message that would end the parent's session) goes nowhere.
+    """
+    pgconn = conn.pgconn
+    try:
+        fd = pgconn.socket
+    except psycopg.OperationalError:  # closed already
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    pgconn.finish()
+
+
+class StoreBase:
+    """What the sync and async stores share: names, repr, schema check, fork handling."""
+
+    _options: Options
+    _sql: Statements
+    _owns_pool: bool
+    _closed: bool
+    _pool: Any
+    # The process whose pool the store uses, and the last one that let go of a parent's.
+    _pid: int
+    _left: int
+    # Every connection the store's own pool made (and the schema connection), so a
+    # forked child can let go of them all.
+    _conns: weakref.WeakSet[Any]
+    # Serializes following a fork (threads may race to it).
+    _fork_lock: threading.Lock
+
+    def _start(self) -> None:
+        self._pid = self._left = os.getpid()
+        self._conns = weakref.WeakSet()
+        self._fork_lock = threading.Lock()
+        _STORES.add(self)
+
+    @property
+    def prefix(self) -> str:
+        """The table prefix."""
+        return self._options.prefix
+
+    @property
+    def schema(self) -> str | None:
+        """The schema of the tables, or ``None`` for the connection's ``search_path``."""
+        return self._options.schema
+
+    def _describe(self, name: str) -> str:
+        where = f"{self._options.where!r}, " if self._options.dsn is not None else "pool, "
+        return f"{name}({where}prefix={self.prefix!r}, schema={self.schema!r})"
+
+    def _check_version(self, row: tuple[Any, ...] | None) -> None:
+        value = None if row is None else row[0]
+        if value != SCHEMA_VERSION:
+            raise StoreError(
+                f"the creditmeter tables with prefix {self.prefix!r} hold schema {value!r}; "
+                f"this version of creditmeter reads schema {SCHEMA_VERSION!r}"
+            )
+
+    def _bound_params(self) -> tuple[str] | None:
+        """The parameter of ``BOUND_LOCKS`` for a new session, or ``None`` to leave it."""
+        setting = self._options.lock_timeout
+        return None if setting is None else (setting,)
+
+    def _after_fork(self) -> None:
+        """In the at-fork hook of a child process (the only thread there yet)."""
+        self._fork_lock = threading.Lock()  # another thread of the parent may have held it
+        self._leave_parent()
+
+    def _follow_fork(self) -> None:
+        """First use in a forked child: let go of the parent's pool, make one of our own.
+
+        The new pool opens on first use, as a new store's does. A pool the
+        caller gave cannot follow: ``StoreError``.
+        """
+        with self._fork_lock:
+            pid = os.getpid()
+            if self._pid == pid:
+                return
+            self._leave_parent()
+            if not self._owns_pool:
+                raise self._foreign_pool()
+            if not self._closed:
+                self._pool = self._new_pool()
+            self._pid = pid
+
+    def _leave_parent(self) -> None:
+        """In a forked child: let go of the parent's connections and pool (once)."""
+        pid = os.getpid()
+        if self._left == pid or self._closed:
+            return
+        self._left = pid
+        for conn in list(self._conns):
+            _drop_silently(conn)
+        self._conns = weakref.WeakSet()
+        pool = getattr(self, "_pool", None)  # None: forked while the store was being built
+        if self._owns_pool and pool is not None:
+            _LEFT_BEHIND.append(pool)
+        self._forget_connections()
+
+    def _new_pool(self) -> Any:
+        """The store's own pool, not open yet."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _forget_connections(self) -> None:
+        """Drop what pointed at the parent's connections, or at its threads or event loop."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _foreign_pool(self) -> StoreError:
+        return StoreError(
+            f"this {type(self).__name__} runs on a pool made in process {self._pid}, and a "
+            "pool cannot cross os.fork(): make the pool and the store in each process after "
+            "forking, or give the store a DSN (it then opens a pool of its own in the child)"
+        )

@@ -1,0 +1,529 @@
+# Generated from src/creditmeter/stores/postgres/_async.py by tools/unasync.py.
+# Do not edit: change the source, then run `python tools/unasync.py`.
+"""``PostgresStore``: the PostgreSQL store's connections, round trips and locks.
+
+``_async.py`` is written by hand; ``_sync.py`` is generated from it by
+``tools/unasync.py``. The package docstring describes the design.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg import Connection, errors
+from psycopg_pool import ConnectionPool
+
+from creditmeter._compat import Lock, shielded
+from creditmeter.exceptions import DuplicateRequest, StoreError, VersionConflict
+from creditmeter.models import Account, LedgerEntry
+from creditmeter.serde import account_from_json, entry_from_json
+from creditmeter.stores.postgres import _shared
+from creditmeter.stores.postgres._shared import STALE_TRIES, StoreBase, ThreadPin
+from creditmeter.stores.postgres.failures import duplicate, failed, lost_race
+from creditmeter.stores.postgres.options import DEFAULT_LOCK_TIMEOUT, DEFAULT_PREFIX, Options
+from creditmeter.stores.postgres.sql import (
+    BOUND_LOCKS,
+    LOCK,
+    MAX_BIGINT,
+    UNLOCK,
+    Statements,
+    commit_params,
+    request_ids,
+)
+
+__all__ = ["PostgresStore"]
+
+
+class PostgresStore(StoreBase):
+    """Accounts and ledger in PostgreSQL, safe across threads, tasks, processes and hosts.
+
+    Give a DSN (``"postgresql://user@host/db"``) and the store makes its own
+    psycopg_pool ``ConnectionPool`` (``min_size``..``max_size``
+    connections in autocommit mode, ``application_name`` "creditmeter"
+    unless the DSN or the argument names one; ``timeout`` seconds to wait for
+    a free connection), which ``close()`` closes. Or give an open
+    ``ConnectionPool`` of your own: the store uses it and never closes
+    it (its connections should be in autocommit mode, else each call pays a
+    ``BEGIN`` and a ``COMMIT``).
+
+    The store opens its pool, and creates the tables if asked, before its
+    first call: the sync store when it is built; the async one, whose pool
+    opens in a running event loop, on its first call or on entering it as a
+    context manager, or at once in its ``open()``, where a bad DSN or a
+    missing server then fails.
+
+    ``lock_timeout`` (seconds, default 30; ``None`` leaves the server's
+    setting) bounds every wait for a user's lock: a commit behind another
+    session's row lock or ``exclusive()``, and ``exclusive()`` itself. Past
+    it the call raises ``StoreError`` naming the user. It is set on each
+    connection the store opens, unless the DSN's ``options`` set
+    ``lock_timeout`` themselves (then theirs stands); a pool of your own
+    keeps its connections' settings.
+
+    Tables are named ``{prefix}accounts``, ``{prefix}ledger`` and
+    ``{prefix}meta``, in ``schema`` if given. ``create_schema=True`` (the
+    default) creates them if missing.
+
+    A store made before ``os.fork()`` may be used in both processes: the
+    child lets go of the inherited connections (without closing the
+    parent's sessions) and opens a pool of its own. A pool you gave cannot
+    follow: in the child every call raises ``StoreError``.
+
+    A call cut short (a cancelled task, an interrupt) gives its connection
+    back and leaves no lock held and no transaction open. A commit cut short
+    may or may not have applied (as with one cut in flight: a request id
+    settles it), never in part.
+    """
+
+    def __init__(
+        self,
+        dsn_or_pool: str | ConnectionPool[Any],
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        schema: str | None = None,
+        create_schema: bool = True,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 30.0,
+        application_name: str | None = None,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+    ) -> None:
+        options = Options(
+            dsn_or_pool,
+            pool_class=ConnectionPool,
+            prefix=prefix,
+            schema=schema,
+            create_schema=create_schema,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            application_name=application_name,
+            lock_timeout=lock_timeout,
+        )
+        self._options = options
+        self._sql = Statements(options.prefix, options.schema)
+        self._local = ThreadPin()
+        self._closed = False
+        self._ready = False
+        self._created = not options.create_schema
+        self._opening = Lock()
+        self._owns_pool = options.pool is None
+        self._start()
+        pool: ConnectionPool[Any] | None = options.pool
+        self._pool: ConnectionPool[Any] = self._new_pool() if pool is None else pool
+        # A sync store opens now; an async one needs a running event loop, so opens later.
+        self._open_now()
+
+    def _new_pool(self) -> ConnectionPool[Any]:
+        """The store's own pool, not open yet (``_ensure_open`` opens it)."""
+        options = self._options
+        return ConnectionPool(
+            options.dsn or "",
+            kwargs=options.kwargs,
+            min_size=options.min_size,
+            max_size=options.max_size,
+            timeout=options.timeout,
+            configure=self._configure,
+            name=f"creditmeter-{options.prefix}",
+            open=False,
+        )
+
+    def _configure(self, conn: Connection[Any]) -> None:
+        """Set up a new connection of the store's own: remembered, lock waits bounded."""
+        self._conns.add(conn)
+        bound = self._bound_params()
+        if bound is not None:
+            conn.execute(BOUND_LOCKS, bound)
+
+    def _open_now(self) -> None:
+        """Open the pool and create the tables (if asked) now; if that fails, close and raise."""
+        try:
+            self._ensure_open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _ensure_open(self) -> None:
+        """Create the tables (if asked) and open the store's own pool, once.
+
+        In a forked child, first let go of the parent's pool and make one of
+        this process's.
+        """
+        if self._pid != os.getpid():
+            self._follow_fork()
+        if self._ready:
+            return
+        if self._closed:
+            raise StoreError("the store is closed")
+        with self._opening:
+            if self._ready:
+                return
+            if not self._created:
+                self.create_schema()
+                self._created = True
+            if self._owns_pool:
+                try:
+                    # Filled before first use: a request that found it empty would grow it,
+                    # and psycopg_pool hands its connections out in turn (measured: a charge
+                    # that alternated between two connections took ~80 µs more than on one).
+                    self._pool.open(wait=True, timeout=self._options.timeout)
+                except psycopg.Error as exc:  # the pool closed itself
+                    raise failed("connect", exc) from exc
+            self._ready = True
+
+    def _forget_connections(self) -> None:
+        # The parent's pool, its lock and (async) its event loop's tasks are dead here.
+        self._ready = False
+        self._opening = Lock()
+        self._local = ThreadPin()  # a pinned connection was the parent's
+
+    # --- connections ----------------------------------------------------------
+
+    def _getconn(self) -> Connection[Any]:
+        if not self._ready or self._pid != os.getpid():
+            self._ensure_open()
+        if self._closed:
+            raise StoreError("the store is closed")
+        return self._take()
+
+    def _take(self) -> Connection[Any]:
+        """A connection from the pool, passing over those the server has cut."""
+        pool = self._pool
+        for _ in range(STALE_TRIES):
+            conn: Connection[Any] = pool.getconn()
+            # Looked up on its module, where a test may replace it.
+            if not _shared.stale(conn):
+                return conn
+            conn.close()
+            self._give_back(conn)
+        last: Connection[Any] = pool.getconn()  # pragma: no cover - all stale
+        return last  # pragma: no cover
+
+    def _give_back(self, conn: Connection[Any]) -> None:
+        """Return a connection to the pool, whatever cut the caller short."""
+        self._pool.putconn(conn)
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection[Any]]:
+        """The pinned connection (inside ``exclusive``), else one from the pool."""
+        conn = self._local.get()
+        if conn is not None:
+            with _transaction(conn):
+                yield conn
+            return
+        conn = self._getconn()
+        try:
+            with _transaction(conn):
+                yield conn
+        finally:
+            self._give_back(conn)
+
+    def create_schema(self) -> None:
+        """Create the schema, tables and indexes if missing (``postgres.sql``); idempotent."""
+        try:
+            if self._options.dsn is not None:
+                # A connection of its own: no pool to open first, and the real error if any.
+                with Connection.connect(self._options.dsn, **self._options.kwargs) as conn:
+                    self._configure(conn)
+                    self._create_on(conn)
+                return
+            if self._pid != os.getpid():
+                self._follow_fork()  # a pool of yours cannot follow: StoreError
+            conn = self._take()
+            try:
+                self._create_on(conn)
+            finally:
+                self._give_back(conn)
+        except psycopg.Error as exc:
+            raise failed("create_schema", exc) from exc
+
+    def _create_on(self, conn: Connection[Any]) -> None:
+        with conn.transaction():
+            conn.execute(b"SET LOCAL client_min_messages = warning")
+            conn.execute(b"SELECT pg_advisory_xact_lock(%s)", (self._sql.schema_lock,))
+            for statement in self._sql.ddl:
+                conn.execute(statement)
+            cursor = conn.execute(self._sql.schema_version)
+            self._check_version(cursor.fetchone())
+
+    @contextmanager
+    def exclusive(self, user_id: str) -> Iterator[None]:
+        """Keep every other writer of ``user_id`` (in any process, on any host) out.
+
+        Waits (at most ``lock_timeout``) for a PostgreSQL advisory lock on a
+        connection that the calling thread (or task) then uses for every call
+        on this store until the block ends; each call inside still runs in
+        its own transaction. Commits by other sessions wait for the lock (see
+        the package docstring). The lock is held until the block ends or,
+        sooner, until a commit of this user in the block applies (which hands
+        it on in the same statement). Blocks nest; a nested block on the same
+        user keeps the lock to the end. However the block ends (an error, a
+        cancel), the lock is let go of and the connection given back.
+        """
+        key = self._sql.lock_key(user_id)
+        pid = os.getpid()
+        pinned = self._local.get()
+        held = self._local.held() if pinned is not None else {}
+        if held.get(key):
+            conn = pinned  # held by this caller already: counted here, no round trip
+        else:
+            conn = self._lock(key, pinned, user_id)
+            if pinned is None:
+                self._local.pin(conn, held)
+        assert conn is not None
+        held[key] = held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            if os.getpid() == pid:  # else a forked child: the lock and connection are the parent's
+                depth = held.pop(key, 0)  # 0: a commit in the block let go of it already
+                if depth > 1:
+                    held[key] = depth - 1
+                if pinned is None:
+                    self._local.unpin()
+                if depth == 1 or pinned is None:
+                    # Shielded: a caller cut short must still let go of the lock and the
+                    # connection.
+                    shielded(
+                        self._unlock, conn, key if depth == 1 else None, give_back=pinned is None
+                    )
+
+    def _lock(self, key: int, pinned: Connection[Any] | None, user_id: str) -> Connection[Any]:
+        """Take the advisory lock on the pinned connection, else on one from the pool.
+
+        A pooled connection the server had just dropped is replaced (a dead
+        session holds no lock).
+        """
+        retries = STALE_TRIES if pinned is None else 0
+        while True:
+            try:
+                conn = pinned if pinned is not None else self._getconn()
+            except psycopg.Error as exc:
+                raise failed("exclusive", exc, user_id) from exc
+            lost = False
+            try:
+                with _transaction(conn):
+                    conn.execute(LOCK, (key,))
+            except errors.LockNotAvailable as exc:  # lock_timeout: not granted
+                if pinned is None:
+                    self._give_back(conn)
+                raise failed("exclusive", exc, user_id) from exc
+            except BaseException as exc:
+                lost = conn.broken
+                # Shielded: nothing may cut it short (a second cancel, say).
+                shielded(self._lock_failed, conn, key, pinned=pinned is not None, exc=exc)
+                if not isinstance(exc, psycopg.Error):
+                    raise
+                if not (retries and lost):
+                    raise failed("exclusive", exc, user_id) from exc
+                retries -= 1
+            else:
+                return conn
+
+    def _lock_failed(
+        self, conn: Connection[Any], key: int, *, pinned: bool, exc: BaseException
+    ) -> None:
+        """After a failed or interrupted lock statement: make sure the lock is not kept.
+
+        It may have been granted (a cancel or an interrupt that came after the
+        server granted it): closing the session surely frees it; on a pinned
+        connection, unlocking does (the key was not held before).
+        """
+        if not pinned:
+            conn.close()
+            self._pool.putconn(conn)
+        elif not isinstance(exc, Exception):
+            _release(conn, key)
+
+    def _unlock(self, conn: Connection[Any], key: int | None, *, give_back: bool) -> None:
+        """The end of an ``exclusive`` block: let go of ``key`` (if given) and the connection."""
+        try:
+            if key is not None:
+                with _transaction(conn):
+                    conn.execute(UNLOCK, (key,))
+        except BaseException as exc:
+            # Closing frees the lock (nested: the outer ones too, the connection is lost
+            # anyway); an error here leaves the block's own outcome standing.
+            conn.close()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if give_back:
+                self._pool.putconn(conn)
+
+    # --- the contract ---------------------------------------------------------
+
+    def load(self, user_id: str) -> Account | None:
+        """Return the stored account, or ``None``."""
+        rows = self._fetch("load", user_id, self._sql.load, (user_id,))
+        return account_from_json(rows[0][0], user_id=user_id) if rows else None
+
+    def commit(
+        self,
+        account: Account,
+        entries: Sequence[LedgerEntry],
+        *,
+        expected_version: int | None,
+    ) -> None:
+        """Store the account and entries in one statement if the version still matches."""
+        user_id = account.user_id
+        key = self._sql.lock_key(user_id)
+        pinned = self._local.get()
+        # Inside exclusive(user) (not nested in another for the same user), a commit that
+        # applies hands the lock on in the same statement: no round trip to unlock.
+        held = None if pinned is None else self._local.held()
+        release = held is not None and held.get(key) == 1
+        query = self._sql.commit(
+            new=expected_version is None, entries=len(entries), release=release
+        )
+        params = commit_params(account, entries, expected_version, key, release=release)
+        try:
+            row = self._execute_commit(pinned, query, params)
+        except errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != self._sql.request_index:
+                raise failed("commit", exc, user_id) from exc
+            raise self._duplicate(user_id, entries, exc) from None
+        except (errors.SerializationFailure, errors.DeadlockDetected) as exc:
+            raise VersionConflict(user_id, expected=expected_version) from exc
+        except psycopg.Error as exc:
+            raise failed("commit", exc, user_id) from exc
+        except BaseException:
+            if release and held is not None and pinned is not None:
+                # Cut short: whether the lock went with the commit is unknown; let go of it.
+                del held[key]
+                shielded(_release, pinned, key)
+            raise
+        assert row is not None  # the statement always returns one row
+        if row[0]:
+            if held is not None and release:
+                del held[key]
+            return
+        current = None if row[1] is None else account_from_json(row[1], user_id=user_id)
+        if lost_race(current, expected_version):
+            current = self.load(user_id)
+        raise VersionConflict(user_id, expected=expected_version, current=current)
+
+    def _execute_commit(
+        self, pinned: Connection[Any] | None, query: bytes, params: list[Any]
+    ) -> tuple[Any, ...] | None:
+        """The body of ``_connection()``, inline: this is every write's path."""
+        conn = self._getconn() if pinned is None else pinned
+        try:
+            if conn.autocommit:
+                cursor = conn.execute(query, params)
+                return cursor.fetchone()
+            with conn.transaction():
+                cursor = conn.execute(query, params)
+                return cursor.fetchone()
+        finally:
+            if pinned is None:
+                self._give_back(conn)
+
+    def _duplicate(
+        self, user_id: str, entries: Sequence[LedgerEntry], exc: Exception
+    ) -> DuplicateRequest:
+        try:
+            with self._connection() as conn:
+                cursor = conn.execute(self._sql.find_requests, (user_id, request_ids(entries)))
+                rows = cursor.fetchall()
+        except psycopg.Error as read_exc:
+            raise failed("commit", read_exc, user_id) from exc
+        return duplicate(user_id, entries, dict(rows), exc)
+
+    def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
+        """Return the entry recorded under ``request_id``, if any."""
+        rows = self._fetch("read", user_id, self._sql.find_request, (user_id, request_id))
+        return entry_from_json(rows[0][0], user_id=user_id) if rows else None
+
+    def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
+        """Return the user's entries, oldest first (the newest ``limit`` if given)."""
+        if limit == 0:
+            return []
+        if limit is None:
+            rows = self._fetch("read", user_id, self._sql.ledger_all, (user_id,))
+        else:
+            tail = (user_id, min(limit, MAX_BIGINT))
+            rows = self._fetch("read", user_id, self._sql.ledger_tail, tail)
+        return [entry_from_json(row[0], user_id=user_id) for row in rows]
+
+    def users(self) -> list[str]:
+        """Return every user id, sorted (by code point, as Python sorts)."""
+        return [row[0] for row in self._fetch("read", None, self._sql.users, ())]
+
+    def _fetch(
+        self, action: str, user_id: str | None, query: bytes, params: Sequence[Any]
+    ) -> list[tuple[Any, ...]]:
+        """Run a read; again on another connection if the server had dropped the one used.
+
+        The server can cut pooled connections (several at once) between the
+        idle check and the query, before its goodbye arrives; a read is safe
+        to repeat. Writes are not repeated: a commit cut in flight may or may
+        not have applied, which only the caller's request id settles.
+        """
+        # Each dropped connection is discarded, so this ends; never inside exclusive().
+        retries = STALE_TRIES if self._local.get() is None else 0
+        while True:
+            lost = False
+            try:
+                with self._connection() as conn:
+                    try:
+                        cursor = conn.execute(query, params)
+                        return cursor.fetchall()
+                    except psycopg.OperationalError:
+                        lost = conn.broken
+                        raise
+            except psycopg.Error as exc:
+                if not (retries and lost):
+                    raise failed(action, exc, user_id) from exc
+                retries -= 1
+
+    def close(self) -> None:
+        """Close the pool if the store made it; further use raises ``StoreError``."""
+        if self._closed:
+            return
+        if self._pid != os.getpid():
+            self._leave_parent()  # closing the parent's pool would end its sessions
+            self._closed = True
+            return
+        self._closed = True
+        if self._owns_pool:
+            self._pool.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return self._describe("PostgresStore")
+
+
+@contextmanager
+def _transaction(conn: Connection[Any]) -> Iterator[None]:
+    """A transaction around the block, unless the connection commits each statement itself."""
+    if conn.autocommit:
+        yield
+    else:
+        with conn.transaction():
+            yield
+
+
+def _release(conn: Connection[Any], key: int) -> None:
+    """Let go of a lock this session may or may not hold (the key was not held before)."""
+    try:
+        if not conn.closed:
+            with _transaction(conn):
+                conn.execute(UNLOCK, (key,))
+    except psycopg.Error:
+        conn.close()  # a closed session holds no lock

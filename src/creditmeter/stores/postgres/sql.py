@@ -1,0 +1,273 @@
+"""The PostgreSQL store's SQL: the DDL of ``postgres.sql``, and every statement it runs.
+
+Nothing here talks to a server. Table names come from a checked prefix (and
+an optional schema) and are quoted with ``psycopg.sql.Identifier``; every
+value is a bound parameter.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from psycopg import sql
+
+from creditmeter.models import Account, LedgerEntry
+from creditmeter.serde import account_to_json, entry_to_json
+from creditmeter.stores.postgres.options import DEFAULT_PREFIX, check_names
+
+__all__ = [
+    "BOUND_LOCKS",
+    "LOCK",
+    "MAX_BIGINT",
+    "SCHEMA_VERSION",
+    "UNLOCK",
+    "Statements",
+    "commit_params",
+    "request_ids",
+    "schema_sql",
+]
+
+SCHEMA_VERSION = "1"
+"""The layout ``postgres.sql`` creates, as recorded in the ``meta`` table."""
+
+_TABLES = ("meta", "accounts", "ledger")
+_NAME_IN_FILE = re.compile(r"\bcreditmeter_([a-z_]+)\b")
+_KEYS_KEPT = 10_000
+MAX_BIGINT = 2**63 - 1
+"""The largest ``bigint``: a ``LIMIT`` beyond it is this."""
+
+LOCK = b"SELECT pg_advisory_lock(%s)"
+"""Take a session-level advisory lock (the key of ``Statements.lock_key``)."""
+UNLOCK = b"SELECT pg_advisory_unlock(%s)"
+"""Let go of a session-level advisory lock."""
+BOUND_LOCKS = (
+    b"SELECT set_config('lock_timeout', %s, false) FROM pg_settings "
+    b"WHERE name = 'lock_timeout' AND source <> 'client'"
+)
+"""Run on each new connection of a store's own pool: bound its lock waits.
+
+Unless the connection string's options (or ``PGOPTIONS``) set ``lock_timeout``,
+which then stands.
+"""
+
+
+# --- the DDL ------------------------------------------------------------------
+
+
+@functools.cache
+def _ddl_file() -> str:
+    """``postgres.sql``, which sits beside the package, in ``creditmeter.stores``."""
+    file = resources.files("creditmeter.stores").joinpath("postgres.sql")
+    return file.read_text(encoding="utf-8")
+
+
+def _names(prefix: str, schema: str | None) -> dict[str, sql.Identifier]:
+    """Every name ``postgres.sql`` uses, for this prefix: tables qualified, indexes not."""
+    names: dict[str, sql.Identifier] = {}
+    for found in _NAME_IN_FILE.findall(_ddl_file()):
+        name = prefix + found
+        if schema is not None and found in _TABLES:
+            names[found] = sql.Identifier(schema, name)
+        else:
+            names[found] = sql.Identifier(name)
+    return names
+
+
+def _ddl(prefix: str, schema: str | None) -> list[sql.Composed]:
+    """The statements of ``postgres.sql`` with this prefix's names, comments dropped."""
+    text = re.sub(r"--[^\n]*", "", _ddl_file()).replace("{", "{{").replace("}", "}}")
+    template = _NAME_IN_FILE.sub(lambda found: "{" + found[1] + "}", text)
+    names = _names(prefix, schema)
+    statements = [
+        sql.SQL(statement.strip()).format(**names)
+        for statement in template.split(";")
+        if statement.strip()
+    ]
+    if schema is not None:
+        statements.insert(
+            0, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
+        )
+    return statements
+
+
+def schema_sql(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> str:
+    """The DDL ``create_schema()`` runs for this prefix and schema, as one SQL script.
+
+    For migrations kept by hand: ``print(schema_sql("billing_"))``. With the
+    default prefix it is ``postgres.sql`` (shipped in ``creditmeter.stores``) without
+    its comments.
+    """
+    prefix, schema = check_names(prefix, schema)
+    return "".join(statement.as_string() + ";\n" for statement in _ddl(prefix, schema))
+
+
+def _key(*parts: str) -> int:
+    """A signed 64-bit advisory lock key for these strings."""
+    digest = hashlib.blake2b("\x00".join(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+# --- statements -----------------------------------------------------------------
+
+_ENTRY_ROW = (
+    "({n}, %s::text, %s::text, %s::numeric, %s::numeric, %s::numeric, %s::timestamptz, "
+    "%s::text, %s::text, %s::text)"
+)
+
+
+class Statements:
+    """Every statement of one store, composed once into bytes."""
+
+    def __init__(self, prefix: str, schema: str | None) -> None:
+        names = _names(prefix, schema)
+        self.accounts = names["accounts"]
+        self.ledger = names["ledger"]
+        self.meta = names["meta"]
+        self.request_index = prefix + "ledger_request"
+        self.ddl = [statement.as_bytes() for statement in _ddl(prefix, schema)]
+        self.key_space = (schema or "", prefix)
+        self.schema_lock = _key("creditmeter-schema", *self.key_space)
+        self.load = self._bytes("SELECT data FROM {accounts} WHERE user_id = %s")
+        self.find_request = self._bytes(
+            "SELECT data FROM {ledger} WHERE user_id = %s AND request_id = %s"
+        )
+        self.find_requests = self._bytes(
+            "SELECT request_id, data FROM {ledger} WHERE user_id = %s AND request_id = ANY(%s)"
+        )
+        self.ledger_all = self._bytes("SELECT data FROM {ledger} WHERE user_id = %s ORDER BY seq")
+        self.ledger_tail = self._bytes(
+            "SELECT data FROM (SELECT seq, data FROM {ledger} WHERE user_id = %s "
+            "ORDER BY seq DESC LIMIT %s) AS tail ORDER BY seq"
+        )
+        self.users = self._bytes('SELECT user_id FROM {accounts} ORDER BY user_id COLLATE "C"')
+        self.schema_version = self._bytes("SELECT value FROM {meta} WHERE key = 'schema'")
+        self._commits: dict[tuple[bool, int, bool], bytes] = {}
+        self._keys: dict[str, int] = {}
+
+    def _bytes(self, template: str) -> bytes:
+        query = sql.SQL(template).format(accounts=self.accounts, ledger=self.ledger, meta=self.meta)
+        return query.as_bytes()
+
+    def lock_key(self, user_id: str) -> int:
+        """The advisory lock key of a user (remembered: every commit needs it)."""
+        keys = self._keys
+        key = keys.get(user_id)
+        if key is None:
+            if len(keys) >= _KEYS_KEPT:
+                keys.clear()
+            key = keys[user_id] = _key("creditmeter-user", *self.key_space, user_id)
+        return key
+
+    def commit(self, *, new: bool, entries: int, release: bool = False) -> bytes:
+        """The one statement of a commit: compare-and-set, ledger rows, current row if lost.
+
+        With ``release``, a commit that applies also lets go of the session's
+        ``exclusive`` lock on the user (one more parameter: the key). The
+        shared transaction-level lock the statement took on the same key
+        still holds until the transaction has committed, so the next holder
+        of ``exclusive`` cannot read the account before this commit shows.
+        """
+        query = self._commits.get((new, entries, release))
+        if query is not None:
+            return query
+        # Every commit waits while another session holds exclusive() on the user: a
+        # shared transaction-level advisory lock, taken before the row is written.
+        held = "pg_advisory_xact_lock_shared(%s::bigint) IS NOT NULL"
+        if new:
+            cas = (
+                "INSERT INTO {accounts} "
+                "(user_id, version, balance, created_at, updated_at, last_refill, data) "
+                "SELECT %s::text, %s::bigint, %s::numeric, %s::timestamptz, %s::timestamptz, "
+                f"%s::timestamptz, %s::text WHERE {held} "
+                "ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
+            )
+        else:
+            # Table names are sql.Identifier; every value is a parameter.
+            cas = (
+                "UPDATE {accounts} SET version = %s, balance = %s, updated_at = %s, "  # noqa: S608
+                "last_refill = %s, data = %s WHERE user_id = %s AND version = %s "
+                f"AND {held} RETURNING user_id"
+            )
+        text = "WITH cas AS (" + cas + ")"
+        if entries:
+            rows = ", ".join(_ENTRY_ROW.format(n=n) for n in range(entries))
+            text += (
+                ", added AS (INSERT INTO {ledger} (user_id, id, kind, amount, balance_after, "  # noqa: S608
+                "cost, at, request_id, model, data) SELECT cas.user_id, e.id, e.kind, e.amount, "
+                "e.balance_after, e.cost, e.at, e.request_id, e.model, e.data FROM cas, "
+                f"(VALUES {rows}) AS e (n, id, kind, amount, balance_after, cost, at, "
+                "request_id, model, data) ORDER BY e.n" + (" RETURNING 1)" if release else ")")
+            )
+        text += (
+            " SELECT EXISTS (SELECT FROM cas), (SELECT data FROM {accounts} "
+            "WHERE user_id = %s AND NOT EXISTS (SELECT FROM cas))"
+        )
+        if release:
+            # An advisory unlock is not undone by a rollback: it runs only once the ledger
+            # rows are in (a duplicate request id fails the statement before it).
+            after = " WHERE (SELECT count(*) FROM added) >= 0" if entries else ""
+            text += f", (SELECT pg_advisory_unlock(%s::bigint) FROM cas{after})"  # noqa: S608
+        query = self._commits[new, entries, release] = self._bytes(text)
+        return query
+
+
+def commit_params(
+    account: Account,
+    entries: Sequence[LedgerEntry],
+    expected_version: int | None,
+    key: int,
+    *,
+    release: bool = False,
+) -> list[Any]:
+    """The parameters of ``Statements.commit``, in its order (``key``: the user's lock)."""
+    user_id = account.user_id
+    data = account_to_json(account)
+    params: list[Any]
+    if expected_version is None:
+        params = [
+            user_id,
+            account.version,
+            account.balance,
+            account.created_at,
+            account.updated_at,
+            account.last_refill,
+            data,
+            key,
+        ]
+    else:
+        params = [
+            account.version,
+            account.balance,
+            account.updated_at,
+            account.last_refill,
+            data,
+            user_id,
+            expected_version,
+            key,
+        ]
+    for entry in entries:
+        params += (
+            entry.id,
+            entry.kind.value,
+            entry.amount,
+            entry.balance_after,
+            entry.cost,
+            entry.at,
+            entry.request_id,
+            entry.model,
+            entry_to_json(entry),
+        )
+    params.append(user_id)
+    if release:
+        params.append(key)
+    return params
+
+
+def request_ids(entries: Sequence[LedgerEntry]) -> list[str]:
+    """The request ids of these entries (the parameter of ``Statements.find_requests``)."""
+    return [entry.request_id for entry in entries if entry.request_id is not None]
