@@ -1,0 +1,422 @@
+# unasync-target: _sync.py
+# unasync-rename: AsyncRedisStore -> RedisStore
+# unasync-rename: redis.asyncio -> redis
+# unasync-rename: _ConnectionPool -> redis.ConnectionPool
+# unasync-rename: TaskHolds -> ThreadHolds
+# unasync-rename: _let_go -> _release
+"""The Redis store's I/O: its client, its scripts' round trips, and the lock of ``exclusive()``.
+
+``_async.py`` is written by hand; ``_sync.py`` is generated from it by
+``tools/unasync.py``. The package docstring describes the design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio
+import redis.asyncio.retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+
+from creditmeter._ids import new_id
+from creditmeter.exceptions import ConfigError, StoreError
+from creditmeter.models import Account, LedgerEntry
+from creditmeter.serde import account_from_json, entry_from_json
+from creditmeter.stores.redis._shared import (
+    ERRORS,
+    FORK_LOCK,
+    LEFT_TO_PARENT,
+    TaskHolds,
+    failed,
+    made_before_fork,
+)
+from creditmeter.stores.redis.layout import DATA, NO_TOKEN, Held, Keys, Layout
+from creditmeter.stores.redis.options import (
+    DEFAULT_PREFIX,
+    SOCKET_TIMEOUT,
+    check_prefix,
+    socket_timeout,
+    split_url,
+)
+from creditmeter.stores.redis.scripts import (
+    ACQUIRE_SCRIPT,
+    COMMIT_SCRIPT,
+    RECHECK_SCRIPT,
+    RELEASE_SCRIPT,
+)
+
+__all__ = ["AsyncRedisStore"]
+
+_SCAN_COUNT = 1000
+
+
+class AsyncRedisStore:
+    """Accounts and ledgers in Redis: one Lua script per commit, keys hash-tagged per user.
+
+    Give a URL (``redis://host:6379/0``, ``rediss://...``, ``unix:///path``;
+    ``?prefix=...`` sets the key prefix) or an existing ``redis.asyncio.Redis``
+    as ``client``. Extra keyword arguments go to the client, as with
+    ``redis.asyncio.Redis.from_url``; a client the store creates waits at most
+    5 s to connect and for each reply unless told otherwise (``socket_timeout``,
+    ``socket_connect_timeout``), and never hands out a pooled connection the
+    server has closed (redis-py 8.1's async pool does, with RESP3). The store
+    closes (``aclose``) only a client it created. The sync store is safe to
+    share between threads; the async one is for one event loop.
+
+    In the async store, every call may be cancelled at any await: it then
+    holds no connection and no lock (a lock it held or was queued for is let
+    go before the cancellation goes on), and the next call works. (On Python
+    3.10 a cancellation that arrives just as redis-py finishes sending a
+    command can still be lost inside redis-py; the call then runs to its end.)
+
+    A store made before ``os.fork()`` (gunicorn ``--preload``, multiprocessing's
+    fork) may be used by parent and child (the async store on the child's own
+    event loop): on its first call in the child it creates a client of its
+    own there, never using or closing the parent's connections. A store on a
+    client given relies on that client: in a child, the sync store uses it
+    (redis-py's sync pools follow a fork) unless it is a single-connection
+    client, and the async store never does (redis-py's async pools do not
+    check for a fork); either raises ``StoreError`` instead.
+
+    ``exclusive(user_id)`` queues writers of a contended user in turn (see
+    the package docstring); ``lock_lease`` bounds how long a vanished holder
+    can keep the others waiting, ``lock_wait`` how long a writer waits.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str | None = None,
+        client: redis.asyncio.Redis | None = None,
+        lock_lease: float = 2.0,
+        lock_wait: float = 30.0,
+        **options: Any,
+    ) -> None:
+        if (url is None) == (client is None):
+            raise ConfigError("give AsyncRedisStore either a URL or a client, not both or neither")
+        if client is not None:
+            if not isinstance(client, redis.asyncio.Redis):
+                raise ConfigError(
+                    f"client must be a redis.asyncio.Redis, got {type(client).__name__}"
+                )
+            if options:
+                raise ConfigError(
+                    f"options {sorted(options)} apply to a URL, not to a client given ready-made"
+                )
+            chosen = check_prefix(DEFAULT_PREFIX if prefix is None else prefix)
+            self._connect: Callable[[], redis.asyncio.Redis] | None = None
+        else:
+            url, chosen = split_url(url, prefix)
+            # A commit whose connection fails is never sent again (see the package docstring).
+            options.setdefault("retry", redis.asyncio.retry.Retry(NoBackoff(), 0))
+            options.setdefault("socket_timeout", SOCKET_TIMEOUT)
+            options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
+            single = bool(options.pop("single_connection_client", False))
+
+            def connect() -> redis.asyncio.Redis:
+                # As redis.asyncio.Redis.from_url, on a _ConnectionPool (which checks connections).
+                try:
+                    pool = _ConnectionPool.from_url(url, **options)
+                    made = redis.asyncio.Redis(
+                        connection_pool=pool, single_connection_client=single
+                    )
+                except (ValueError, TypeError) as exc:
+                    raise ConfigError(f"bad Redis URL or option: {exc}") from exc
+                made.auto_close_connection_pool = True
+                return made
+
+            client = connect()
+            self._connect = connect
+        self._owned = self._connect is not None
+        self._layout = Layout(chosen, lock_lease, lock_wait)
+        self._layout.fit_poll(socket_timeout(client.connection_pool))
+        self.prefix = chosen
+        self._use(client)
+        self._holds = TaskHolds()
+        self._pid = os.getpid()
+        self._closed = False
+
+    def _use(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self._commit_script = client.register_script(COMMIT_SCRIPT)
+        self._acquire_script = client.register_script(ACQUIRE_SCRIPT)
+        self._recheck_script = client.register_script(RECHECK_SCRIPT)
+        self._release_script = client.register_script(RELEASE_SCRIPT)
+
+    # --- the contract -------------------------------------------------------
+
+    async def load(self, user_id: str) -> Account | None:
+        """Return the stored account, or ``None``."""
+        layout = self._open_layout()
+        held = self._holds.get(user_id)
+        if held is not None and not held.released:
+            return held.account  # read with the lock, which no other writer can pass
+        key = layout.keys(user_id).account
+        cancels = _cancel_requests()  # async-only
+        try:
+            data = await self.client.hget(key, DATA)
+            await _honour_cancel(cancels)  # async-only
+        except ERRORS as exc:
+            raise failed("load", exc) from exc
+        return None if data is None else account_from_json(data, user_id=user_id)
+
+    async def commit(
+        self,
+        account: Account,
+        entries: Sequence[LedgerEntry],
+        *,
+        expected_version: int | None,
+    ) -> None:
+        """Store the account and entries in one script run if the version still matches."""
+        layout = self._open_layout()
+        held = self._holds.get(account.user_id)
+        token = NO_TOKEN if held is None or held.released else held.token
+        keys, args = layout.commit_call(account, entries, expected_version, token)
+        script = self._commit_script
+        cancels = _cancel_requests()  # async-only
+        try:
+            try:  # EVALSHA by hand: calling the script object costs more (sync: 4 µs a commit)
+                reply = await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:  # flushed, or another server: redis-py loads it and runs it
+                reply = await script(keys, args)
+            await _honour_cancel(cancels)  # async-only
+        except ERRORS as exc:
+            raise failed("commit", exc) from exc
+        if reply != 0:
+            Layout.commit_outcome(reply, account, entries, expected_version)
+        if held is not None:
+            held.released = True  # the script passed the lock on with the new account
+
+    async def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
+        """Return the entry recorded under ``request_id``, if any."""
+        key = self._open_layout().keys(user_id).requests
+        cancels = _cancel_requests()  # async-only
+        try:
+            data = await self.client.hget(key, request_id.encode())
+            await _honour_cancel(cancels)  # async-only
+        except ERRORS as exc:
+            raise failed("read", exc) from exc
+        return None if data is None else entry_from_json(data, user_id=user_id)
+
+    async def ledger(self, user_id: str, *, limit: int | None = None) -> list[LedgerEntry]:
+        """Return the user's entries, oldest first (the newest ``limit`` if given)."""
+        key = self._open_layout().keys(user_id).ledger
+        bounds = Layout.tail(limit)
+        if bounds is None:
+            return []
+        cancels = _cancel_requests()  # async-only
+        try:
+            rows = await self.client.lrange(key, *bounds)
+            await _honour_cancel(cancels)  # async-only
+        except ERRORS as exc:
+            raise failed("read", exc) from exc
+        return [entry_from_json(row, user_id=user_id) for row in rows]
+
+    async def users(self) -> list[str]:
+        """Return every user id, sorted (read with SSCAN, never KEYS)."""
+        layout = self._open_layout()
+        cancels = _cancel_requests()  # async-only
+        try:
+            scan = self.client.sscan_iter(layout.users_key, count=_SCAN_COUNT)
+            members = {member async for member in scan}  # async-only
+            # sync-only: members = set(scan)
+            await _honour_cancel(cancels)  # async-only
+        except ERRORS as exc:
+            raise failed("read", exc) from exc
+        return layout.user_ids(members)
+
+    # --- writers in turn ----------------------------------------------------
+
+    @asynccontextmanager
+    async def exclusive(self, user_id: str) -> AsyncIterator[None]:
+        """Keep every other writer of ``user_id`` (any process, any host) out until the block ends.
+
+        Managers use it for a user whose compare-and-set they recently lost:
+        writers queue for the user's lock and are served in turn, each handed
+        the account by the one before, so none loses again; a commit passes
+        the lock on in the same script. Re-entering it in the same thread (in
+        the async store: the same task) is a no-op.
+        """
+        layout = self._open_layout()
+        if self._holds.get(user_id) is not None:
+            yield
+            return
+        keys = layout.keys(user_id)
+        held = await self._acquire(layout, keys)
+        body_failed = True
+        try:
+            with self._holds.holding(user_id, held):
+                yield
+            body_failed = False
+        finally:
+            if not held.released and held.pid == os.getpid():
+                # A cancelled caller lets go of the lock too.  # async-only
+                # After a failure (the server gone?) the lease frees the lock; keep that error.
+                with contextlib.suppress(*((StoreError,) if body_failed else ())):
+                    await self._let_go(layout, keys, held.token)
+
+    async def _acquire(self, layout: Layout, keys: Keys) -> Held:
+        token = new_id().encode()
+        cancels = _cancel_requests()  # async-only
+        try:
+            reply = await self._acquire_script(*layout.acquire_call(keys, token))
+            await _honour_cancel(cancels)  # async-only
+            held = Layout.taken(reply, token)
+            deadline = time.monotonic() + layout.wait
+            wake = [keys.wake + token]
+            while held is None:
+                popped = await self.client.blpop(wake, timeout=layout.poll)
+                await _honour_cancel(cancels)  # async-only
+                if popped is not None:
+                    return Held(token, popped[1])
+                reply = await self._recheck_script(*layout.recheck_call(keys, token))
+                await _honour_cancel(cancels)  # async-only
+                held = Layout.taken(reply, token)
+                if held is None and time.monotonic() > deadline:
+                    raise StoreError(f"waited over {layout.wait:g} s for a user's writer lock")
+        except BaseException as exc:
+            with contextlib.suppress(StoreError):
+                await self._let_go(layout, keys, token)
+            if isinstance(exc, ERRORS):
+                raise failed("lock", exc) from exc
+            raise
+        return held
+
+    # async-only: begin
+    async def _let_go(self, layout: Layout, keys: Keys, token: bytes) -> None:
+        """Release the lock or leave its queue before returning, even if cancelled meanwhile.
+
+        The release runs as a task of its own. A cancellation that comes
+        while it runs waits for it (one round trip, bounded by the socket
+        timeout) and is raised after it, so that a cancelled call never
+        returns still holding the lock or queued for it.
+        """
+        release = asyncio.ensure_future(self._release(layout, keys, token))
+        cancelled: asyncio.CancelledError | None = None
+        while not release.done():
+            try:
+                await asyncio.wait([release])
+            except asyncio.CancelledError as exc:  # noqa: PERF203 - rare; the loop is the point
+                cancelled = exc
+        if cancelled is not None:
+            if not release.cancelled():
+                release.exception()  # retrieved: the cancellation goes on instead
+            raise cancelled
+        release.result()
+
+    # async-only: end
+    async def _release(self, layout: Layout, keys: Keys, token: bytes) -> None:
+        try:
+            await self._release_script(*layout.release_call(keys, token))
+        except ERRORS as exc:
+            raise failed("unlock", exc) from exc
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the client if this store created it; further use raises ``StoreError``."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owned and self._pid != os.getpid():
+            LEFT_TO_PARENT.append(self.client)  # made before a fork: the parent's to close
+        elif self._owned:
+            try:
+                await self.client.aclose()
+            except ERRORS as exc:
+                raise failed("close", exc) from exc
+
+    async def __aenter__(self) -> AsyncRedisStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncRedisStore(prefix={self.prefix!r})"
+
+    def _open_layout(self) -> Layout:
+        if self._closed:
+            raise StoreError("the store is closed")
+        if self._pid != os.getpid():
+            self._after_fork()
+        return self._layout
+
+    def _after_fork(self) -> None:
+        """Switch to connections of this process's own (see the class docstring)."""
+        with FORK_LOCK[0]:
+            if self._pid == os.getpid():
+                return  # another thread switched
+            if self._connect is not None:
+                LEFT_TO_PARENT.append(self.client)
+                self._use(self._connect())
+            # sync-only: elif getattr(self.client, "connection", None) is not None:
+            else:  # async-only
+                raise made_before_fork("AsyncRedisStore", self._pid)
+            self._holds = TaskHolds()  # the parent's locks are not this process's
+            self._pid = os.getpid()
+
+
+# async-only: begin
+class _ConnectionPool(redis.asyncio.ConnectionPool):
+    """redis-py's async pool, except that a connection the server closed is never handed out.
+
+    redis-py 8.1.0 with RESP3 (its default protocol) no longer checks a
+    pooled connection at checkout (redis/redis-py#4252): after a server
+    restart, its idle ``timeout`` or a ``CLIENT KILL``, the next command on
+    each pooled connection failed with "Connection closed by server". A
+    connection whose stream has met end of file is connected again first, as
+    redis-py's sync pool (and earlier versions of the async one) do.
+    """
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        pool: Any = super()  # redis-py leaves get_connection unannotated
+        connection = await pool.get_connection(*args, **kwargs)
+        reader = getattr(connection, "_reader", None)
+        if reader is not None and reader.at_eof():
+            try:
+                await connection.disconnect()
+                await connection.connect()
+            except BaseException:
+                await self.release(connection)
+                raise
+        return connection
+
+
+def _cancel_requests() -> int:
+    """How many times the current task has been asked to cancel (0 before Python 3.11)."""
+    counter = getattr(asyncio.current_task(), "cancelling", None)
+    return int(counter()) if counter is not None else 0
+
+
+async def _honour_cancel(before: int) -> None:
+    """Raise the task's cancellation if one was requested since ``before`` and then dropped.
+
+    redis-py sends each command under ``asyncio.wait_for(send, socket_timeout)``,
+    and before Python 3.12 ``wait_for`` returns the result and drops the
+    cancellation when the task is cancelled just as the send completes
+    (CPython gh-86296): the cancelled call went on, queued for the user's
+    lock and took it. The task's count of cancellation requests (3.11+)
+    shows such a request. One still pending is raised at the next suspension,
+    which ``sleep(0)`` is; if that passes, the request was dropped.
+    """
+    if _cancel_requests() > before:
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError
+
+
+# async-only: end

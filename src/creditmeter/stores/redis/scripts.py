@@ -1,0 +1,37 @@
+"""The Lua scripts of the Redis stores, read from the ``lua`` folder beside this module.
+
+Each constant is a script's whole text, as sent to Redis (which names it by
+its SHA1). ``commit.lua`` and ``release.lua`` both end a writer's turn with
+``hand_over.lua``: their line ``-- include: hand_over.lua`` stands for that
+file, less the comment lines it starts with.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+__all__ = ["ACQUIRE_SCRIPT", "COMMIT_SCRIPT", "RECHECK_SCRIPT", "RELEASE_SCRIPT"]
+
+_INCLUDE = re.compile(r"^-- include: (\S+)\n", re.MULTILINE)
+
+
+def _read(name: str) -> str:
+    return resources.files(__package__).joinpath("lua").joinpath(name).read_text(encoding="utf-8")
+
+
+def _included(name: str) -> str:
+    lines = _read(name).splitlines(keepends=True)
+    while lines and lines[0].startswith("--"):
+        del lines[0]
+    return "".join(lines)
+
+
+def _script(name: str) -> str:
+    return _INCLUDE.sub(lambda include: _included(include.group(1)), _read(name))
+
+
+COMMIT_SCRIPT = _script("commit.lua")
+ACQUIRE_SCRIPT = _script("acquire.lua")
+RECHECK_SCRIPT = _script("recheck.lua")
+RELEASE_SCRIPT = _script("release.lua")
