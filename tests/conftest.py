@@ -1,15 +1,46 @@
-"""Fixtures shared by the test suite: every store, a fake clock, managers over them."""
+"""Fixtures shared by the whole suite: stores, the eight backends, a fake clock, managers.
+
+The folders say what is tested: ``core`` (the pure rules, pricing, usage,
+stored text), ``api`` (the public door, errors, bad input, config, the
+README), ``stores`` (the contract and each store's own quirks), ``manager``
+(manager-level behaviour on every backend), ``metering``, ``integrations``,
+``cli`` and ``reliability``. Helpers every folder imports live beside this
+file (``services``, ``backends``, ``worker``, ``broken``, ``fake_provider``):
+pytest puts this folder on ``sys.path`` when it loads this file (the default
+"prepend" import mode; no folder has an ``__init__.py``, so test file names
+are unique across the tree).
+
+``CREDITMETER_LONG=1`` selects the long variants: bigger counts, and the
+"creditmeter-long" Hypothesis profile (ten times the examples).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from backends import BACKENDS, Backend, Meter
+from hypothesis import HealthCheck, settings
 
 from creditmeter import BalanceConfig, BalanceManager, MemoryStore, SQLiteStore
 from creditmeter.stores.base import BalanceStore
 from creditmeter.testing import FakeClock
+
+LONG = os.environ.get("CREDITMETER_LONG") == "1"
+
+# No deadline: the machine running the suite may be busy; a slow example is not a wrong one.
+settings.register_profile(
+    "creditmeter", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "creditmeter-long",
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("creditmeter-long" if LONG else "creditmeter")
 
 StoreFactory = Callable[[], BalanceStore]
 
@@ -56,3 +87,23 @@ def config() -> BalanceConfig:
 def manager(store: BalanceStore, config: BalanceConfig, clock: FakeClock) -> BalanceManager:
     """A manager over each store with balances on and the fake clock."""
     return BalanceManager(store, config, clock=clock)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Each of the eight backends (memory, SQLite, Redis, PostgreSQL; sync and async), empty."""
+    opened = Backend(request.param, tmp_path)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def meter(backend: Backend, config: BalanceConfig, clock: FakeClock) -> Meter:
+    """A manager on each backend, balances on, the fake clock; called alike sync or async."""
+    return backend.manager(config, clock=clock)
+
+
+@pytest.fixture(scope="session")
+def long_run() -> bool:
+    """True when ``CREDITMETER_LONG=1`` asks for the long variants."""
+    return LONG

@@ -1,9 +1,13 @@
-"""The ``creditmeter`` command, run for real in a subprocess against a temporary SQLite store.
+"""The ``creditmeter`` command against a temporary SQLite store.
 
-Every command is run through ``python -m creditmeter.cli`` (and the installed
-console script once), its ``--json`` output parsed back and checked against
-what the Python API reads from the same file; every error path is checked
-for its exit status and its one line on stderr.
+Every command runs through ``creditmeter.cli.main`` (what the console script
+calls) in this process, with its own environment, folder and captured
+output; the installed console script runs once in a subprocess, and so does
+the command without click. Each ``--json`` output is parsed back and checked
+against what the Python API reads from the same file; every error path is
+checked for its exit status and its one line on stderr. What needs a real
+pipe (a reader gone, output that is not a terminal) is in
+test_cli_operators.py.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from creditmeter import (
     SQLiteStore,
     TokenUsage,
 )
-from creditmeter.cli import NO_CONFIG_WARNING
+from creditmeter.cli import NO_CONFIG_WARNING, main
 from creditmeter.cli.format import parse_every, write_ledgers
 from creditmeter.exceptions import InvalidInput
 from creditmeter.testing import FakeClock, make_entry
@@ -52,12 +56,14 @@ balance:
 
 
 class Cli:
-    """Runs the command in a subprocess, in a temporary folder, against one SQLite file."""
+    """Runs the command in a temporary folder, against one SQLite file, with a clean environment."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         self.dir = tmp_path
         self.db = tmp_path / "credits.db"
         self.store = f"sqlite:///{self.db}"  # an absolute path: sqlite:////tmp/...
+        self.capsys = capsys
+        self.monkeypatch = monkeypatch
         self.env = {
             key: value
             for key, value in os.environ.items()
@@ -73,17 +79,20 @@ class Cli:
         store: bool = True,
         command: list[str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        argv = [*(command or [sys.executable, "-m", "creditmeter.cli"])]
-        if store:
-            argv += ["--store", self.store]
-        result = subprocess.run(  # noqa: PLW1510 - the exit status is checked below
-            [*argv, *args],
-            capture_output=True,
-            text=True,
-            cwd=self.dir,
-            env={**self.env, **(env or {})},
-            timeout=120,
-        )
+        """Run ``creditmeter [--store URL] ARGS``: in ``main()``, or as ``command`` if given."""
+        argv = ["--store", self.store] if store else []
+        environment = {**self.env, **(env or {})}
+        if command is not None:
+            result = subprocess.run(  # noqa: PLW1510 - the exit status is checked below
+                [*command, *argv, *args],
+                capture_output=True,
+                text=True,
+                cwd=self.dir,
+                env=environment,
+                timeout=120,
+            )
+        else:
+            result = self._main([*argv, *args], environment)
         assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
         if code == 0:
             # grant and set without a config say that balances are off (test_cli_operators).
@@ -91,6 +100,26 @@ class Cli:
             allowed = ("", NO_CONFIG_WARNING + "\n") if writes else ("",)
             assert result.stderr in allowed, result.stderr
         return result
+
+    def _main(self, argv: list[str], environment: dict[str, str]) -> Any:
+        with self.monkeypatch.context() as patch:
+            for key in os.environ:
+                if key not in environment:
+                    patch.delenv(key)
+            for key, value in environment.items():
+                patch.setenv(key, value)
+            patch.chdir(self.dir)
+            self.capsys.readouterr()
+            try:
+                main(argv)
+            except SystemExit as exited:
+                status = exited.code
+            else:
+                status = 0
+            out, err = self.capsys.readouterr()
+        if isinstance(status, str):  # sys.exit("message"): printed to stderr, status 1
+            status, err = 1, err + status + "\n"
+        return subprocess.CompletedProcess(argv, status or 0, out, err)
 
     def json(self, *args: str, **kwargs: Any) -> Any:
         return json.loads(self.run("--json", *args, **kwargs).stdout)
@@ -109,8 +138,8 @@ class Cli:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    return Cli(tmp_path)
+def cli(tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> Cli:
+    return Cli(tmp_path, capsys, monkeypatch)
 
 
 def ledger_sum(manager: BalanceManager, user: str) -> Decimal:

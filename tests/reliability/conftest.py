@@ -14,9 +14,9 @@ about 80 seconds on two cores) and a long one:
     faults injected, operations, lost, double, seconds); benchmarks/RELIABILITY.md
     was written from such a file.
 
-Shared code (the workers and the ledger checks) lives in ``worker.py``, which
-also runs as the worker script of the multi-process tests; tests get it
-through the ``worker`` fixture (``tests/`` has no packages to import it from).
+Shared code (the workers and the ledger checks) lives in ``tests/worker.py``,
+the worker script of every multi-process test; tests get it through the
+``worker`` fixture.
 
 Stores are named by kind (``STORE_KINDS``: memory, sqlite-full, sqlite-normal,
 redis, postgres) and opened by URL, so worker processes open them with
@@ -36,10 +36,8 @@ them under ``CREDITMETER_REQUIRE_SERVICES=1`` (as ``.ci/run`` sets).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -47,6 +45,7 @@ from typing import Any
 
 import attrs
 import pytest
+import worker as _worker
 from services import (
     POSTGRES_DSN,
     REDIS_URL,
@@ -63,7 +62,6 @@ from creditmeter import MemoryStore, open_store
 from creditmeter.stores.base import BalanceStore
 
 LONG = os.environ.get("CREDITMETER_LONG") == "1"
-WORKER_PATH = Path(__file__).with_name("worker.py")
 
 
 @attrs.frozen
@@ -106,30 +104,10 @@ STORE_KINDS: dict[str, Callable[[Path], str] | Server | None] = {
 }
 
 
-def _load_worker() -> ModuleType:
-    name = "creditmeter_reliability_worker"
-    loaded = sys.modules.get(name)
-    if loaded is not None:
-        return loaded
-    spec = importlib.util.spec_from_file_location(name, WORKER_PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def worker() -> ModuleType:
-    """``worker.py``: the workers, ``check_invariants``, ``snapshot`` and the configs."""
-    return _load_worker()
-
-
-@pytest.fixture(scope="session")
-def long_run() -> bool:
-    """True when ``CREDITMETER_LONG=1`` asks for the long variants."""
-    return LONG
+    """``tests/worker.py``: the workers, ``check_invariants``, ``snapshot`` and the configs."""
+    return _worker
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """SIGKILL a writer at random points: no acknowledged charge is lost, none is doubled.
 
-Each round starts ``worker.py crash``: a child charging one SQLite file
+Each round starts ``tests/worker.py crash``: a child charging one SQLite file
 (durability "full") 1 credit at a time and, every other step, holding 5
 credits and settling 3 after a pause (the model call). It prints each step
 once the call has returned; the parent kills it with SIGKILL at a random
@@ -19,8 +19,7 @@ land between the two. After each kill:
   until it expires, and not after: at its expiry a check of the whole
   balance passes.
 
-Default: 25 rounds. ``CREDITMETER_LONG=1``: 200 rounds. (``tests/test_crash.py``
-keeps its own 25 rounds of plain charges.)
+Default: 12 rounds (six of them with the pause). ``CREDITMETER_LONG=1``: 200 rounds.
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ from creditmeter.rules import HOLD_PREFIX, open_holds
 from creditmeter.testing import FakeClock
 
 LONG = os.environ.get("CREDITMETER_LONG") == "1"
-ROUNDS = 200 if LONG else 25
-WORKER = Path(__file__).with_name("worker.py")
+ROUNDS = 200 if LONG else 12
+WORKER = Path(__file__).parents[1] / "worker.py"
 USER = "victim"
 
 
@@ -72,8 +71,9 @@ def read_lines(proc, seconds):
 
 def run_round(path, tag, retry, pause_ms, rng):
     """Start a child, kill it at a random moment; return every line it completed."""
+    url = f"sqlite:///{path}?durability=full"
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), "crash", str(path), USER, tag, retry or "-", str(pause_ms)],
+        [sys.executable, str(WORKER), "crash", url, USER, tag, retry or "-", str(pause_ms)],
         stdout=subprocess.PIPE,
     )
     try:

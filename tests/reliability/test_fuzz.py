@@ -26,7 +26,7 @@ generators reach those inputs too, and a rebuilt Hold whose id is None or
 whose expires_at is not an aware datetime (fixed later; the generators build
 holds with fields of the right types only).
 
-Default: 150 examples per test (the store test: per store).
+Default: 75 examples per test (the store test: per store).
 ``CREDITMETER_LONG=1``: 2,000 examples per test.
 """
 
@@ -68,7 +68,7 @@ from creditmeter.testing import FakeClock
 
 LONG = os.environ.get("CREDITMETER_LONG") == "1"
 FUZZ = settings(
-    max_examples=2000 if LONG else 150,
+    max_examples=2000 if LONG else 75,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -1,4 +1,4 @@
-"""Idempotency race: 16 workers send one request id at the same moment.
+"""Idempotency race: 16 threads, or 8 processes, send one request id at the same moment.
 
 Threads (a ``threading.Barrier``), each with its own ``BalanceManager`` over
 one shared store (so the managers' per-user locks do not queue them), on
@@ -17,12 +17,14 @@ on one the race itself opens:
   ``IdempotencyConflict``;
 - 16 threads settling one hold: one CHARGE entry, 16 identical results.
 
-Processes, charging: 16 with one amount on an account the race opens (16
-identical results: same entry id, amount, balance after), then 8 + 8 with two
-amounts on an existing account; after each, another amount under the same
+Processes, charging, in two races by the same processes: all with one
+amount on an account the race opens (identical results: same entry id,
+amount, balance after), then half with each of two amounts on the account
+that now exists; after each, another amount under the same
 request id is ``IdempotencyConflict`` and writes nothing.
 
-Default and long runs are the same (``CREDITMETER_LONG`` changes nothing here).
+By default 8 processes race (4 + 4 with two amounts), each a Python start-up;
+``CREDITMETER_LONG=1`` races 16, as the threads always do.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import pytest
 from creditmeter import BalanceManager, EntryKind, IdempotencyConflict
 
 WORKERS = 16
+PROCESSES = 16 if os.environ.get("CREDITMETER_LONG") == "1" else 8
 USER = "racer"
 REQUEST_ID = "same-request"
 AMOUNT = Decimal(7)
@@ -49,7 +52,7 @@ OTHER = Decimal(8)
 # Kinds of conftest.STORE_KINDS.
 THREAD_KINDS = ["memory", "sqlite-full", "redis", "postgres"]
 PROCESS_KINDS = ["sqlite-full", "redis", "postgres"]
-WORKER = Path(__file__).with_name("worker.py")
+WORKER = Path(__file__).parents[1] / "worker.py"
 
 SEND: dict[str, Callable[[BalanceManager, Decimal], Any]] = {
     "grant": lambda m, amount: m.grant(USER, amount, request_id=REQUEST_ID),
@@ -151,60 +154,61 @@ def test_threads_settle_one_hold_at_once(store_of_kind, worker, kind):
     worker.check_invariants(store)
 
 
-def race_processes(url: str, amounts: list[Decimal]) -> list[dict[str, str]]:
-    """Start one ``worker.py race`` per amount, release them together, return their outcomes."""
-    start_read, start_write = os.pipe()
-    procs = []
-    try:
-        for amount in amounts:
-            command = [sys.executable, str(WORKER), "race", url, USER, REQUEST_ID]
-            procs.append(
+class Racers:
+    """``tests/worker.py race`` processes: each round, all charge one request id at once."""
+
+    def __init__(self, url: str, rounds: list[tuple[str, list[Decimal]]]) -> None:
+        """Start one process per amount of each round's list (every list is as long)."""
+        self.starts = [os.pipe() for _ in rounds]
+        self.procs = []
+        count = len(rounds[0][1])
+        for number in range(count):
+            command = [sys.executable, str(WORKER), "race", url, USER]
+            for (read, _), (request_id, amounts) in zip(self.starts, rounds, strict=True):
+                command += [str(read), request_id, str(amounts[number])]
+            self.procs.append(
                 subprocess.Popen(
-                    [*command, str(amount), str(start_read)],
+                    command,
                     stdout=subprocess.PIPE,
                     text=True,
-                    pass_fds=(start_read,),
+                    pass_fds=[read for read, _ in self.starts],
                 )
             )
-        os.close(start_read)
-        start_read = -1
-        for proc in procs:
+        for read, _ in self.starts:
+            os.close(read)
+        for proc in self.procs:
             assert proc.stdout.readline().strip() == "ready"
-        os.close(start_write)  # every worker's read returns at once: go
-        start_write = -1
-        outcomes = [json.loads(proc.stdout.readline()) for proc in procs]
-        for proc in procs:
-            assert proc.wait(timeout=60) == 0
-    finally:
-        for fd in (start_read, start_write):
-            if fd >= 0:
-                os.close(fd)
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-            proc.stdout.close()
-    return outcomes
+
+    def go(self) -> list[dict[str, str]]:
+        """Let every process run its next round at once; return their outcomes in order."""
+        _, write = self.starts.pop(0)
+        os.close(write)  # every worker's read returns at once: go
+        return [json.loads(proc.stdout.readline()) for proc in self.procs]
+
+    def __enter__(self) -> Racers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for _, write in self.starts:
+            os.close(write)
+        for proc in self.procs:
+            try:
+                assert proc.wait(timeout=60) == 0
+            finally:
+                proc.kill()
+                proc.wait()
+                proc.stdout.close()
 
 
-@pytest.mark.parametrize(
-    ("account", "mixed"),
-    [
-        pytest.param("new", False, id="new-account"),
-        pytest.param("existing", True, id="two-amounts"),
-    ],
-)
-@pytest.mark.parametrize("kind", PROCESS_KINDS)
-def test_processes_send_one_request_id_at_once(
-    store_url, store_of_kind, worker, report, kind, account, mixed
-):
+def check_race(store, worker, request_id, amounts, outcomes, *, paid):
+    """Check one race; return the amount that won.
+
+    One entry under ``request_id``; a process that sent the winning amount got
+    it, the others IdempotencyConflict; the balance moved once (``paid`` is
+    what earlier races took); another amount conflicts and writes nothing.
+    """
     config = worker.RACE_CONFIG
-    url = store_url(kind)
-    if account == "existing":
-        BalanceManager(store_of_kind(kind), config).account(USER)
-    amounts = [AMOUNT if n % 2 or not mixed else OTHER for n in range(WORKERS)]
-    outcomes = race_processes(url, amounts)
-    store = store_of_kind(kind)
-    (entry,) = recorded(store)
+    (entry,) = [e for e in store.ledger(USER) if e.request_id == request_id]
     winner = -entry.amount
     for amount, outcome in zip(amounts, outcomes, strict=True):
         if amount == winner:
@@ -213,17 +217,28 @@ def test_processes_send_one_request_id_at_once(
             assert outcome["balance_after"] == str(entry.balance_after)
         else:
             assert outcome == {"error": "IdempotencyConflict"}
-    if not mixed:
-        assert all(outcome == outcomes[0] for outcome in outcomes), "the 16 results differ"
-    assert store.load(USER).balance == config.start_balance - winner
+    if len(set(amounts)) == 1:
+        assert all(outcome == outcomes[0] for outcome in outcomes), "the results differ"
+    assert store.load(USER).balance == config.start_balance - paid - winner
     worker.check_invariants(store)
     before = worker.snapshot(store)
     with pytest.raises(IdempotencyConflict):
-        BalanceManager(store, config).charge(USER, winner + 1, request_id=REQUEST_ID)
+        BalanceManager(store, config).charge(USER, winner + 1, request_id=request_id)
     assert worker.snapshot(store) == before
-    report(
-        f"race processes {kind} {account}{' two amounts' if mixed else ''}",
-        workers=WORKERS,
-        entries=1,
-        doubled=0,
-    )
+    return winner
+
+
+@pytest.mark.parametrize("kind", PROCESS_KINDS)
+def test_processes_send_one_request_id_at_once(store_url, store_of_kind, worker, report, kind):
+    """Two races by the same processes: all with one amount, on an account (and a store)
+    the race opens; then half with each of two amounts, on the account that now exists."""
+    same = [AMOUNT] * PROCESSES
+    mixed = [AMOUNT if n % 2 else OTHER for n in range(PROCESSES)]
+    with Racers(store_url(kind), [(REQUEST_ID, same), ("other-request", mixed)]) as racers:
+        outcomes = racers.go()
+        store = store_of_kind(kind)  # opened after the race: the workers made the tables
+        paid = check_race(store, worker, REQUEST_ID, same, outcomes, paid=0)
+        report(f"race processes {kind} new", workers=PROCESSES, entries=1, doubled=0)
+        outcomes = racers.go()
+        check_race(store, worker, "other-request", mixed, outcomes, paid=paid)
+        report(f"race processes {kind} existing two amounts", workers=PROCESSES, doubled=0)

@@ -3,7 +3,7 @@
 Fork, cancellation, thread churn, read-only files, and the URLs that name them.
 Scenarios that fork, lock the file from another process or drop privileges
 run in subprocesses; this file is also their script
-(``python tests/test_sqlite_lifecycle.py COMMAND ...``), so a hang there is a
+(``python tests/stores/test_sqlite_lifecycle.py COMMAND ...``), so a hang there is a
 timeout here, never a hung suite.
 
 ``CREDITMETER_CHURN_THREADS`` (default 1000) sets how many short-lived threads

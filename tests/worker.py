@@ -1,33 +1,49 @@
-"""Workers of the reliability suite, and the ledger checks its tests share.
+"""The one worker script of every cross-process test, and the checks those tests share.
 
-Run as ``python tests/reliability/worker.py COMMAND ...``:
+Run as ``python tests/worker.py COMMAND ...``; each worker opens its own store
+by URL (``open_store``), so nothing crosses a process boundary but the store,
+and reports on stdout one flushed line per event:
 
-``crash PATH USER TAG RETRY PAUSE_MS``
-    charge and hold-then-settle forever on an SQLite file (durability
-    "full"), printing each acknowledged step; the parent SIGKILLs it.
+``charge URL USER COUNT GO TAG``
+    print "ready", wait for the file GO, charge 1 credit COUNT times
+    (request ids ``TAG-n``), then print a JSON summary: ``done``, latencies,
+    and the store's ``commits``, lost compare-and-sets (``conflicts``) and
+    ``exclusives`` blocks.
+``hold URL USER COUNT GO``
+    the same, holding 1 credit and settling it COUNT times; the summary
+    counts ``ok`` and ``refused`` (InsufficientBalance) holds.
+``open_new FOLDER ROUNDS WORKERS GO TAG``
+    SQLite only: every worker opens a new file per round at once and
+    charges on it; prints the errors as a JSON list.
+``crash URL USER TAG RETRY PAUSE_MS``
+    charge and hold-then-settle forever, printing each acknowledged step;
+    the parent SIGKILLs it.
 ``soak URL NAME SEED SECONDS OTHERS GO JOURNAL``
     mixed grant/charge/hold/settle/release/refill/replay for SECONDS once the
     file GO exists; writes every acknowledged operation to JOURNAL.
-``race URL USER REQUEST_ID AMOUNT FD``
-    open the store, print "ready", block until FD reaches end of file (the
-    parent closes its end: every worker wakes at once), then charge.
+``race URL USER FD REQUEST_ID AMOUNT [FD REQUEST_ID AMOUNT ...]``
+    open the store, print "ready"; per round, block until FD reaches end of
+    file (the parent closes its end: every worker wakes at once), then
+    charge and print the outcome.
 
-Each worker opens its own store (``open_store(URL)``), so nothing crosses a
-process boundary but the store, and reports on stdout one flushed line per
-event. The soak loop also runs on threads, in the test's process, over a
-MemoryStore.
+Tests import this module (``tests/`` is on ``sys.path``) for ``together``
+(start workers, let them go at once, collect their summaries), for
+``check_invariants`` and ``snapshot``, and for the soak loop, which also
+runs on threads in the test's process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, localcontext
 from pathlib import Path
@@ -39,6 +55,7 @@ from creditmeter import (
     ConflictRetried,
     CreditMeterError,
     EntryKind,
+    InsufficientBalance,
     SQLiteStore,
     VersionConflict,
     open_store,
@@ -47,6 +64,7 @@ from creditmeter._ids import new_id
 from creditmeter.rules import HOLD_PREFIX, open_holds
 from creditmeter.stores.base import BalanceStore
 
+PATH = Path(__file__)
 START = 10**9
 
 # --- checks shared by the tests ---------------------------------------------------------
@@ -100,6 +118,150 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
+# --- the parent's side: start workers, let them go together ------------------------------
+
+
+def together(commands: Sequence[Sequence[str]], go: Path, *, timeout: float = 300) -> list[Any]:
+    """Start one worker per command, wait for each "ready", touch ``go``; return their summaries.
+
+    Each command is the arguments after ``worker.py``; the summary is the
+    JSON line each worker prints last.
+    """
+    procs = [
+        subprocess.Popen([sys.executable, str(PATH), *command], stdout=subprocess.PIPE, text=True)
+        for command in commands
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+        go.touch()
+        summaries = [json.loads(proc.stdout.readline()) for proc in procs]  # type: ignore[union-attr]
+        for proc in procs:
+            assert proc.wait(timeout=timeout) == 0
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    return summaries
+
+
+# --- many writers: charge, hold ----------------------------------------------------------
+
+MANY_CONFIG = BalanceConfig(enabled=True, start_balance=START)
+
+
+def wait_for(go: Path) -> None:
+    """Block until the file ``go`` exists (the parent's start signal)."""
+    deadline = time.monotonic() + 60
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("the start signal never came")
+        time.sleep(0.001)
+
+
+def counted(store: Any) -> Counter[str]:
+    """Count ``store``'s commits, lost compare-and-sets and ``exclusive`` blocks from now on."""
+    counts: Counter[str] = Counter(commits=0, conflicts=0, exclusives=0)
+    commit = store.commit
+
+    def counting_commit(account: Any, entries: Any, *, expected_version: int) -> Any:
+        counts["commits"] += 1
+        try:
+            return commit(account, entries, expected_version=expected_version)
+        except VersionConflict:
+            counts["conflicts"] += 1
+            raise
+
+    store.commit = counting_commit
+    exclusive = getattr(store, "exclusive", None)
+    if exclusive is not None:
+
+        @contextlib.contextmanager
+        def counting_exclusive(user_id: str) -> Iterator[None]:
+            counts["exclusives"] += 1
+            with exclusive(user_id):
+                yield
+
+        store.exclusive = counting_exclusive
+    return counts
+
+
+def charge(url: str, user: str, count: str, go: str, tag: str) -> None:
+    """Charge 1 credit ``count`` times once ``go`` exists; print a JSON summary."""
+    store = open_store(url)
+    counts = counted(store)
+    with BalanceManager(store, MANY_CONFIG) as manager:
+        manager.account(user)
+        say("ready")
+        wait_for(Path(go))
+        latencies = []
+        started = time.perf_counter()
+        for number in range(int(count)):
+            begun = time.perf_counter()
+            manager.charge(user, 1, request_id=f"{tag}-{number}")
+            latencies.append(time.perf_counter() - begun)
+        wall = time.perf_counter() - started
+    latencies.sort()
+    say(
+        json.dumps(
+            {
+                "done": int(count),
+                "wall": wall,
+                "p50_ms": latencies[len(latencies) // 2] * 1000,
+                "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+                "max_ms": latencies[-1] * 1000,
+                **counts,
+            }
+        )
+    )
+
+
+def hold(url: str, user: str, count: str, go: str) -> None:
+    """Hold and settle 1 credit ``count`` times once ``go`` exists; print a JSON summary."""
+    store = open_store(url)
+    counts = counted(store)
+    with BalanceManager(store, BalanceConfig(enabled=True)) as manager:
+        manager.account(user)
+        say("ready")
+        wait_for(Path(go))
+        ok = refused = 0
+        for _ in range(int(count)):
+            try:
+                held = manager.hold(user, 1)
+            except InsufficientBalance:
+                refused += 1
+                continue
+            manager.settle(held, 1)
+            ok += 1
+    say(json.dumps({"ok": ok, "refused": refused, **counts}))
+
+
+def open_new(folder: str, rounds: str, workers: str, go: str, tag: str) -> None:
+    """Open a new SQLite file per round, all workers at once; print a JSON list of errors.
+
+    Round ``n`` opens ``folder/n.db`` and charges once on it; no worker starts
+    a round before every worker has finished the one before (a barrier made
+    of marker files), so the opens of each new file really overlap.
+    """
+    base = Path(folder)
+    say("ready")
+    wait_for(Path(go))
+    errors = []
+    for number in range(int(rounds)):
+        while len(list(base.glob(f"done-{number - 1}-*"))) < int(workers) and number:
+            time.sleep(0)
+        try:
+            with BalanceManager(SQLiteStore(base / f"{number}.db"), MANY_CONFIG) as manager:
+                manager.charge("u", 1, request_id=tag)
+        except Exception as exc:  # every failure is the finding
+            errors.append(f"round {number}: {exc!r}")
+        (base / f"done-{number}-{tag}").touch()
+    say(json.dumps(errors))
+
+
 # --- crash: killed at random points ----------------------------------------------------------
 
 CRASH_CONFIG = BalanceConfig(enabled=True, start_balance=START)
@@ -108,7 +270,7 @@ CRASH_HOLD = 5
 CRASH_SETTLE = 3
 
 
-def crash(path: str, user: str, tag: str, retry: str, pause_ms: str) -> None:
+def crash(url: str, user: str, tag: str, retry: str, pause_ms: str) -> None:
     """Even steps charge 1 credit; odd steps hold 5 and settle 3. Runs until killed.
 
     Prints ``c N RID`` after a charge returns, ``h N HOLD`` after a hold and
@@ -119,7 +281,7 @@ def crash(path: str, user: str, tag: str, retry: str, pause_ms: str) -> None:
     """
     pause = int(pause_ms) / 1000
     mine = new_id().rsplit("-", 1)[0]  # this process's id prefix
-    with BalanceManager(SQLiteStore(path, durability="full"), CRASH_CONFIG) as manager:
+    with BalanceManager(open_store(url), CRASH_CONFIG) as manager:
         say("ready")
         if retry != "-":
             entry = manager.charge(user, 1, request_id=retry)
@@ -273,11 +435,7 @@ def soak(
 
     with BalanceManager(open_store(url), SOAK_CONFIG, on_event=on_event) as manager:
         say("ready")
-        deadline = time.monotonic() + 60
-        while not Path(go).exists():
-            if time.monotonic() > deadline:
-                raise SystemExit("the start signal never came")
-            time.sleep(0.001)
+        wait_for(Path(go))
         started = time.monotonic()
         result = soak_loop(
             manager,
@@ -366,31 +524,41 @@ def verify_soak(store: BalanceStore, journals: Iterable[list[list[Any]]]) -> dic
 RACE_CONFIG = BalanceConfig(enabled=True, start_balance=START)
 
 
-def race(url: str, user: str, request_id: str, amount: str, fd: str) -> None:
-    """Charge once under ``request_id`` when the start pipe closes; print the outcome as JSON."""
+def race(url: str, user: str, *rounds: str) -> None:
+    """Charge once per round, each when its start pipe closes; print each outcome as JSON.
+
+    ``rounds`` are triples ``FD REQUEST_ID AMOUNT``: the worker blocks until
+    FD reaches end of file, charges ``AMOUNT`` under ``REQUEST_ID``, prints
+    the outcome, and goes on to the next round.
+    """
     with BalanceManager(open_store(url), RACE_CONFIG) as manager:
         say("ready")
-        while os.read(int(fd), 1):  # end of file: the parent let every worker go at once
-            pass
-        try:
-            entry = manager.charge(user, Decimal(amount), request_id=request_id)
-        except CreditMeterError as exc:
-            say(json.dumps({"error": type(exc).__name__}))
-        else:
-            say(
-                json.dumps(
-                    {
-                        "id": entry.id,
-                        "amount": str(entry.amount),
-                        "balance_after": str(entry.balance_after),
-                        "cost": str(entry.cost),
-                        "at": entry.at.astimezone(timezone.utc).isoformat(),
-                    }
-                )
-            )
+        for fd, request_id, amount in zip(*[iter(rounds)] * 3, strict=True):
+            while os.read(int(fd), 1):  # end of file: the parent let every worker go at once
+                pass
+            try:
+                entry = manager.charge(user, Decimal(amount), request_id=request_id)
+            except CreditMeterError as exc:
+                say(json.dumps({"error": type(exc).__name__}))
+                continue
+            outcome = {
+                "id": entry.id,
+                "amount": str(entry.amount),
+                "balance_after": str(entry.balance_after),
+                "cost": str(entry.cost),
+                "at": entry.at.astimezone(timezone.utc).isoformat(),
+            }
+            say(json.dumps(outcome))
 
 
-COMMANDS = {"crash": crash, "soak": soak, "race": race}
+COMMANDS = {
+    "charge": charge,
+    "hold": hold,
+    "open_new": open_new,
+    "crash": crash,
+    "soak": soak,
+    "race": race,
+}
 
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]

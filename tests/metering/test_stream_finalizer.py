@@ -35,6 +35,7 @@ from creditmeter import (
     TokenUsage,
     metering,
 )
+from creditmeter.metering import _finalizer  # where the finaliser reads FINALIZER_WAIT
 
 START = 10**6
 MODEL = "gpt-4o"
@@ -59,7 +60,7 @@ def settled_cost(output: int) -> Decimal:
 @pytest.fixture
 def meter(monkeypatch):
     # A finaliser blocked by a lock waits this long for its charge, then lets it land later.
-    monkeypatch.setattr(metering, "FINALIZER_WAIT", 0.2)
+    monkeypatch.setattr(_finalizer, "FINALIZER_WAIT", 0.2)
     with BalanceManager(MemoryStore(), BalanceConfig(enabled=True, start_balance=START)) as m:
         yield m
 
@@ -128,7 +129,7 @@ def test_a_stream_collected_inside_the_memory_store_lock_never_deadlocks(meter):
 
 
 def test_a_stream_dropped_outside_any_lock_is_charged_before_del_returns(meter, monkeypatch):
-    monkeypatch.setattr(metering, "FINALIZER_WAIT", TIMEOUT)  # a bound, not a pause
+    monkeypatch.setattr(_finalizer, "FINALIZER_WAIT", TIMEOUT)  # a bound, not a pause
     stream = started_stream(meter)
     del stream
     # No flush: with nothing in the way, the finaliser waits for its charge.
@@ -158,7 +159,7 @@ def test_many_streams_dropped_inside_a_lock_are_each_charged_once(meter):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_charges_its_dropped_streams_itself(tmp_path, monkeypatch):
-    monkeypatch.setattr(metering, "FINALIZER_WAIT", 0.2)
+    monkeypatch.setattr(_finalizer, "FINALIZER_WAIT", 0.2)
     path = tmp_path / "credits.db"
     config = BalanceConfig(enabled=True, start_balance=START)
     with BalanceManager(SQLiteStore(path), config) as meter:

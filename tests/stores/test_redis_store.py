@@ -4,17 +4,19 @@ Without a server these tests skip saying how to start one; with
 CREDITMETER_REQUIRE_SERVICES=1 they fail instead (see services.py). Every test
 works under its own key prefix and deletes its keys afterwards.
 
-Covered: the contract suite (sync, and async through ``Blocking``); the state
-machine with two stores on one prefix (sync, async, top-up); hostile user ids
-and the key layout (one non-empty hash tag per user); clients that decode
-replies or speak RESP3; one round trip per uncontended commit; writers served
-in turn under the user's lock (``exclusive()``: others kept out, FIFO handover
-with the account, a vanished holder, a wait that runs out, a cancelled async
-waiter); the scripts flushed between commits; four processes charging one
-user; oversubscribed holds on processes, threads and tasks; a connection cut
-in the middle of a run, a reply lost after the script ran (with and without
-redis-py re-sending it), an idle connection killed by the server, a closed
-port, corrupt data, a key of the wrong type; and what the store closes.
+Covered here, what is Redis's own: hostile user ids and the key layout (one
+non-empty hash tag per user); clients that decode replies or speak RESP3; one
+round trip per uncontended commit; writers served in turn under the user's
+lock (``exclusive()``: others kept out, FIFO handover with the account, a
+vanished holder, a wait that runs out, a cancelled async waiter); the scripts
+flushed between commits; a connection cut in the middle of a run, a reply
+lost after the script ran (with and without redis-py re-sending it), an idle
+connection killed by the server, a closed port, corrupt data, a key of the
+wrong type; and what the store closes.
+
+Elsewhere, on every store: the contract suite (test_contract.py), the state
+machine with two stores on one prefix and the manager's behaviour, threads
+and tasks (tests/manager/), processes on one prefix (manager/test_processes.py).
 """
 
 from __future__ import annotations
@@ -27,12 +29,8 @@ import queue
 import re
 import selectors
 import socket
-import subprocess
-import sys
 import threading
-from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import attrs
@@ -45,7 +43,6 @@ import redis
 import redis.asyncio
 from redis.crc import key_slot
 from services import REDIS_URL, need, unique
-from test_state_machine import SLOWER, BalanceMachine, NegativeTopUpMachine
 
 from creditmeter import (
     AsyncBalanceManager,
@@ -54,7 +51,6 @@ from creditmeter import (
     ConfigError,
     DuplicateRequest,
     EntryKind,
-    InsufficientBalance,
     InvalidInput,
     StoreError,
     VersionConflict,
@@ -62,9 +58,8 @@ from creditmeter import (
     open_store,
 )
 from creditmeter.stores.redis import COMMIT_SCRIPT, DEFAULT_PREFIX, AsyncRedisStore, RedisStore
-from creditmeter.testing import Blocking, StoreContract, make_account, make_entry
+from creditmeter.testing import make_account, make_entry
 
-WORKER = Path(__file__).with_name("redis_worker.py")
 START = 10**9
 CONFIG = BalanceConfig(enabled=True, start_balance=START)
 
@@ -122,54 +117,6 @@ def assert_consistent(store, user, *, balance=None):
     if balance is not None:
         assert account.balance == balance
     return entries
-
-
-# --- the contract suite and the state machine -----------------------------------
-
-
-class TestRedisStoreContract(StoreContract):
-    """``creditmeter.testing.StoreContract`` on ``RedisStore``."""
-
-
-class TestAsyncRedisStoreContract(StoreContract):
-    """The same suite on ``AsyncRedisStore``, driven through ``Blocking``."""
-
-    @pytest.fixture
-    def store(self, prefix):
-        store = Blocking(AsyncRedisStore(REDIS_URL, prefix=prefix))
-        yield store
-        store.close()
-
-
-class RedisMachine(BalanceMachine):
-    """The state machine with two RedisStores (two clients) on one key prefix."""
-
-    def open_stores(self, folder):
-        self.prefix = unique("cmtest:")
-        store = AsyncRedisStore if self.is_async else RedisStore
-        return [store(REDIS_URL, prefix=self.prefix), store(REDIS_URL, prefix=self.prefix)]
-
-    def teardown(self):
-        try:
-            super().teardown()
-        finally:
-            drop_keys(self.prefix)
-
-
-class AsyncRedisMachine(RedisMachine):
-    is_async = True
-
-
-class RedisTopUpMachine(RedisMachine, NegativeTopUpMachine):
-    pass
-
-
-TestRedisMachine = RedisMachine.TestCase
-TestRedisMachine.settings = SLOWER
-TestAsyncRedisMachine = AsyncRedisMachine.TestCase
-TestAsyncRedisMachine.settings = SLOWER
-TestRedisTopUpMachine = RedisTopUpMachine.TestCase
-TestRedisTopUpMachine.settings = SLOWER
 
 
 # --- keys and user ids -----------------------------------------------------------
@@ -1045,143 +992,3 @@ def test_an_async_idle_connection_killed_by_the_server_is_replaced(prefix):
             assert await manager.balance("u") == START - 2
 
     asyncio.run(main())
-
-
-# --- many writers ------------------------------------------------------------------
-
-
-def run_workers(arguments_per_worker, tmp_path):
-    go = tmp_path / "go"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), *arguments, str(go), *extra],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for arguments, extra in arguments_per_worker
-    ]
-    try:
-        for proc in procs:
-            assert proc.stdout.readline().strip() == "ready"
-        go.touch()
-        summaries = [json.loads(proc.stdout.readline()) for proc in procs]
-        for proc in procs:
-            assert proc.wait(timeout=120) == 0
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-            proc.stdout.close()
-    return summaries
-
-
-def test_four_processes_charging_one_user(store, prefix, tmp_path):
-    summaries = run_workers(
-        [(("charge", REDIS_URL, prefix, "hot", "250"), (f"p{n}",)) for n in range(4)], tmp_path
-    )
-    assert [s["done"] for s in summaries] == [250] * 4
-    entries = assert_consistent(store, "hot", balance=START - 1000)
-    charges = [e for e in entries if e.kind is EntryKind.CHARGE]
-    assert len(charges) == 1000
-    assert len({e.request_id for e in charges}) == 1000
-    conflicts = sum(s["conflicts"] for s in summaries)
-    print(
-        f"\n4 processes x 250 charges: {conflicts} lost compare-and-sets "
-        f"({conflicts / 1000:.2f} per charge), "
-        f"worst p99 {max(s['p99_ms'] for s in summaries):.2f} ms, "
-        f"worst max {max(s['max_ms'] for s in summaries):.2f} ms"
-    )
-
-
-# Oversubscription: 8,000 holds of 1 on a balance of 5,000 with CREDITMETER_LONG=1, as the
-# holds issue measured; a quarter of that by default, to keep the default run short.
-BALANCE, ATTEMPTS = (5000, 8000) if os.environ.get("CREDITMETER_LONG") == "1" else (1250, 2000)
-
-
-def assert_spent_exactly(store, user="u"):
-    entries = assert_consistent(store, user, balance=0)
-    assert [e.kind for e in entries].count(EntryKind.CHARGE) == BALANCE
-    running = Decimal(0)
-    for entry in entries:
-        running += entry.amount
-        assert running >= 0
-
-
-def test_parallel_holds_on_processes_never_overspend(store, prefix, tmp_path):
-    BalanceManager(store, BalanceConfig(enabled=True)).set_balance("u", BALANCE)
-    summaries = run_workers(
-        [(("hold", REDIS_URL, prefix, "u", str(ATTEMPTS // 4)), ()) for _ in range(4)], tmp_path
-    )
-    ok = sum(s["ok"] for s in summaries)
-    refused = sum(s["refused"] for s in summaries)
-    assert (ok, refused) == (BALANCE, ATTEMPTS - BALANCE)
-    assert_spent_exactly(store)
-    assert store.load("u").holds == ()
-    conflicts = sum(s["conflicts"] for s in summaries)
-    commits = sum(s["commits"] for s in summaries)
-    print(f"\n4 processes, {ATTEMPTS} holds: {commits} commits, {conflicts} lost")
-
-
-def test_parallel_holds_on_threads_of_four_stores_never_overspend(prefix):
-    stores = [RedisStore(REDIS_URL, prefix=prefix) for _ in range(4)]
-    try:
-        managers = [BalanceManager(s, BalanceConfig(enabled=True)) for s in stores]
-        managers[0].set_balance("u", BALANCE)
-        outcomes = []
-        lock = threading.Lock()
-
-        def work(manager, count):
-            mine = []
-            for _ in range(count):
-                try:
-                    held = manager.hold("u", 1)
-                except InsufficientBalance:
-                    mine.append("refused")
-                    continue
-                manager.settle(held, 1)
-                mine.append("ok")
-            with lock:
-                outcomes.extend(mine)
-
-        threads = [
-            threading.Thread(target=work, args=(managers[n % 4], ATTEMPTS // 8)) for n in range(8)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert (outcomes.count("ok"), outcomes.count("refused")) == (BALANCE, ATTEMPTS - BALANCE)
-        assert_spent_exactly(stores[0])
-    finally:
-        for store in stores:
-            store.close()
-
-
-def test_parallel_holds_on_tasks_never_overspend(prefix):
-    # Smaller than on the other stores: every hold open at once is in the account's JSON.
-    balance, attempts = 500, 800
-
-    async def main():
-        config = BalanceConfig(enabled=True, start_balance=balance)
-        async with AsyncBalanceManager(AsyncRedisStore(REDIS_URL, prefix=prefix), config) as meter:
-            await meter.account("u")
-
-            async def one():
-                try:
-                    held = await meter.hold("u", 1, ttl=timedelta(minutes=5))
-                except InsufficientBalance:
-                    return "refused"
-                await asyncio.sleep(0)  # the call in flight
-                await meter.settle(held, 1)
-                return "ok"
-
-            outcomes = list(await asyncio.gather(*(one() for _ in range(attempts))))
-            assert (outcomes.count("ok"), outcomes.count("refused")) == (
-                balance,
-                attempts - balance,
-            )
-
-    asyncio.run(main())
-    with RedisStore(REDIS_URL, prefix=prefix) as store:
-        entries = assert_consistent(store, "u", balance=0)
-        assert [e.kind for e in entries].count(EntryKind.CHARGE) == balance

@@ -1,4 +1,7 @@
-"""The pure rules, and LibreChat parity through the manager on every store."""
+"""The pure rules: opening, charging, refills, checks, replays and hold sizes, without a store.
+
+The same rules through the manager, on every backend: manager/test_operations.py.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,9 @@ import pytest
 
 from creditmeter import (
     BalanceConfig,
-    BalanceManager,
     EntryKind,
     IdempotencyConflict,
     InsufficientBalance,
-    InvalidInput,
     Pricing,
     RefillSettings,
     TokenUsage,
@@ -242,168 +243,6 @@ def test_replay_compares_the_request_not_the_outcome():
     ).entry
     with pytest.raises(IdempotencyConflict, match="charge"):
         rules.replay(first, granted)
-
-
-# --- LibreChat parity, through the manager on every store --------------------
-
-
-@pytest.fixture
-def refilling(store, clock):
-    return BalanceManager(store, BalanceConfig(**REFILL), clock=clock)
-
-
-def test_start_balance_on_first_sight(manager):
-    assert manager.balance("new-user") == 20000
-    assert [entry.kind for entry in manager.ledger("new-user")] == [EntryKind.OPEN]
-    assert manager.balance("new-user") == 20000  # opened once only
-    assert len(manager.ledger("new-user")) == 1
-
-
-def test_refill_only_when_due_and_depleted(refilling, clock):
-    refilling.set_balance("u", 0)
-    assert refilling.maybe_refill("u") is None  # not due: opened now
-    clock.advance(timedelta(days=1))
-    entry = refilling.maybe_refill("u")
-    assert entry is not None
-    assert entry.kind is EntryKind.REFILL
-    assert entry.amount == 500
-    assert refilling.balance("u") == 500
-    assert refilling.account("u").last_refill == clock()
-    clock.advance(timedelta(days=1))
-    assert refilling.maybe_refill("u") is None  # due, but not depleted
-    assert refilling.maybe_refill("u", cost=500) is not None  # balance - cost <= 0
-
-
-def test_one_refill_however_many_intervals_missed(refilling, clock):
-    refilling.set_balance("u", 0)
-    clock.advance(timedelta(days=365))
-    assert refilling.maybe_refill("u").amount == 500
-    assert refilling.maybe_refill("u", cost=10**6) is None
-    assert refilling.balance("u") == 500
-
-
-def test_clock_moving_backwards_never_refills_twice(refilling, clock):
-    refilling.set_balance("u", 0)
-    clock.advance(timedelta(days=2))
-    refilling.charge("u", 0)
-    assert refilling.maybe_refill("u") is not None
-    refilled_at = refilling.account("u").last_refill
-    refilling.set_balance("u", 0)
-    clock.advance(timedelta(days=-30))
-    assert refilling.maybe_refill("u") is None
-    clock.advance(timedelta(days=30, hours=23))
-    assert refilling.maybe_refill("u") is None  # still under a day since the refill
-    assert refilling.account("u").last_refill == refilled_at
-
-
-def test_check_applies_a_due_refill_and_allows_equal(refilling, clock):
-    refilling.set_balance("u", 0)
-    assert not refilling.check("u", 1).allowed
-    clock.advance(timedelta(days=1))
-    result = refilling.check("u", 500)
-    assert result.allowed
-    assert result.balance == 500
-    with pytest.raises(InsufficientBalance) as caught:
-        refilling.require("u", 501)
-    assert caught.value.to_dict() == {"type": "token_balance", "balance": 500, "tokenCost": 501}
-
-
-def test_strict_charge_refills_first(refilling, clock):
-    refilling.set_balance("u", 0)
-    clock.advance(timedelta(days=1))
-    entry = refilling.charge("u", 300, strict=True)
-    assert entry.balance_after == 200
-    kinds = [e.kind for e in refilling.ledger("u")]
-    assert kinds[-2:] == [EntryKind.REFILL, EntryKind.CHARGE]
-
-
-def test_plain_charge_does_not_refill(refilling, clock):
-    refilling.set_balance("u", 0)
-    clock.advance(timedelta(days=1))
-    entry = refilling.charge("u", 300)
-    assert entry.amount == 0
-    assert entry.cost == 300
-    assert refilling.balance("u") == 0
-
-
-def test_charge_clamps_at_zero_through_the_manager(manager):
-    entry = manager.charge("u", 25000)
-    assert entry.amount == -20000
-    assert entry.cost == 25000
-    assert manager.balance("u") == 0
-
-
-def test_disabled_balances_always_allow(store, clock):
-    manager = BalanceManager(store, BalanceConfig(), clock=clock)
-    assert manager.balance("u") == 0
-    assert manager.check("u", 10**9).allowed
-    manager.require("u")
-    assert manager.charge("u", 10, strict=True).amount == 0
-
-
-def test_idempotent_repeats_return_the_original(manager):
-    first = manager.charge("u", 10, request_id="call-1")
-    again = manager.charge("u", 10, request_id="call-1")
-    assert again == first
-    assert manager.balance("u") == 20000 - 10
-    with pytest.raises(IdempotencyConflict):
-        manager.charge("u", 11, request_id="call-1")
-    assert manager.balance("u") == 20000 - 10
-
-
-def test_strict_repeat_of_an_applied_request_returns_it_even_when_now_broke(manager):
-    first = manager.charge("u", 20000, strict=True, request_id="all")
-    assert manager.balance("u") == 0
-    assert manager.charge("u", 20000, strict=True, request_id="all") == first
-
-
-def test_ledger_sum_equals_balance_and_chains(manager, clock):
-    manager.grant("u", 5, reason="welcome")
-    manager.charge("u", Decimal("0.25"))
-    clock.advance(timedelta(hours=1))
-    manager.set_balance("u", 42)
-    manager.charge("u", 100)
-    entries = manager.ledger("u")
-    assert sum(e.amount for e in entries) == manager.balance("u") == 0
-    running = Decimal(0)
-    for entry in entries:
-        running += entry.amount
-        assert entry.balance_after == running
-    assert entries[1].metadata == {"reason": "welcome"}
-    assert [e.kind for e in manager.ledger("u", limit=2)] == [EntryKind.ADJUST, EntryKind.CHARGE]
-
-
-def test_a_second_manager_sees_the_first_ones_writes(store_factory, clock, config):
-    first = BalanceManager(store_factory(), config, clock=clock)
-    second = BalanceManager(store_factory(), config, clock=clock)
-    first.charge("u", 1)  # `first` now remembers version 2
-    second.charge("u", 1)
-    second.grant("u", 10)
-    first.charge("u", 1)  # starts from a stale account: must conflict and retry
-    assert first.balance("u") == second.balance("u") == 20000 - 3 + 10
-    assert len(first.ledger("u")) == 5
-
-
-def test_strict_charge_from_a_stale_account_rechecks_the_store(store_factory, clock, config):
-    first = BalanceManager(store_factory(), config, clock=clock)
-    second = BalanceManager(store_factory(), config, clock=clock)
-    first.set_balance("u", 0)  # `first` remembers a zero balance
-    second.grant("u", 100)
-    assert first.charge("u", 60, strict=True).balance_after == 40
-
-
-def test_large_balances_with_many_decimals_stay_exact(manager):
-    manager.set_balance("u", 10**15)
-    entry = manager.charge("u", Decimal("0.0000000000001"))
-    assert entry.balance_after == Decimal("999999999999999.9999999999999")
-    assert sum(e.amount for e in manager.ledger("u")) == manager.balance("u")
-
-
-def test_more_than_thirty_decimal_places_is_invalid(manager):
-    manager.grant("u", Decimal("1e-30"))
-    with pytest.raises(InvalidInput, match="30 decimal places"):
-        manager.grant("u", Decimal("1e-31"))
-    manager.grant("u", Decimal("2." + "0" * 40))  # trailing zeros are not places
 
 
 # --- hold_size: what the decorator and the ASGI middleware hold before a call ---------

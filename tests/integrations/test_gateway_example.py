@@ -17,7 +17,7 @@ import pytest
 
 from creditmeter import EntryKind, Pricing, SQLiteStore, TokenUsage, usage_from_stream
 
-GATEWAY = Path(__file__).parents[1] / "examples" / "gateway.py"
+GATEWAY = Path(__file__).parents[2] / "examples" / "gateway.py"
 START = 500_000
 MODEL = "gpt-4o-mini"
 

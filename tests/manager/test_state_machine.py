@@ -1,20 +1,26 @@
-"""Random operation sequences against each store, checked against a plain-Python model.
+"""Random operation sequences on all eight backends, checked against a plain-Python model.
 
-Two managers share one store (for SQLite: two connections to one file), so
-steps alternate between a manager whose remembered account is fresh and one
-whose account is stale, and the compare-and-set retry path runs all the time.
+Two managers share one place (for SQLite: two connections to one file; for
+Redis and PostgreSQL: two clients on one prefix), so steps alternate between
+a manager whose remembered account is fresh and one whose account is stale,
+and the compare-and-set retry path runs all the time. Each example gets an
+empty place of its own.
+
+The rules are the same on every backend, so MemoryStore carries the bulk of
+the examples and all three refill configurations; the other backends run
+enough examples to prove their store keeps what the model says (and the
+stores with a negative-balance configuration, the top-up one).
+``CREDITMETER_LONG=1`` runs ten times the examples.
 """
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import tempfile
+import os
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
+from backends import BACKENDS, Backend
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -24,22 +30,12 @@ from hypothesis.stateful import (
     multiple,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
-from creditmeter import (
-    AsyncBalanceManager,
-    AsyncMemoryStore,
-    AsyncSQLiteStore,
-    BalanceConfig,
-    BalanceManager,
-    IdempotencyConflict,
-    InsufficientBalance,
-    InvalidInput,
-    MemoryStore,
-    SQLiteStore,
-)
+from creditmeter import BalanceConfig, IdempotencyConflict, InsufficientBalance, InvalidInput
 from creditmeter.rules import open_holds
-from creditmeter.testing import Blocking, FakeClock
+from creditmeter.testing import FakeClock
 
 USERS = st.sampled_from(["alice", "bob"])
 REQUEST_IDS = st.sampled_from([None, None, "r1", "r2", "r3"])
@@ -120,55 +116,20 @@ class BalanceMachine(RuleBasedStateMachine):
         refill_interval_unit="hours",
         refill_amount=100,
     )
-    kind = "memory"
-    is_async = False
 
-    def open_stores(self, folder: Path) -> list:
-        """Two stores over one set of data (or one store twice). Subclasses add backends."""
-        path = folder / "credits.db"
-        if self.kind == "memory":
-            store = MemoryStore()
-            return [store, store]
-        if self.kind == "sqlite":
-            return [SQLiteStore(path, durability="normal"), SQLiteStore(path, durability="normal")]
-        if self.kind == "async-memory":
-            shared = AsyncMemoryStore()
-            return [shared, shared]
-        return [
-            AsyncSQLiteStore(path, durability="normal"),
-            AsyncSQLiteStore(path, durability="normal"),
-        ]
-
-    def __init__(self) -> None:
+    def __init__(self, backend: Backend) -> None:
         super().__init__()
+        self.backend = backend
         self.clock = FakeClock()
         self.model = Model(self.config)
-        self.folder = tempfile.mkdtemp(prefix="creditmeter-sm-")
-        self.is_async = self.is_async or self.kind.startswith("async")
-        if not self.is_async:
-            pair = self.open_stores(Path(self.folder))
-            self.closers = list({id(s): s for s in pair}.values())
-            self.managers = [BalanceManager(s, self.config, clock=self.clock) for s in pair]
-            self.reader = pair[0]
-            return
-        # Async stores and managers, driven through Blocking on one private loop.
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)  # async stores that bind a loop when built find it
-        stores = self.open_stores(Path(self.folder))
+        self.place = backend.new_place()
         self.managers = [
-            Blocking(AsyncBalanceManager(s, self.config, clock=self.clock), loop=self.loop)
-            for s in stores
+            backend.manager(self.config, place=self.place, clock=self.clock) for _ in range(2)
         ]
-        self.closers = [Blocking(s, loop=self.loop) for s in {id(s): s for s in stores}.values()]
-        self.reader = Blocking(stores[0], loop=self.loop)
+        self.reader = self.managers[0].store
 
     def teardown(self) -> None:
-        for closer in self.closers:
-            closer.close()
-        if self.is_async:
-            asyncio.set_event_loop(None)
-            self.loop.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.backend.close_place(self.place)
 
     def _request(self, user, request_id, key, call):
         """Run ``call``; with a request id, check the repeat semantics against the model."""
@@ -403,46 +364,39 @@ class OnIntervalMachine(BalanceMachine):
     )
 
 
-class SQLiteMachine(BalanceMachine):
-    kind = "sqlite"
+LONG = os.environ.get("CREDITMETER_LONG") == "1"
+MACHINES = {
+    "when-depleted": BalanceMachine,
+    "top-up": NegativeTopUpMachine,
+    "on-interval": OnIntervalMachine,
+}
+# backend -> machine -> examples of 30 steps (ten times as many with CREDITMETER_LONG=1)
+EXAMPLES = {
+    "memory": {"when-depleted": 100, "top-up": 50, "on-interval": 50},
+    "async-memory": {"when-depleted": 25},
+    "sqlite": {"when-depleted": 20, "top-up": 10},
+    "async-sqlite": {"when-depleted": 10},
+    "redis": {"when-depleted": 10, "top-up": 5},
+    "async-redis": {"when-depleted": 10},
+    "postgres": {"when-depleted": 10, "top-up": 5},
+    "async-postgres": {"when-depleted": 10},
+}
+assert set(EXAMPLES) == set(BACKENDS)
 
 
-class AsyncMemoryMachine(BalanceMachine):
-    kind = "async-memory"
-
-
-class AsyncSQLiteMachine(BalanceMachine):
-    kind = "async-sqlite"
-
-
-class SQLiteTopUpMachine(NegativeTopUpMachine):
-    kind = "sqlite"
-
-
-FAST = settings(
-    max_examples=150,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
+@pytest.mark.parametrize(
+    ("backend", "machine"),
+    [(backend, machine) for backend, machines in EXAMPLES.items() for machine in machines],
+    indirect=["backend"],
 )
-SLOWER = settings(
-    max_examples=40,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-
-TestMemoryMachine = BalanceMachine.TestCase
-TestMemoryMachine.settings = FAST
-TestMemoryTopUpMachine = NegativeTopUpMachine.TestCase
-TestMemoryTopUpMachine.settings = FAST
-TestMemoryOnIntervalMachine = OnIntervalMachine.TestCase
-TestMemoryOnIntervalMachine.settings = FAST
-TestSQLiteMachine = SQLiteMachine.TestCase
-TestSQLiteMachine.settings = SLOWER
-TestSQLiteTopUpMachine = SQLiteTopUpMachine.TestCase
-TestSQLiteTopUpMachine.settings = SLOWER
-TestAsyncMemoryMachine = AsyncMemoryMachine.TestCase
-TestAsyncMemoryMachine.settings = FAST
-TestAsyncSQLiteMachine = AsyncSQLiteMachine.TestCase
-TestAsyncSQLiteMachine.settings = SLOWER
+def test_random_operations_match_the_model(backend: Backend, machine: str) -> None:
+    examples = EXAMPLES[backend.name][machine] * (10 if LONG else 1)
+    run_state_machine_as_test(
+        lambda: MACHINES[machine](backend),
+        settings=settings(
+            max_examples=examples,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )

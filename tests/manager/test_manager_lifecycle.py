@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_reentrancy import open_async_store, open_store
+from backends import open_async_store, open_store
 
 from creditmeter import (
     AsyncBalanceManager,

@@ -2,7 +2,8 @@
 
 LibreChat's ``balance`` keys are camelCase in ``librechat.yaml``; creditmeter
 accepts those or snake_case. Every bad key or value must be a ``ConfigError``
-that names the key the way the user spelled it.
+that names the key the way the user spelled it. LibreChat's legacy
+environment (CHECK_BALANCE, START_BALANCE) is read too, alone or under a YAML.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import attrs
 import pytest
 
-from creditmeter import BalanceConfig, ConfigError, RefillSettings, RetryPolicy
+from creditmeter import BalanceConfig, ConfigError, RefillSettings, RetryPolicy, load_config
 
 CAMEL = {
     "enabled": True,
@@ -551,3 +552,33 @@ def test_configs_are_frozen(instance: Any, field: str, value: Any) -> None:
 def test_configs_are_hashable_and_comparable() -> None:
     assert hash(BalanceConfig.from_mapping(CAMEL)) == hash(BalanceConfig.from_mapping(SNAKE))
     assert len({RetryPolicy(), RetryPolicy()}) == 1
+
+
+# --- LibreChat's environment --------------------------------------------------------
+
+
+def test_from_env_reads_the_legacy_variables():
+    assert BalanceConfig.from_env({}) == BalanceConfig()
+    config = BalanceConfig.from_env({"CHECK_BALANCE": "True ", "START_BALANCE": "750"})
+    assert config.enabled
+    assert config.start_balance == 750
+    assert not BalanceConfig.from_env({"CHECK_BALANCE": "yes"}).enabled  # only "true" is true
+    with pytest.raises(ConfigError, match="START_BALANCE"):
+        BalanceConfig.from_env({"START_BALANCE": "lots"})
+
+
+def test_load_config_overlays_the_yaml_on_the_environment(tmp_path):
+    env = {"CHECK_BALANCE": "true", "START_BALANCE": "500"}
+    path = tmp_path / "librechat.yaml"
+    path.write_text("version: 1.2.1\nbalance:\n  startBalance: 42\n  autoRefillEnabled: true\n")
+    config = load_config(path, env=env)
+    assert config.enabled  # from the environment
+    assert config.start_balance == 42  # the YAML wins
+    assert config.auto_refill_enabled
+    path.write_text("version: 1.2.1\nendpoints: {}\n")
+    assert load_config(path, env=env).start_balance == 500
+    assert load_config(env={}) == BalanceConfig()
+    path.write_text("balance:\n  enabled: false\n  start_balance: 3\n")
+    overlaid = load_config(path, env=env)
+    assert not overlaid.enabled
+    assert overlaid.start_balance == 3

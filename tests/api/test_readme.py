@@ -14,7 +14,7 @@ from fake_provider import FakeProvider
 
 from creditmeter import AsyncBalanceManager
 
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[2] / "README.md"
 
 
 def python_blocks():
@@ -39,7 +39,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
                     if "class TestMyStore" in block:
                         continue  # a pytest module for a store of your own
                     if "CreditMeterMiddleware" in block or "127.0.0.1:8080" in block:
-                        continue  # the gateway's: tests/test_gateway_example.py runs them
+                        continue  # the gateway's: integrations/test_gateway_example.py runs them
                     exec(compile(block, str(README), "exec"), namespace)
         finally:
             for name in ("meter", "client"):  # async_client belonged to a finished loop
@@ -66,6 +66,13 @@ def test_readme_commands_are_the_ci_commands(command):
     ci = (README.parent / ".ci" / "run").read_text()
     assert "pip install -e '.[test]' && .venv/bin/pytest" in text
     assert ".venv/bin/pytest" in ci
+
+
+def test_every_test_path_the_readme_names_exists():
+    """The quick subset command and the pointers into tests/ follow the files when they move."""
+    named = set(re.findall(r"\btests/[\w/.-]*\w/?", README.read_text()))
+    assert named
+    assert sorted(path for path in named if not (README.parent / path).exists()) == []
 
 
 def test_readme_gateway_examples_build_apps(tmp_path, monkeypatch):

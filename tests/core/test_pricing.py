@@ -27,7 +27,7 @@ from creditmeter import (
     TokenUsage,
 )
 
-RATES_JSON = Path(__file__).parents[1] / "src" / "creditmeter" / "data" / "librechat_rates.json"
+RATES_JSON = Path(__file__).parents[2] / "src" / "creditmeter" / "data" / "librechat_rates.json"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ prefix and drops its tables afterwards.
   users of its own; every load must return the user asked for, every charge
   must land once, neither side may hang, and the parent's connections must
   survive the child closing its store. The scenario runs in a subprocess of
-  its own (``python tests/test_postgres_lifecycle.py fork sync|async ...``),
+  its own (``python tests/stores/test_postgres_lifecycle.py fork sync|async ...``),
   because a shared socket can hang a process in a blocking read. A store on a
   pool the caller gave cannot follow a fork: in the child it raises StoreError.
 - Cancellation: an AsyncPostgresStore call cancelled at each of its await
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,6 +57,7 @@ from creditmeter.stores.postgres import AsyncPostgresStore, PostgresStore
 from creditmeter.testing import make_entry
 
 CONFIG = BalanceConfig(enabled=True, start_balance=10**6)
+TESTS = str(Path(__file__).resolve().parents[1])  # services.py, for this file run as a script
 # Loads per side in the fork scenario (the repro used 500: set this to repeat it).
 FORK_LOADS = int(os.environ.get("CREDITMETER_FORK_LOADS", "200"))
 FORK_USERS = 20  # per side
@@ -213,6 +215,10 @@ def _fork_scenario(kind: str, prefix: str, loads: int) -> dict[str, Any]:
 def _run_fork_scenario(kind: str, prefix: str) -> dict[str, Any]:
     finished = subprocess.run(
         [sys.executable, __file__, "fork", kind, prefix, str(FORK_LOADS)],
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
+        },
         capture_output=True,
         text=True,
         timeout=3 * SIDE_TIMEOUT + 60,

@@ -4,26 +4,25 @@ Without a server these tests skip saying how to start one; with
 CREDITMETER_REQUIRE_SERVICES=1 they fail instead (see services.py). Every test
 works under its own table prefix (or schema) and drops its tables afterwards.
 
-Covered: the contract suite (sync, and async through ``Blocking``); the state
-machine with two stores on one prefix (sync and async); hostile user ids; the
-tables, typed columns and the shipped DDL file; bad prefixes and arguments;
-create_schema run twice and concurrently; one round trip per uncontended
-commit; a lost compare-and-set that reports the stored account, also when the
-winner commits while the loser waits; serialization failures as conflicts;
-``exclusive`` (it excludes, pins the connection, gives it back, survives a
-killed connection); four processes charging one user; oversubscribed holds on
-processes, threads and tasks; server faults (a statement cut mid-commit,
-backends terminated mid-run, idle connections killed, an unreachable server);
-corrupt data; and what the store closes (a pool it was given stays open).
+Covered here, what is PostgreSQL's own: hostile user ids; the tables, typed
+columns and the shipped DDL file; bad prefixes and arguments; create_schema
+run twice and concurrently; one round trip per uncontended commit; a lost
+compare-and-set that reports the stored account, also when the winner commits
+while the loser waits; serialization failures as conflicts; ``exclusive`` (it
+excludes, pins the connection, gives it back, survives a killed connection);
+server faults (a statement cut mid-commit, backends terminated mid-run, idle
+connections killed, an unreachable server); corrupt data; and what the store
+closes (a pool it was given stays open).
+
+Elsewhere, on every store: the contract suite (test_contract.py), the state
+machine with two stores on one prefix and the manager's behaviour, threads
+and tasks (tests/manager/), processes on one prefix (manager/test_processes.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,7 +38,6 @@ import psycopg
 from psycopg import pq, sql
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from services import POSTGRES_DSN, need, unique
-from test_state_machine import SLOWER, BalanceMachine, NegativeTopUpMachine
 
 from creditmeter import (
     AsyncBalanceManager,
@@ -48,7 +46,6 @@ from creditmeter import (
     ConfigError,
     DuplicateRequest,
     EntryKind,
-    InsufficientBalance,
     StoreError,
     TokenUsage,
     VersionConflict,
@@ -61,10 +58,9 @@ from creditmeter.stores.postgres import (
     PostgresStore,
     schema_sql,
 )
-from creditmeter.testing import Blocking, StoreContract, make_account, make_entry
+from creditmeter.testing import make_account, make_entry
 
-WORKER = Path(__file__).with_name("postgres_worker.py")
-SQL_FILE = Path(__file__).parents[1] / "src" / "creditmeter" / "stores" / "postgres.sql"
+SQL_FILE = Path(__file__).parents[2] / "src" / "creditmeter" / "stores" / "postgres.sql"
 START = 10**9
 CONFIG = BalanceConfig(enabled=True, start_balance=START)
 TABLES = ("accounts", "ledger", "meta")
@@ -174,62 +170,6 @@ def assert_consistent(store, user, *, balance=None):
     if balance is not None:
         assert account.balance == balance
     return entries
-
-
-# --- the contract suite and the state machine -----------------------------------
-
-
-class TestPostgresStoreContract(StoreContract):
-    """``creditmeter.testing.StoreContract`` on ``PostgresStore``."""
-
-
-class TestAsyncPostgresStoreContract(StoreContract):
-    """The same suite on ``AsyncPostgresStore``, driven through ``Blocking``."""
-
-    @pytest.fixture
-    def store(self, prefix):
-        store = Blocking(AsyncPostgresStore(POSTGRES_DSN, prefix=prefix))
-        yield store
-        store.close()
-
-
-class PostgresMachine(BalanceMachine):
-    """The state machine with two PostgresStores (two pools) on one table prefix."""
-
-    def open_stores(self, folder):
-        self.prefix = unique("cm_") + "_"
-        store = AsyncPostgresStore if self.is_async else PostgresStore
-        try:
-            PostgresStore(POSTGRES_DSN, prefix=self.prefix).close()  # creates the tables
-            return [
-                store(POSTGRES_DSN, prefix=self.prefix, create_schema=False),
-                store(POSTGRES_DSN, prefix=self.prefix, create_schema=False),
-            ]
-        except BaseException:  # teardown will not run: drop them here
-            drop_tables(self.prefix)
-            raise
-
-    def teardown(self):
-        try:
-            super().teardown()
-        finally:
-            drop_tables(self.prefix)
-
-
-class AsyncPostgresMachine(PostgresMachine):
-    is_async = True
-
-
-class PostgresTopUpMachine(PostgresMachine, NegativeTopUpMachine):
-    pass
-
-
-TestPostgresMachine = PostgresMachine.TestCase
-TestPostgresMachine.settings = SLOWER
-TestAsyncPostgresMachine = AsyncPostgresMachine.TestCase
-TestAsyncPostgresMachine.settings = SLOWER
-TestPostgresTopUpMachine = PostgresTopUpMachine.TestCase
-TestPostgresTopUpMachine.settings = SLOWER
 
 
 # --- user ids ----------------------------------------------------------------------
@@ -860,205 +800,6 @@ def test_async_exclusive_keeps_other_tasks_out_and_pins_per_task(prefix, app_nam
     asyncio.run(main())
 
 
-# --- many writers ------------------------------------------------------------------
-
-
-def run_workers(arguments_per_worker, tmp_path):
-    go = tmp_path / "go"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), *arguments, str(go), *extra],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for arguments, extra in arguments_per_worker
-    ]
-    try:
-        for proc in procs:
-            assert proc.stdout.readline().strip() == "ready"
-        go.touch()
-        summaries = [json.loads(proc.stdout.readline()) for proc in procs]
-        for proc in procs:
-            assert proc.wait(timeout=300) == 0
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-            proc.stdout.close()
-    return summaries
-
-
-def test_four_processes_charging_one_user(store, prefix, tmp_path):
-    BalanceManager(store, CONFIG).account("hot")
-    summaries = run_workers(
-        [(("charge", POSTGRES_DSN, prefix, "hot", "250"), (f"p{n}",)) for n in range(4)],
-        tmp_path,
-    )
-    assert [s["done"] for s in summaries] == [250] * 4
-    entries = assert_consistent(store, "hot", balance=START - 1000)
-    assert [e.kind for e in entries].count(EntryKind.CHARGE) == 1000
-    assert len({e.request_id for e in entries if e.request_id}) == 1000
-    conflicts = sum(s["conflicts"] for s in summaries)
-    commits = sum(s["commits"] for s in summaries)
-    exclusives = sum(s["exclusives"] for s in summaries)
-    # Every commit beyond the 1000 that landed was a retry after a lost compare-and-set.
-    assert commits - conflicts == 1000
-    print(
-        f"\n4 processes x 250 charges: {commits} commits, {conflicts} lost compare-and-sets "
-        f"(each retried), {exclusives} exclusive blocks, "
-        f"p50 {[round(s['p50_ms'], 2) for s in summaries]} ms, "
-        f"p99 {[round(s['p99_ms'], 2) for s in summaries]} ms"
-    )
-
-
-def test_threads_of_two_managers_on_two_stores_charging_one_user(prefix):
-    with (
-        PostgresStore(POSTGRES_DSN, prefix=prefix) as one,
-        PostgresStore(POSTGRES_DSN, prefix=prefix, create_schema=False) as two,
-    ):
-        managers = [BalanceManager(one, CONFIG), BalanceManager(two, CONFIG)]
-        managers[0].account("hot")
-        errors = []
-
-        def work(manager, number):
-            try:
-                for i in range(100):
-                    manager.charge("hot", Decimal("0.5"), request_id=f"{number}-{i}")
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work, args=(managers[n % 2], n)) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert errors == []
-        entries = assert_consistent(one, "hot", balance=START - 400)
-        assert len(entries) == 801
-
-
-def test_tasks_of_two_async_managers_charging_one_user(prefix):
-    async def main():
-        one = await AsyncPostgresStore.open(POSTGRES_DSN, prefix=prefix)
-        two = await AsyncPostgresStore.open(POSTGRES_DSN, prefix=prefix, create_schema=False)
-        try:
-            managers = [AsyncBalanceManager(one, CONFIG), AsyncBalanceManager(two, CONFIG)]
-            await managers[0].account("hot")
-
-            async def work(manager, number):
-                for i in range(50):
-                    await manager.charge("hot", 1, request_id=f"{number}-{i}")
-
-            await asyncio.gather(*(work(managers[n % 2], n) for n in range(8)))
-            assert await managers[1].balance("hot") == START - 400
-            entries = await one.ledger("hot")
-            assert sum(e.amount for e in entries) == START - 400
-            assert len({e.request_id for e in entries if e.request_id}) == 400
-        finally:
-            await one.aclose()
-            await two.aclose()
-
-    asyncio.run(main())
-
-
-# Oversubscription: 8,000 holds of 1 on a balance of 5,000 with CREDITMETER_LONG=1, as the
-# holds issue measured; a quarter of that by default, to keep the default run short.
-BALANCE, ATTEMPTS = (5000, 8000) if os.environ.get("CREDITMETER_LONG") == "1" else (1250, 2000)
-
-
-def assert_spent_exactly(store, user="u"):
-    entries = assert_consistent(store, user, balance=0)
-    assert [e.kind for e in entries].count(EntryKind.CHARGE) == BALANCE
-    running = Decimal(0)
-    for entry in entries:
-        running += entry.amount
-        assert running >= 0
-
-
-def test_parallel_holds_on_processes_never_overspend(store, prefix, tmp_path):
-    BalanceManager(store, BalanceConfig(enabled=True)).set_balance("u", BALANCE)
-    summaries = run_workers(
-        [(("hold", POSTGRES_DSN, prefix, "u", str(ATTEMPTS // 4)), ()) for _ in range(4)],
-        tmp_path,
-    )
-    ok = sum(s["ok"] for s in summaries)
-    refused = sum(s["refused"] for s in summaries)
-    assert (ok, refused) == (BALANCE, ATTEMPTS - BALANCE)
-    assert_spent_exactly(store)
-
-
-def test_parallel_holds_on_threads_of_two_stores_never_overspend(prefix):
-    config = BalanceConfig(enabled=True)
-    with (
-        PostgresStore(POSTGRES_DSN, prefix=prefix) as one,
-        PostgresStore(POSTGRES_DSN, prefix=prefix, create_schema=False) as two,
-    ):
-        managers = [BalanceManager(one, config), BalanceManager(two, config)]
-        managers[0].set_balance("u", BALANCE)
-        outcomes = []
-        lock = threading.Lock()
-
-        def work(manager, count):
-            mine = []
-            for _ in range(count):
-                try:
-                    held = manager.hold("u", 1)
-                except InsufficientBalance:
-                    mine.append("refused")
-                    continue
-                manager.settle(held, 1)
-                mine.append("ok")
-            with lock:
-                outcomes.extend(mine)
-
-        threads = [
-            threading.Thread(target=work, args=(managers[n % 2], ATTEMPTS // 8)) for n in range(8)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert (outcomes.count("ok"), outcomes.count("refused")) == (
-            BALANCE,
-            ATTEMPTS - BALANCE,
-        )
-        assert_spent_exactly(one)
-
-
-def test_parallel_holds_on_tasks_never_overspend(prefix):
-    # A tenth of the size (each commit waits for its WAL flush), and at most 64 calls in
-    # flight: every open hold is part of the account's stored document.
-    balance, attempts = BALANCE // 10, ATTEMPTS // 10
-
-    async def main():
-        config = BalanceConfig(enabled=True, start_balance=balance)
-        store = await AsyncPostgresStore.open(POSTGRES_DSN, prefix=prefix)
-        async with AsyncBalanceManager(store, config) as meter:
-            await meter.account("u")
-            in_flight = asyncio.Semaphore(64)
-
-            async def one():
-                async with in_flight:
-                    try:
-                        held = await meter.hold("u", 1)
-                    except InsufficientBalance:
-                        return "refused"
-                    await asyncio.sleep(0)  # the call in flight
-                    await meter.settle(held, 1)
-                    return "ok"
-
-            outcomes = list(await asyncio.gather(*(one() for _ in range(attempts))))
-            assert (outcomes.count("ok"), outcomes.count("refused")) == (
-                balance,
-                attempts - balance,
-            )
-            assert await meter.balance("u") == 0
-            entries = await meter.ledger("u")
-            assert sum(e.amount for e in entries) == 0
-
-    asyncio.run(main())
-
-
 # --- server faults -------------------------------------------------------------------
 
 
@@ -1159,7 +900,7 @@ def test_a_connection_dropped_after_the_idle_check_is_retried_by_reads_only(
     """The server's goodbye can arrive after the idle check: reads and the lock try again."""
     manager = BalanceManager(store, CONFIG)
     manager.charge("u", 1)
-    monkeypatch.setattr(postgres, "_stale", lambda conn: False)
+    monkeypatch.setattr(postgres._shared, "stale", lambda conn: False)
     terminate(app_name)
     assert store.load("u").balance == START - 1  # on a second connection
     terminate(app_name)
