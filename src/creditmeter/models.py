@@ -20,7 +20,15 @@ from creditmeter.config import RefillSettings
 from creditmeter.pricing import Rates
 from creditmeter.usage import TokenUsage
 
-__all__ = ["Account", "BalanceCheck", "EntryKind", "Hold", "LedgerEntry"]
+__all__ = [
+    "Account",
+    "BalanceCheck",
+    "EntryKind",
+    "Hold",
+    "LedgerEntry",
+    "build_account",
+    "build_entry",
+]
 
 _ZERO = Decimal(0)
 
@@ -130,3 +138,109 @@ class BalanceCheck:
     balance: Decimal
     available: Decimal
     cost: Decimal | None
+
+
+# --- building records on the hot path ------------------------------------------------
+#
+# attrs' generated ``__init__`` of a frozen slotted class sets each field through
+# ``object.__setattr__`` by name: measured here at 2.3 us for a ``LedgerEntry`` where
+# setting its slots through their descriptors takes 1.0 us, a fifth of a whole
+# in-memory charge. The rules build an entry and an account on every charge, from
+# values they have checked, so they use these builders: the very same objects (equal,
+# hashed and printed alike), positional. An import-time check keeps the field lists in
+# step with the classes.
+
+_new = object.__new__
+
+
+def _setters(cls: type, names: str) -> tuple[Any, ...]:
+    declared = tuple(field.name for field in attrs.fields(cls))
+    if declared != tuple(names.split()):  # pragma: no cover - fails at import on any change
+        raise AssertionError(f"build_{cls.__name__}: the fields are now {declared}")
+    return tuple(cls.__dict__[name].__set__ for name in declared)
+
+
+(
+    _e_id,
+    _e_user_id,
+    _e_kind,
+    _e_amount,
+    _e_balance_after,
+    _e_at,
+    _e_request_id,
+    _e_model,
+    _e_usage,
+    _e_cost,
+    _e_rates,
+    _e_metadata,
+) = _setters(
+    LedgerEntry,
+    "id user_id kind amount balance_after at request_id model usage cost rates metadata",
+)
+(
+    _a_user_id,
+    _a_balance,
+    _a_version,
+    _a_created_at,
+    _a_updated_at,
+    _a_last_refill,
+    _a_refill,
+    _a_holds,
+    _a_held,
+) = _setters(Account, "user_id balance version created_at updated_at last_refill refill holds held")
+
+
+def build_entry(  # noqa: PLR0917 - one argument per field, as the class has
+    id: str,  # noqa: A002 - the field's name
+    user_id: str,
+    kind: EntryKind,
+    amount: Decimal,
+    balance_after: Decimal,
+    at: datetime,
+    request_id: str | None = None,
+    model: str | None = None,
+    usage: TokenUsage | None = None,
+    cost: Decimal | None = None,
+    rates: Rates | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> LedgerEntry:
+    """``LedgerEntry(...)`` from checked values, positionally, in half the time."""
+    entry: LedgerEntry = _new(LedgerEntry)
+    _e_id(entry, id)
+    _e_user_id(entry, user_id)
+    _e_kind(entry, kind)
+    _e_amount(entry, amount)
+    _e_balance_after(entry, balance_after)
+    _e_at(entry, at)
+    _e_request_id(entry, request_id)
+    _e_model(entry, model)
+    _e_usage(entry, usage)
+    _e_cost(entry, cost)
+    _e_rates(entry, rates)
+    _e_metadata(entry, metadata)
+    return entry
+
+
+def build_account(  # noqa: PLR0917 - one argument per field, as the class has
+    user_id: str,
+    balance: Decimal,
+    version: int,
+    created_at: datetime,
+    updated_at: datetime,
+    last_refill: datetime,
+    refill: RefillSettings | None,
+    holds: tuple[Hold, ...],
+    held: Decimal,
+) -> Account:
+    """``Account(...)`` from checked values, positionally; ``held`` must be the holds' total."""
+    account: Account = _new(Account)
+    _a_user_id(account, user_id)
+    _a_balance(account, balance)
+    _a_version(account, version)
+    _a_created_at(account, created_at)
+    _a_updated_at(account, updated_at)
+    _a_last_refill(account, last_refill)
+    _a_refill(account, refill)
+    _a_holds(account, holds)
+    _a_held(account, held)
+    return account

@@ -346,7 +346,11 @@ class Pricing:
         self, model: str | None, usage: TokenUsage, *, incomplete: bool = False
     ) -> tuple[Decimal, Rates]:
         """The total of ``cost()`` and the rates it used, without building a ``Cost``."""
-        rates = self._pick(model, usage.prompt_total)[0]
+        rates, resolved = self._pick(model, usage.prompt_total)
+        if not incomplete:
+            scaled = resolved.scaled if rates is resolved.standard else resolved.scaled_premium
+            assert scaled is not None  # a premium rate has its scaled form
+            return _total(usage, scaled), rates
         prompt_cost, completion_cost, rates = _priced(usage, rates, incomplete=incomplete)
         return EXACT.add(prompt_cost, completion_cost), rates
 
@@ -355,14 +359,39 @@ class Pricing:
         return self.cost(model, TokenUsage(input=input_tokens)).total
 
 
+# A rate as a whole coefficient and a power of ten: (coefficient, exponent).
+_Scaled = tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def _scaled(rates: Rates | None) -> _Scaled | None:
+    if rates is None:
+        return None
+    parts = []
+    for rate in (rates.prompt, rates.completion, rates.cache_write, rates.cache_read):
+        sign, digits, exponent = rate.as_tuple()
+        assert isinstance(exponent, int)  # rates are finite
+        coefficient = int("".join(map(str, digits)) or "0")
+        parts.append((-coefficient if sign else coefficient, exponent))
+    return (parts[0], parts[1], parts[2], parts[3])
+
+
 @attrs.frozen
 class _Resolved:
-    """A model's rates worked out once: standard, and premium above ``threshold``."""
+    """A model's rates worked out once: standard, and premium above ``threshold``.
+
+    Each also as whole coefficients and exponents (``_Scaled``), for ``_total``.
+    """
 
     standard: Rates
     key: str | None
     premium: Rates | None = None
     threshold: int = 0
+    scaled: _Scaled = attrs.field(
+        init=False, default=attrs.Factory(lambda self: _scaled(self.standard), takes_self=True)
+    )
+    scaled_premium: _Scaled | None = attrs.field(
+        init=False, default=attrs.Factory(lambda self: _scaled(self.premium), takes_self=True)
+    )
 
 
 _UNIT_RATES = Rates(prompt=_ONE, completion=_ONE, cache_write=_ONE, cache_read=_ONE)
@@ -382,6 +411,36 @@ def _priced(usage: TokenUsage, rates: Rates, *, incomplete: bool) -> tuple[Decim
         rates = attrs.evolve(rates, completion=mul(rates.completion, _CANCEL_RATE))
         completion_cost = mul(completion_cost, _CANCEL_RATE).to_integral_value(ROUND_DOWN)
     return prompt_cost, completion_cost, rates
+
+
+def _total(usage: TokenUsage, scaled: _Scaled) -> Decimal:
+    """What ``_priced`` adds up to, in whole numbers: the same value and the same exponent.
+
+    ``_priced`` multiplies each count by its rate and adds the products (a
+    count of zero adds a zero of exponent 0): the sum's exponent is the
+    smallest of its terms'. Here each term is a coefficient at that exponent,
+    and one ``Decimal`` is made at the end: a third of the time.
+    """
+    (prompt, prompt_exp), (completion, completion_exp), (write, write_exp), (read, read_exp) = (
+        scaled
+    )
+    tokens, output, written, cached = usage.input, usage.output, usage.cache_write, usage.cache_read
+    exponent = prompt_exp if tokens else 0  # the prompt part: its first term, or a plain zero
+    if written and write_exp < exponent:
+        exponent = write_exp
+    if cached and read_exp < exponent:
+        exponent = read_exp
+    exponent = min(exponent, completion_exp if output else 0)  # the completion part, likewise
+    units = 0
+    if tokens:
+        units += tokens * prompt * 10 ** (prompt_exp - exponent)
+    if output:
+        units += output * completion * 10 ** (completion_exp - exponent)
+    if written:
+        units += written * write * 10 ** (write_exp - exponent)
+    if cached:
+        units += cached * read * 10 ** (read_exp - exponent)
+    return EXACT.scaleb(Decimal(units), exponent)
 
 
 def _first(*rates: Decimal | None) -> Decimal:

@@ -94,18 +94,31 @@ def _get(obj: Any, name: str) -> Any:  # noqa: PLR0911 - one return per kind of 
     fields = getattr(obj, "__dict__", None)
     if fields is not None and name in fields:
         return fields[name]
-    if isinstance(obj, Mapping):
+    cls = type(obj)
+    mapping = _IS_MAPPING.get(cls)
+    if mapping is None:
+        if len(_IS_MAPPING) >= _CLASSES_LIMIT:
+            _IS_MAPPING.clear()
+        mapping = _IS_MAPPING[cls] = isinstance(obj, Mapping)
+    if mapping:
         return obj.get(name)
     extra = getattr(obj, "__pydantic_extra__", None)  # pydantic's undeclared fields
     if extra:
         return extra.get(name)
-    if fields is not None and getattr(type(obj), "__pydantic_fields__", None) is not None:
+    if fields is not None and getattr(cls, "__pydantic_fields__", None) is not None:
         return None  # a pydantic model without that field
     return getattr(obj, name, None)
 
 
+# Whether a class is a Mapping: isinstance() against the ABC costs more than a lookup.
+_IS_MAPPING: dict[type, bool] = {}
+_CLASSES_LIMIT = 256
+
+
 def _count(obj: Any, name: str, *, where: str, required: bool = True) -> int:
     value = _get(obj, name)
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value
     field = f"{where}.{name}"
     if value is None:
         if required:
@@ -120,49 +133,73 @@ def _count(obj: Any, name: str, *, where: str, required: bool = True) -> int:
     return value
 
 
+_set_input, _set_output, _set_cache_write, _set_cache_read = (
+    TokenUsage.__dict__[name].__set__ for name in ("input", "output", "cache_write", "cache_read")
+)
+
+
+def _counted(input: int, output: int, cache_write: int, cache_read: int) -> TokenUsage:  # noqa: A002
+    """``TokenUsage`` of counts that ``_count`` (or ``_cached_part``) checked already.
+
+    Its own validators would check them again: a quarter of reading a response.
+    """
+    usage: TokenUsage = object.__new__(TokenUsage)
+    _set_input(usage, input)
+    _set_output(usage, output)
+    _set_cache_write(usage, cache_write)
+    _set_cache_read(usage, cache_read)
+    return usage
+
+
 def _cached_part(total: int, cached: int, *, where: str) -> int:
     if cached > total:
         raise InvalidInput(f"usage field {where}: {cached} cached tokens exceed {total} in all")
     return total - cached
 
 
-def _details(usage: Any, holder: str, name: str, where: str) -> int:
-    return _count(_get(usage, holder), name, where=f"{where}.{holder}", required=False)
+def _cache_details(usage: Any, holder: str) -> tuple[int, int]:
+    """The cached (read) and cache-write token counts of an OpenAI usage's details."""
+    details = _get(usage, holder)
+    if details is None:
+        return 0, 0
+    where = f"usage.{holder}"
+    return (
+        _count(details, "cached_tokens", where=where, required=False),
+        _count(details, "cache_write_tokens", where=where, required=False),
+    )
 
 
 def _openai_chat(usage: Any) -> TokenUsage:
     # prompt_tokens counts every prompt token; cache reads and writes are parts of it.
     prompt = _count(usage, "prompt_tokens", where="usage")
-    cached = _details(usage, "prompt_tokens_details", "cached_tokens", "usage")
-    written = _details(usage, "prompt_tokens_details", "cache_write_tokens", "usage")
-    return TokenUsage(
-        input=_cached_part(prompt, cached + written, where="usage.prompt_tokens"),
-        output=_count(usage, "completion_tokens", where="usage"),
-        cache_write=written,
-        cache_read=cached,
+    cached, written = _cache_details(usage, "prompt_tokens_details")
+    return _counted(
+        _cached_part(prompt, cached + written, where="usage.prompt_tokens"),
+        _count(usage, "completion_tokens", where="usage"),
+        written,
+        cached,
     )
 
 
 def _openai_responses(usage: Any) -> TokenUsage:
     total = _count(usage, "input_tokens", where="usage")
-    cached = _details(usage, "input_tokens_details", "cached_tokens", "usage")
-    written = _details(usage, "input_tokens_details", "cache_write_tokens", "usage")
-    return TokenUsage(
-        input=_cached_part(total, cached + written, where="usage.input_tokens"),
-        output=_count(usage, "output_tokens", where="usage"),
-        cache_write=written,
-        cache_read=cached,
+    cached, written = _cache_details(usage, "input_tokens_details")
+    return _counted(
+        _cached_part(total, cached + written, where="usage.input_tokens"),
+        _count(usage, "output_tokens", where="usage"),
+        written,
+        cached,
     )
 
 
 def _anthropic(usage: Any, *, delta: bool = False) -> TokenUsage:
     # Anthropic's input_tokens excludes cache reads and writes. A message_delta
     # event may leave input_tokens out (None): it reports output only.
-    return TokenUsage(
-        input=_count(usage, "input_tokens", where="usage", required=not delta),
-        output=_count(usage, "output_tokens", where="usage"),
-        cache_write=_count(usage, "cache_creation_input_tokens", where="usage", required=False),
-        cache_read=_count(usage, "cache_read_input_tokens", where="usage", required=False),
+    return _counted(
+        _count(usage, "input_tokens", where="usage", required=not delta),
+        _count(usage, "output_tokens", where="usage"),
+        _count(usage, "cache_creation_input_tokens", where="usage", required=False),
+        _count(usage, "cache_read_input_tokens", where="usage", required=False),
     )
 
 

@@ -1184,3 +1184,30 @@ def test_gemini_rest_json_is_camel_case():
         }
     }
     assert TokenUsage.from_response(body) == TokenUsage(input=100, output=10, cache_read=20)
+
+
+def test_mapping_classes_are_remembered_within_a_bound() -> None:
+    """Reading responses of many classes keeps at most 256 of them in the Mapping cache."""
+    from collections import UserDict  # noqa: PLC0415
+
+    from creditmeter import usage as usage_module  # noqa: PLC0415
+
+    for number in range(300):
+        mapping_class = type(f"Usage{number}", (UserDict,), {})
+        read = TokenUsage.from_response(
+            mapping_class({"usage": {"prompt_tokens": number, "completion_tokens": 1}})
+        )
+        assert read == TokenUsage(input=number, output=1)
+        assert len(usage_module._IS_MAPPING) <= usage_module._CLASSES_LIMIT
+
+
+def test_counts_read_from_responses_build_the_same_usage() -> None:
+    """The readers build TokenUsage without re-running its validators: the same record."""
+    from creditmeter.usage import _counted  # noqa: PLC0415
+
+    built = _counted(1000, 200, 30, 500)
+    made = TokenUsage(input=1000, output=200, cache_write=30, cache_read=500)
+    assert built == made
+    assert hash(built) == hash(made)
+    assert repr(built) == repr(made)
+    assert built.prompt_total == 1530
