@@ -23,7 +23,7 @@ from harness import Section, procs
 from harness.report import machine_lines, page, plot
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("matrix", "peers", "growth", "contention", "metering", "holds", "asgi")
+SECTIONS = ("matrix", "peers", "growth", "contention", "metering", "holds", "asgi", "batches")
 PACKAGES = ["redis", "psycopg", "openai", "pydantic", "litellm", "pyrate-limiter", "fastapi"]
 
 

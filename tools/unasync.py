@@ -44,6 +44,7 @@ RENAMES: tuple[tuple[str, str], ...] = (
     ("AsyncBalanceStore", "BalanceStore"),
     ("AsyncReservation", "Reservation"),
     ("AsyncMeteredStream", "MeteredStream"),
+    ("AsyncBatchMixin", "BatchMixin"),
     # the pairs of creditmeter._compat
     ("AsyncLock", "Lock"),
     ("async_sleep", "sleep"),

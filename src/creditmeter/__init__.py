@@ -8,6 +8,7 @@ it returns, grant credits and refill them on a schedule, with LibreChat's
 from creditmeter import stores as _stores
 from creditmeter._version import __version__
 from creditmeter.aio import AsyncBalanceManager
+from creditmeter.batches import BatchResult, ChargeItem, GrantItem
 from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy, load_config
 from creditmeter.events import (
     Charged,
@@ -71,6 +72,8 @@ __all__ = [
     "BalanceConfig",
     "BalanceManager",
     "BalanceStore",
+    "BatchResult",
+    "ChargeItem",
     "Charged",
     "ConfigError",
     "ConflictRetried",
@@ -80,6 +83,7 @@ __all__ = [
     "DuplicateRequest",
     "EntryKind",
     "Event",
+    "GrantItem",
     "Granted",
     "Hold",
     "IdempotencyConflict",

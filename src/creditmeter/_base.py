@@ -36,6 +36,8 @@ Outbox = list[Event] | None
 """The events of one call, told once the user's lock is let go (``None``: nobody listens)."""
 
 _ZERO = Decimal(0)
+_new_tuple = tuple.__new__
+_NO_TIME = timedelta(0)
 SEEN_LIMIT = 10_000
 HOT_SECONDS = 0.5
 LOCK_STRIPES = 256
@@ -60,11 +62,9 @@ class Op(NamedTuple):
     started: float = 0.0  # time.perf_counter() when the call began, for event durations
 
 
-class Settled(Exception):
-    """Raised by a plan that finds nothing to write; carries the account as it is."""
-
-    def __init__(self, account: Account) -> None:
-        self.change = rules.Change(account, (), account.version)
+def unchanged(account: Account) -> rules.Change:
+    """What a plan returns when it finds nothing to write: the account as it is."""
+    return rules.Change(account, (), account.version)
 
 
 class Replayed(Exception):
@@ -194,7 +194,7 @@ class ManagerBase:
 
         def plan(account: Account | None, now: datetime) -> rules.Change:
             if account is not None:  # opened by another writer meanwhile
-                raise Settled(account)
+                return unchanged(account)
             return rules.open_account(user_id, config=config, now=now, new_id=new_id)
 
         return Op(user_id, plan, started=self._clock_start())
@@ -241,15 +241,19 @@ class ManagerBase:
         metadata: object,
     ) -> Op:
         user_id = _validate.user_id(user_id)
-        model_name = _validate.optional_text(model, name="model")
-        cost, rates = self._cost(amount, model=model_name, usage=usage, incomplete=incomplete)
-        request = request_id_of(request_id)
-        meta = _validate.metadata(metadata)
-        if type(strict) is not bool:
+        # The checks of every argument, each skipped only where the value is the default.
+        model_name = None if model is None else _validate.optional_text(model, name="model")
+        if usage is None and amount is not None and incomplete is False:
+            cost, rates = _validate.amount(amount), None
+        else:
+            cost, rates = self._cost(amount, model=model_name, usage=usage, incomplete=incomplete)
+        request = None if request_id is None else request_id_of(request_id)
+        meta = None if metadata is None else _validate.metadata(metadata)
+        if strict is not False and strict is not True:
             raise InvalidInput(f"strict must be True or False, got {strict!r}")
         refuse = strict
         config = self.config
-        tokens = usage if isinstance(usage, TokenUsage) else None
+        tokens: TokenUsage | None = usage  # type: ignore[assignment]  # checked by _cost
 
         def plan(account: Account | None, now: datetime, *, strict: bool = refuse) -> rules.Change:
             return rules.charge(
@@ -267,11 +271,14 @@ class ManagerBase:
                 metadata=meta,
             )
 
+        started = time.perf_counter() if self.on_event is not None else 0.0
+        if not (refuse and request is not None):
+            return _new_tuple(Op, (user_id, plan, request, None, started))  # Op(...), faster
+
         def lenient(account: Account | None, now: datetime) -> rules.Change:
             return plan(account, now, strict=False)
 
-        lenient_plan = lenient if refuse and request is not None else None
-        return Op(user_id, plan, request, lenient_plan, started=self._clock_start())
+        return Op(user_id, plan, request, lenient, started)
 
     def _set_balance_op(
         self, user_id: str, amount: object, *, request_id: object, reason: object
@@ -305,7 +312,7 @@ class ManagerBase:
             )
             if change is None:
                 assert account is not None  # refill opens a missing account
-                raise Settled(account)  # as stored: it is remembered as the last seen
+                return unchanged(account)  # as stored: it is remembered as the last seen
             return change
 
         return Op(user_id, plan, started=self._clock_start())
@@ -321,11 +328,12 @@ class ManagerBase:
         request_id: object,
     ) -> HoldAsk:
         user_id = _validate.user_id(user_id)
-        model_name = _validate.optional_text(model, name="model")
+        model_name = None if model is None else _validate.optional_text(model, name="model")
         cost, _ = self._cost(amount, model=model_name, usage=usage, incomplete=False)
-        if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
+        if not isinstance(ttl, timedelta) or ttl <= _NO_TIME:
             raise InvalidInput(f"ttl must be a positive timedelta, got {ttl!r}")
-        return HoldAsk(user_id, cost, ttl, request_id_of(request_id), self._clock_start())
+        request = None if request_id is None else request_id_of(request_id)
+        return HoldAsk(user_id, cost, ttl, request, self._clock_start())
 
     def _hold_op(self, ask: HoldAsk, hold_id: str, made: list[Hold] | None = None) -> Op:
         """The write of a hold under ``hold_id``; ``made`` gets the hold each plan puts in."""
@@ -361,10 +369,10 @@ class ManagerBase:
         metadata: object,
     ) -> Op:
         held = _hold(hold)
-        model_name = _validate.optional_text(model, name="model")
+        model_name = None if model is None else _validate.optional_text(model, name="model")
         cost, rates = self._cost(amount, model=model_name, usage=usage, incomplete=incomplete)
-        meta = _validate.metadata(metadata)
-        tokens = usage if isinstance(usage, TokenUsage) else None
+        meta = None if metadata is None else _validate.metadata(metadata)
+        tokens: TokenUsage | None = usage  # type: ignore[assignment]  # checked by _cost
         config = self.config
 
         def plan(account: Account | None, now: datetime) -> rules.Change:
@@ -398,7 +406,7 @@ class ManagerBase:
 
         def plan(account: Account | None, now: datetime) -> rules.Change:
             if account is None:
-                raise Settled(
+                return unchanged(
                     rules.open_account(hold.user_id, config=config, now=now, new_id=new_id).account
                 )
             return rules.drop_hold(account, hold, config=config, now=now)
@@ -408,7 +416,9 @@ class ManagerBase:
     def _leftover(self, hold: Hold) -> bool:
         """Tell whether a resolved hold may still sit in the account (after a retried call)."""
         seen = self._seen.get(hold.user_id)
-        return seen is None or any(h.id == hold.id for h in seen.holds)
+        if seen is None:
+            return True
+        return bool(seen.holds) and any(h.id == hold.id for h in seen.holds)
 
     @staticmethod
     def _found_hold(change: rules.Change, hold_id: str) -> Hold:
@@ -526,6 +536,8 @@ class ManagerBase:
         self, amount: object, *, model: str | None, usage: object, incomplete: object
     ) -> tuple[Decimal, Rates | None]:
         """The cost of a charge: the amount given, else the priced usage (with its rates)."""
+        if usage is None and amount is not None and incomplete is False:
+            return _validate.amount(amount), None
         if usage is not None and not isinstance(usage, TokenUsage):
             raise InvalidInput(f"usage must be a TokenUsage, got {type(usage).__name__}")
         if type(incomplete) is not bool:
@@ -596,6 +608,23 @@ class ManagerBase:
         self._hot.pop(user_id, None)
         return False
 
+    @staticmethod
+    def _retries_at_once(store: object) -> int:
+        """How often a lost compare-and-set is retried at once before ``exclusive()``.
+
+        A store whose commit waits while another writer holds ``exclusive()``
+        (so that a retry cannot lose to a queued writer) may set
+        ``contention_retries``: a loser then retries at once from the account
+        its conflict reported, that many times, before it queues; and a user
+        being hot does not send every write to the queue. Writers of a hot
+        user then mostly commit in one round trip each (the last winner
+        often wins again), and one losing that often is served next in
+        turn. Without it (0): a loss, or a hot user, goes to ``exclusive()``
+        at once.
+        """
+        value = getattr(store, "contention_retries", 0)
+        return value if type(value) is int and value > 0 else 0
+
 
 def is_noop(change: rules.Change) -> bool:
     """A change that writes nothing: the version was not moved on."""
@@ -603,11 +632,8 @@ def is_noop(change: rules.Change) -> bool:
 
 
 def plan_once(op: Op, account: Account | None, now: datetime) -> rules.Change:
-    """Run an op's plan; a plan with nothing to write gives an empty change."""
-    try:
-        return op.plan(account, now)
-    except Settled as settled:
-        return settled.change
+    """Run an op's plan (a plan with nothing to write gives an unchanged account)."""
+    return op.plan(account, now)
 
 
 def _hold(value: object) -> Hold:
@@ -616,9 +642,11 @@ def _hold(value: object) -> Hold:
     _validate.user_id(value.user_id)
     if value.id is None:
         raise InvalidInput("hold id must be a str of 1 to 256 characters, got None")
-    _validate.optional_text(value.id, name="hold id")
+    _validate.optional_text(value.id, name="hold id", remember=False)  # ids do not repeat
     expires = value.expires_at
-    if not isinstance(expires, datetime) or expires.utcoffset() is None:
+    if not isinstance(expires, datetime) or (
+        expires.tzinfo is not timezone.utc and expires.utcoffset() is None
+    ):
         # take_hold() finds the hold by its expiry among the account's open holds.
         raise InvalidInput(f"hold expires_at must be an aware datetime, got {expires!r}")
     return value

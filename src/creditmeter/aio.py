@@ -36,6 +36,7 @@ from typing import Any, ParamSpec, TypeVar
 from creditmeter import _validate, rules
 from creditmeter._base import (
     LOCK_STRIPES,
+    SEEN_LIMIT,
     Clock,
     HoldAsk,
     HoldSearch,
@@ -43,14 +44,13 @@ from creditmeter._base import (
     Op,
     Outbox,
     Replayed,
-    is_noop,
-    plan_once,
 )
 
 # sync-only: from creditmeter._base import utc_now
 from creditmeter._compat import AsyncLock
 from creditmeter._ids import new_id
 from creditmeter._retry import async_retrying
+from creditmeter.batches import AsyncBatchMixin
 from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
 from creditmeter.events import Event
 from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, VersionConflict
@@ -91,7 +91,7 @@ def _finished(task: asyncio.Future[object]) -> None:
 # async-only: end
 
 
-class AsyncBalanceManager(ManagerBase):
+class AsyncBalanceManager(AsyncBatchMixin, ManagerBase):
     """Check, charge, grant and refill token credits over a store.
 
     ``store`` follows the ``AsyncBalanceStore`` protocol. ``config`` decides how balances
@@ -327,7 +327,7 @@ class AsyncBalanceManager(ManagerBase):
             raise
         if out:
             await self._tell(out)
-        return self._found_hold(change, hold_id)
+        return made[0] if made else self._found_hold(change, hold_id)
 
     async def settle(
         self,
@@ -555,9 +555,20 @@ class AsyncBalanceManager(ManagerBase):
     async def _apply(self, op: Op) -> LedgerEntry:
         """Run a write and return the operation's entry (the first one, for a repeat)."""
         out: Outbox = [] if self.on_event is not None else None
+        user_id = op.user_id
         try:
-            async with self._lock(op.user_id):
-                entry = await self._apply_locked(op, out)
+            async with self._locks[hash(user_id) % LOCK_STRIPES]:
+                account = self._seen.get(user_id)  # as _from_seen, frames fewer on the hot path
+                try:
+                    if account is None:
+                        account = await self.store.load(user_id)
+                        entry = (await self._write(op, account, fresh=True, out=out)).entry
+                    else:
+                        entry = (await self._write(op, account, fresh=False, out=out)).entry
+                except Replayed as replayed:
+                    entry = replayed.entry
+                except InsufficientBalance as refused:
+                    entry = await self._refused(op, refused, out)
         except BaseException as failed:
             await self._tell_after(out, failed)
             raise
@@ -565,45 +576,57 @@ class AsyncBalanceManager(ManagerBase):
             await self._tell(out)
         return entry
 
-    async def _apply_locked(self, op: Op, out: Outbox) -> LedgerEntry:
+    async def _refused(self, op: Op, refused: InsufficientBalance, out: Outbox) -> LedgerEntry:
+        """Answer a refused request: raise, unless it repeats one applied before."""
         user_id = op.user_id
-        try:
-            return (await self._from_seen(op, out)).entry
-        except Replayed as replayed:
-            return replayed.entry
-        except InsufficientBalance as refused:
-            if op.request_id is None or op.lenient is None:
-                self._denied(refused, op.started, out)
-                raise
-            found = await self.store.find_request(user_id, op.request_id)
-            if found is None:
-                self._denied(refused, op.started, out)
-                raise
-            # An applied request is answered with its entry, even if it could not pay now.
-            attempted = op.lenient(await self.store.load(user_id), self._now())
-            return rules.replay(found, attempted.entry)
+        if op.request_id is None or op.lenient is None:
+            self._denied(refused, op.started, out)
+            raise refused
+        found = await self.store.find_request(user_id, op.request_id)
+        if found is None:
+            self._denied(refused, op.started, out)
+            raise refused
+        # An applied request is answered with its entry, even if it could not pay now.
+        attempted = op.lenient(await self.store.load(user_id), self._now())
+        return rules.replay(found, attempted.entry)
 
     async def _write(
         self, op: Op, account: Account | None, *, fresh: bool, out: Outbox
     ) -> rules.Change:
         """Plan and commit, retrying lost compare-and-sets; the caller holds the user's lock."""
+        if not self._hot or not self._is_hot(op.user_id):  # the common case: one attempt
+            try:
+                return await self._attempt(op, account, fresh=fresh, out=out)
+            except VersionConflict as conflict:
+                return await self._contended(op, account, fresh=fresh, first=conflict, out=out)
+        return await self._contended(op, account, fresh=fresh, first=None, out=out)
+
+    async def _contended(
+        self,
+        op: Op,
+        account: Account | None,
+        *,
+        fresh: bool,
+        first: VersionConflict | None,
+        out: Outbox,
+    ) -> rules.Change:
+        """Write for a user that is hot (``first`` is ``None``) or whose first try lost."""
         exclusive: Callable[[str], AbstractAsyncContextManager[None]] | None = getattr(
             self.store, "exclusive", None
         )
-        if exclusive is not None and self._is_hot(op.user_id):
+        at_once = self._retries_at_once(self.store)
+        if first is None and exclusive is not None and not at_once:
             async with exclusive(op.user_id):
                 try:
                     return await self._attempt(op, None, fresh=False, out=out)
                 except VersionConflict as conflict:  # a writer that ignores the lock
                     seen: Account | None = conflict.current
         else:
-            try:
-                return await self._attempt(op, account, fresh=fresh, out=out)
-            except VersionConflict as conflict:
-                if self.retry.attempts <= 1:
-                    raise
-                seen = conflict.current
-                self._retried(conflict, out)
+            done, seen = await self._optimistic(
+                op, account, fresh=fresh, at_once=at_once, first=first, out=out
+            )
+            if done is not None:
+                return done
         if exclusive is not None:
             # Under the store's writer lock a fresh load cannot be overtaken.
             async with exclusive(op.user_id):
@@ -622,6 +645,41 @@ class AsyncBalanceManager(ManagerBase):
                     raise
         raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
 
+    async def _optimistic(
+        self,
+        op: Op,
+        account: Account | None,
+        *,
+        fresh: bool,
+        at_once: int,
+        first: VersionConflict | None,
+        out: Outbox,
+    ) -> tuple[rules.Change | None, Account | None]:
+        """Try from ``account``; after a loss, again at once ``at_once`` times: (change, last seen).
+
+        Each retry starts from the account the last loss reported. Stores ask
+        for such retries (``_retries_at_once``) when they hold a commit off
+        while another writer holds ``exclusive()``; the caller queues for it
+        after them.
+        """
+        if first is None:
+            try:
+                return await self._attempt(op, account, fresh=fresh, out=out), account
+            except VersionConflict as conflict:
+                first = conflict
+        if self.retry.attempts <= 1:
+            raise first
+        seen = first.current
+        self._retried(first, out)
+        for _ in range(min(at_once, self.retry.attempts - 1)):
+            if seen is None:
+                break
+            try:
+                return await self._attempt(op, seen, fresh=True, out=out), seen
+            except VersionConflict as conflict:
+                seen = conflict.current
+        return None, seen
+
     async def _attempt(
         self, op: Op, account: Account | None, *, fresh: bool, out: Outbox
     ) -> rules.Change:
@@ -629,13 +687,13 @@ class AsyncBalanceManager(ManagerBase):
             account = await self.store.load(op.user_id)
         now = self._now()
         try:
-            change = plan_once(op, account, now)
+            change = op.plan(account, now)
         except InsufficientBalance:
             if fresh:
                 raise
             # Refused on a remembered account: decide again on the stored one.
-            change = plan_once(op, await self.store.load(op.user_id), now)
-        if is_noop(change):
+            change = op.plan(await self.store.load(op.user_id), now)
+        if change.account.version == change.expected_version:  # nothing to write
             return change
         try:
             await self.store.commit(
@@ -652,6 +710,10 @@ class AsyncBalanceManager(ManagerBase):
             self._seen.pop(op.user_id, None)
             raise
         # async-only: end
-        self._remember(change.account)
-        self._committed(op, change, out)
+        seen = self._seen  # as _remember, inline
+        if len(seen) >= SEEN_LIMIT:
+            seen.clear()
+        seen[op.user_id] = change.account
+        if out is not None:
+            self._committed(op, change, out)
         return change

@@ -32,6 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 from creditmeter import _validate, rules
 from creditmeter._base import (
     LOCK_STRIPES,
+    SEEN_LIMIT,
     Clock,
     HoldAsk,
     HoldSearch,
@@ -39,13 +40,12 @@ from creditmeter._base import (
     Op,
     Outbox,
     Replayed,
-    is_noop,
-    plan_once,
     utc_now,
 )
 from creditmeter._compat import Lock
 from creditmeter._ids import new_id
 from creditmeter._retry import retrying
+from creditmeter.batches import BatchMixin
 from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
 from creditmeter.events import Event
 from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, VersionConflict
@@ -63,7 +63,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class BalanceManager(ManagerBase):
+class BalanceManager(BatchMixin, ManagerBase):
     """Check, charge, grant and refill token credits over a store.
 
     ``store`` follows the ``BalanceStore`` protocol. ``config`` decides how balances
@@ -292,7 +292,7 @@ class BalanceManager(ManagerBase):
             raise
         if out:
             self._emit(out)
-        return self._found_hold(change, hold_id)
+        return made[0] if made else self._found_hold(change, hold_id)
 
     def settle(
         self,
@@ -475,9 +475,20 @@ class BalanceManager(ManagerBase):
     def _apply(self, op: Op) -> LedgerEntry:
         """Run a write and return the operation's entry (the first one, for a repeat)."""
         out: Outbox = [] if self.on_event is not None else None
+        user_id = op.user_id
         try:
-            with self._lock(op.user_id):
-                entry = self._apply_locked(op, out)
+            with self._locks[hash(user_id) % LOCK_STRIPES]:
+                account = self._seen.get(user_id)  # as _from_seen, frames fewer on the hot path
+                try:
+                    if account is None:
+                        account = self.store.load(user_id)
+                        entry = (self._write(op, account, fresh=True, out=out)).entry
+                    else:
+                        entry = (self._write(op, account, fresh=False, out=out)).entry
+                except Replayed as replayed:
+                    entry = replayed.entry
+                except InsufficientBalance as refused:
+                    entry = self._refused(op, refused, out)
         except BaseException as failed:
             self._tell_after(out, failed)
             raise
@@ -485,43 +496,55 @@ class BalanceManager(ManagerBase):
             self._emit(out)
         return entry
 
-    def _apply_locked(self, op: Op, out: Outbox) -> LedgerEntry:
+    def _refused(self, op: Op, refused: InsufficientBalance, out: Outbox) -> LedgerEntry:
+        """Answer a refused request: raise, unless it repeats one applied before."""
         user_id = op.user_id
-        try:
-            return (self._from_seen(op, out)).entry
-        except Replayed as replayed:
-            return replayed.entry
-        except InsufficientBalance as refused:
-            if op.request_id is None or op.lenient is None:
-                self._denied(refused, op.started, out)
-                raise
-            found = self.store.find_request(user_id, op.request_id)
-            if found is None:
-                self._denied(refused, op.started, out)
-                raise
-            # An applied request is answered with its entry, even if it could not pay now.
-            attempted = op.lenient(self.store.load(user_id), self._now())
-            return rules.replay(found, attempted.entry)
+        if op.request_id is None or op.lenient is None:
+            self._denied(refused, op.started, out)
+            raise refused
+        found = self.store.find_request(user_id, op.request_id)
+        if found is None:
+            self._denied(refused, op.started, out)
+            raise refused
+        # An applied request is answered with its entry, even if it could not pay now.
+        attempted = op.lenient(self.store.load(user_id), self._now())
+        return rules.replay(found, attempted.entry)
 
     def _write(self, op: Op, account: Account | None, *, fresh: bool, out: Outbox) -> rules.Change:
         """Plan and commit, retrying lost compare-and-sets; the caller holds the user's lock."""
+        if not self._hot or not self._is_hot(op.user_id):  # the common case: one attempt
+            try:
+                return self._attempt(op, account, fresh=fresh, out=out)
+            except VersionConflict as conflict:
+                return self._contended(op, account, fresh=fresh, first=conflict, out=out)
+        return self._contended(op, account, fresh=fresh, first=None, out=out)
+
+    def _contended(
+        self,
+        op: Op,
+        account: Account | None,
+        *,
+        fresh: bool,
+        first: VersionConflict | None,
+        out: Outbox,
+    ) -> rules.Change:
+        """Write for a user that is hot (``first`` is ``None``) or whose first try lost."""
         exclusive: Callable[[str], AbstractContextManager[None]] | None = getattr(
             self.store, "exclusive", None
         )
-        if exclusive is not None and self._is_hot(op.user_id):
+        at_once = self._retries_at_once(self.store)
+        if first is None and exclusive is not None and not at_once:
             with exclusive(op.user_id):
                 try:
                     return self._attempt(op, None, fresh=False, out=out)
                 except VersionConflict as conflict:  # a writer that ignores the lock
                     seen: Account | None = conflict.current
         else:
-            try:
-                return self._attempt(op, account, fresh=fresh, out=out)
-            except VersionConflict as conflict:
-                if self.retry.attempts <= 1:
-                    raise
-                seen = conflict.current
-                self._retried(conflict, out)
+            done, seen = self._optimistic(
+                op, account, fresh=fresh, at_once=at_once, first=first, out=out
+            )
+            if done is not None:
+                return done
         if exclusive is not None:
             # Under the store's writer lock a fresh load cannot be overtaken.
             with exclusive(op.user_id):
@@ -540,6 +563,41 @@ class BalanceManager(ManagerBase):
                     raise
         raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
 
+    def _optimistic(
+        self,
+        op: Op,
+        account: Account | None,
+        *,
+        fresh: bool,
+        at_once: int,
+        first: VersionConflict | None,
+        out: Outbox,
+    ) -> tuple[rules.Change | None, Account | None]:
+        """Try from ``account``; after a loss, again at once ``at_once`` times: (change, last seen).
+
+        Each retry starts from the account the last loss reported. Stores ask
+        for such retries (``_retries_at_once``) when they hold a commit off
+        while another writer holds ``exclusive()``; the caller queues for it
+        after them.
+        """
+        if first is None:
+            try:
+                return self._attempt(op, account, fresh=fresh, out=out), account
+            except VersionConflict as conflict:
+                first = conflict
+        if self.retry.attempts <= 1:
+            raise first
+        seen = first.current
+        self._retried(first, out)
+        for _ in range(min(at_once, self.retry.attempts - 1)):
+            if seen is None:
+                break
+            try:
+                return self._attempt(op, seen, fresh=True, out=out), seen
+            except VersionConflict as conflict:
+                seen = conflict.current
+        return None, seen
+
     def _attempt(
         self, op: Op, account: Account | None, *, fresh: bool, out: Outbox
     ) -> rules.Change:
@@ -547,13 +605,13 @@ class BalanceManager(ManagerBase):
             account = self.store.load(op.user_id)
         now = self._now()
         try:
-            change = plan_once(op, account, now)
+            change = op.plan(account, now)
         except InsufficientBalance:
             if fresh:
                 raise
             # Refused on a remembered account: decide again on the stored one.
-            change = plan_once(op, self.store.load(op.user_id), now)
-        if is_noop(change):
+            change = op.plan(self.store.load(op.user_id), now)
+        if change.account.version == change.expected_version:  # nothing to write
             return change
         try:
             self.store.commit(
@@ -564,6 +622,10 @@ class BalanceManager(ManagerBase):
         except VersionConflict as conflict:
             self._lost(conflict)
             raise
-        self._remember(change.account)
-        self._committed(op, change, out)
+        seen = self._seen  # as _remember, inline
+        if len(seen) >= SEEN_LIMIT:
+            seen.clear()
+        seen[op.user_id] = change.account
+        if out is not None:
+            self._committed(op, change, out)
         return change

@@ -42,6 +42,7 @@ from creditmeter import _validate
 from creditmeter.config import RefillSettings
 from creditmeter.exceptions import DuplicateRequest, VersionConflict
 from creditmeter.models import Account, EntryKind, Hold, LedgerEntry
+from creditmeter.stores.base import Write
 from creditmeter.usage import TokenUsage
 
 if TYPE_CHECKING:
@@ -157,6 +158,16 @@ def _raises(exc: type[BaseException]) -> Any:
     import pytest  # noqa: PLC0415 - the suite needs pytest; creditmeter does not
 
     return pytest.raises(exc)
+
+
+def _commit_many(store: BalanceStore, writes: list[Write]) -> list[Any]:
+    """Run ``commit_many`` (skip the test for a store that does not offer it)."""
+    commit_many: Callable[[list[Write]], list[Any]] | None = getattr(store, "commit_many", None)
+    if commit_many is None:
+        import pytest  # noqa: PLC0415 - the suite needs pytest; creditmeter does not
+
+        pytest.skip("the store has no commit_many (an optional capability)")
+    return commit_many(writes)
 
 
 def _commit(
@@ -314,3 +325,72 @@ class StoreContract:
         ]
         _commit(store, make_account(), entries)
         assert store.ledger("alice") == entries
+
+    # --- commit_many: an optional capability (BatchStore); skipped without it ---------
+
+    def test_commit_many_applies_every_write(self, store: BalanceStore) -> None:
+        """Writes of new and existing accounts all apply, each with its entries in order."""
+        _commit(store, make_account("b", version=1))
+        new_entries = [
+            make_entry("a", balance_after=Decimal(i), request_id=f"a{i}") for i in (1, 2)
+        ]
+        old_entry = make_entry("b", balance_after=Decimal(7), request_id="b1")
+        outcomes = _commit_many(
+            store,
+            [
+                Write(make_account("a", version=1), new_entries, None),
+                Write(make_account("b", version=2, balance=Decimal(7)), [old_entry], 1),
+            ],
+        )
+        assert outcomes == [None, None]
+        assert store.load("a") == make_account("a", version=1)
+        assert store.load("b") == make_account("b", version=2, balance=Decimal(7))
+        assert store.ledger("a") == new_entries
+        assert store.ledger("b") == [old_entry]
+        assert store.find_request("a", "a2") == new_entries[1]
+
+    def test_commit_many_conflict_leaves_that_write_out(self, store: BalanceStore) -> None:
+        """A stale write reports VersionConflict and leaves nothing; the others apply."""
+        first = make_account("a", version=1)
+        _commit(store, first)
+        lost = Write(make_account("a", version=6), [make_entry("a", balance_after=Decimal(0))], 5)
+        won = Write(
+            make_account("b", version=1), [make_entry("b", balance_after=Decimal(100))], None
+        )
+        outcomes = _commit_many(store, [lost, won])
+        assert isinstance(outcomes[0], VersionConflict)
+        assert outcomes[0].current in (None, first)
+        assert outcomes[1] is None
+        assert store.load("a") == first
+        assert store.ledger("a") == []
+        assert store.ledger("b") == list(won.entries)
+
+    def test_commit_many_duplicate_leaves_that_write_out(self, store: BalanceStore) -> None:
+        """A write repeating a stored request id reports DuplicateRequest and leaves nothing."""
+        stored = make_entry("a", balance_after=Decimal(100), request_id="same")
+        _commit(store, make_account("a", version=1), [stored])
+        repeat = Write(
+            make_account("a", version=2, balance=Decimal(5)),
+            [
+                make_entry("a", balance_after=Decimal(3), request_id="new"),
+                make_entry("a", balance_after=Decimal(5), request_id="same"),
+            ],
+            1,
+        )
+        other = Write(
+            make_account("b", version=1), [make_entry("b", balance_after=Decimal(1))], None
+        )
+        outcomes = _commit_many(store, [repeat, other])
+        assert isinstance(outcomes[0], DuplicateRequest)
+        assert outcomes[0].request_id == "same"
+        assert outcomes[0].entry == stored
+        assert outcomes[1] is None
+        assert store.load("a") == make_account("a", version=1)
+        assert store.ledger("a") == [stored]
+        assert store.find_request("a", "new") is None
+        assert store.ledger("b") == list(other.entries)
+
+    def test_commit_many_of_nothing(self, store: BalanceStore) -> None:
+        """An empty list of writes is an empty list of outcomes, and writes nothing."""
+        assert _commit_many(store, []) == []
+        assert store.users() == []

@@ -366,15 +366,15 @@ def test_an_uncontended_charge_is_one_round_trip(store, monkeypatch):
     assert sent == ["EVALSHA"]
 
 
-def test_a_lost_compare_and_set_is_retried_in_turn_without_a_plain_read(store, prefix, monkeypatch):
+def test_a_lost_compare_and_set_is_retried_at_once_without_a_plain_read(store, prefix, monkeypatch):
     manager = BalanceManager(store, CONFIG)
     manager.charge("u", 1)
     with RedisStore(REDIS_URL, prefix=prefix) as other_store:
         BalanceManager(other_store, CONFIG).charge("u", 5)
     sent = count_commands(monkeypatch, store.client)
     manager.charge("u", 1)
-    # Lost; then, in turn under the user's lock: take it (reading the account), commit.
-    assert sent == ["EVALSHA", "EVALSHA", "EVALSHA"]
+    # Lost; then again at once, from the account the loss reported (contention_retries).
+    assert sent == ["EVALSHA", "EVALSHA"]
     assert_consistent(store, "u", balance=START - 7)
 
 
@@ -453,11 +453,13 @@ def test_exclusive_keeps_other_writers_out_until_its_commit(store, prefix):
     first = make_account()
     store.commit(first, [], expected_version=None)
     lock, queue_key, _ = lock_keys(prefix)
-    with RedisStore(REDIS_URL, prefix=prefix) as other:
+    with RedisStore(REDIS_URL, prefix=prefix, lock_wait=0.2) as other:
         with store.exclusive("alice"):
             assert store.load("alice") == first
-            with pytest.raises(VersionConflict) as caught:  # the lock is not the other's
+            with pytest.raises(StoreError, match="writer lock"):  # it waits, here in vain
                 other.commit(make_account(version=2), [], expected_version=1)
+            with pytest.raises(VersionConflict) as caught:  # from a stale version: lost at once
+                other.commit(make_account(version=2), [], expected_version=0)
             assert caught.value.current == first
             second = make_account(version=2, balance=Decimal(7))
             store.commit(second, [], expected_version=1)
@@ -579,9 +581,15 @@ def test_async_exclusive_in_turn_and_a_cancelled_waiter_leaves_the_queue(prefix)
                 with pytest.raises(asyncio.CancelledError):
                     await waiter
                 assert await one.client.llen(queue_key) == 0
-                with pytest.raises(VersionConflict):
-                    await two.commit(make_account(version=2), [], expected_version=1)
+                # A commit of the other store waits for the lock, then finds the version moved.
+                kept_out = asyncio.ensure_future(
+                    two.commit(make_account(version=2), [], expected_version=1)
+                )
+                await asyncio.sleep(0.02)
+                assert not kept_out.done()  # it cannot finish while the lock is held
                 await one.commit(make_account(version=2), [], expected_version=1)
+                with pytest.raises(VersionConflict):
+                    await kept_out
             assert not await one.client.exists(lock)
             async with two.exclusive("alice"):
                 assert (await two.load("alice")).version == 2

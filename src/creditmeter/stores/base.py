@@ -12,17 +12,44 @@ winning again. SQLite's is an flock, Redis's a per-user lock with a queue
 that its commit script honours, PostgreSQL's an advisory lock, MemoryStore's
 a per-user lock (for several managers over one store); a store that cannot
 offer one relies on the retry policy alone.
+
+A store may also offer ``commit_many(writes)`` (``BatchStore``): many commits,
+each one atomic on its own, in one round trip or transaction. Managers use it
+for ``charge_many`` and ``grant_many`` when present, and commit write by write
+otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
+from creditmeter.exceptions import DuplicateRequest, VersionConflict
 from creditmeter.models import Account, LedgerEntry
 
-__all__ = ["AsyncBalanceStore", "AsyncExclusiveStore", "BalanceStore", "ExclusiveStore"]
+__all__ = [
+    "AsyncBalanceStore",
+    "AsyncBatchStore",
+    "AsyncExclusiveStore",
+    "BalanceStore",
+    "BatchStore",
+    "ExclusiveStore",
+    "Write",
+    "WriteOutcome",
+]
+
+
+class Write(NamedTuple):
+    """One commit of a batch: the arguments of ``commit()``, as a tuple."""
+
+    account: Account
+    entries: Sequence[LedgerEntry]
+    expected_version: int | None
+
+
+WriteOutcome = VersionConflict | DuplicateRequest | None
+"""What ``commit_many`` reports for one write: ``None`` (applied) or the error it met."""
 
 
 @runtime_checkable
@@ -121,4 +148,28 @@ class AsyncExclusiveStore(AsyncBalanceStore, Protocol):
 
     def exclusive(self, user_id: str) -> AbstractAsyncContextManager[None]:
         """Hold off every other writer of ``user_id`` until the block ends."""
+        ...
+
+
+@runtime_checkable
+class BatchStore(BalanceStore, Protocol):
+    """A store that commits many writes (of different users) in one round trip or transaction."""
+
+    def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
+        """Commit each write as ``commit()`` would; return one outcome per write, in order.
+
+        Each write is atomic on its own: one that meets a ``VersionConflict``
+        or a ``DuplicateRequest`` (returned in its slot, with what ``commit()``
+        would carry) leaves nothing, and the others still apply. Any other
+        failure raises ``StoreError``; some writes may have applied then.
+        """
+        ...
+
+
+@runtime_checkable
+class AsyncBatchStore(AsyncBalanceStore, Protocol):
+    """The async twin of ``BatchStore``."""
+
+    async def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
+        """Commit each write as ``commit()`` would; return one outcome per write, in order."""
         ...

@@ -26,6 +26,7 @@ from typing import Any
 from creditmeter.exceptions import DuplicateRequest, StoreError, VersionConflict
 from creditmeter.models import Account, EntryKind, LedgerEntry
 from creditmeter.pricing import Rates
+from creditmeter.stores.base import Write, WriteOutcome
 from creditmeter.usage import TokenUsage
 
 Packed = tuple[Any, ...]
@@ -36,7 +37,7 @@ def _pack(entry: LedgerEntry) -> Packed:
     return (
         entry.id,
         entry.user_id,
-        entry.kind.value,
+        entry.kind._value_,  # the enum's value, without its descriptor's call
         entry.amount,
         entry.balance_after,
         entry.at,
@@ -190,7 +191,8 @@ class MemoryStore:
         expected_version: int | None,
     ) -> None:
         """Store the account and entries if the stored version is ``expected_version``."""
-        self._check_open()
+        if self._closed:
+            self._check_open()
         user_id = account.user_id
         with self._lock:
             requests = self._requests
@@ -199,11 +201,11 @@ class MemoryStore:
                     found = requests.get((user_id, entry.request_id))
                     if found is not None:
                         raise DuplicateRequest(user_id, entry.request_id, entry=_unpack(found))
-            current = self._accounts.get(user_id)
-            stored_version = None if current is None else current.version
-            if stored_version != expected_version:
+            accounts = self._accounts
+            current = accounts.get(user_id)
+            if (None if current is None else current.version) != expected_version:
                 raise VersionConflict(user_id, expected=expected_version, current=current)
-            self._accounts[user_id] = account
+            accounts[user_id] = account
             ledger = self._ledgers.get(user_id)
             if ledger is None:
                 ledger = self._ledgers[user_id] = []
@@ -212,6 +214,43 @@ class MemoryStore:
                 ledger.append(packed)
                 if entry.request_id is not None:
                     requests[user_id, entry.request_id] = packed
+
+    def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
+        """Commit each write as ``commit()`` would, all under one hold of the lock.
+
+        One outcome per write: ``None`` (applied), or the ``VersionConflict``
+        or ``DuplicateRequest`` it met (it wrote nothing; the others apply).
+        """
+        self._check_open()
+        with self._lock:
+            return [self._commit_one(write) for write in writes]
+
+    def _commit_one(self, write: Write) -> WriteOutcome:
+        """With the lock held: one write of ``commit_many``."""
+        account, entries, expected_version = write
+        user_id = account.user_id
+        requests = self._requests
+        mine: dict[str, Packed] = {}
+        for entry in entries:
+            request_id = entry.request_id
+            if request_id is not None:
+                found = requests.get((user_id, request_id)) or mine.get(request_id)
+                if found is not None:
+                    return DuplicateRequest(user_id, request_id, entry=_unpack(found))
+                mine[request_id] = _pack(entry)
+        current = self._accounts.get(user_id)
+        if (None if current is None else current.version) != expected_version:
+            return VersionConflict(user_id, expected=expected_version, current=current)
+        self._accounts[user_id] = account
+        ledger = self._ledgers.get(user_id)
+        if ledger is None:
+            ledger = self._ledgers[user_id] = []
+        for entry in entries:
+            packed = _pack(entry) if entry.request_id is None else mine[entry.request_id]
+            ledger.append(packed)
+            if entry.request_id is not None:
+                requests[user_id, entry.request_id] = packed
+        return None
 
     def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""
@@ -314,6 +353,10 @@ class AsyncMemoryStore:
     ) -> None:
         """Store the account and entries if the stored version is ``expected_version``."""
         self.sync.commit(account, entries, expected_version=expected_version)
+
+    async def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
+        """Commit each write as ``commit()`` would (see ``MemoryStore.commit_many``)."""
+        return self.sync.commit_many(writes)
 
     async def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""

@@ -57,6 +57,7 @@ from urllib.parse import quote
 from creditmeter.exceptions import ConfigError, DuplicateRequest, StoreError, VersionConflict
 from creditmeter.models import Account, LedgerEntry
 from creditmeter.serde import account_from_json, account_to_json, entry_from_json, entry_to_json
+from creditmeter.stores.base import Write, WriteOutcome
 
 try:
     import fcntl
@@ -1023,6 +1024,101 @@ class SQLiteStore:
                     user_id, request_id, entry=entry_from_json(found[0], user_id=user_id)
                 ) from None
 
+    def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
+        """Commit each write as ``commit()`` would, all in ONE transaction (one sync to disk).
+
+        Each write runs in a savepoint of its own: one that meets a
+        ``VersionConflict`` or a ``DuplicateRequest`` (returned in its slot)
+        is rolled back alone and the others apply. Any other failure rolls
+        the whole transaction back (nothing is written) and raises
+        ``StoreError``. Waits for the writer lock as ``commit()`` does.
+        """
+        job: _Job | None = getattr(self._jobs, "job", None)
+        if self.read_only:
+            raise StoreError(
+                f"cannot write to SQLite store {self.path!r}: opened read-only "
+                f"({self._read_only_why})"
+            )
+        if job is not None and job.abandoned:
+            raise _Abandoned
+        if not writes:
+            return []
+        prepared = [
+            (
+                account.user_id,
+                account.version,
+                account_to_json(account),
+                [(account.user_id, entry.request_id, entry_to_json(entry)) for entry in entries],
+                expected_version,
+            )
+            for account, entries, expected_version in writes
+        ]
+        handle = self._handle()
+        self._acquire(handle, job)
+        try:
+            conn = self._enter(handle)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    outcomes = [self._apply_saved(conn, write) for write in prepared]
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                _finish(conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite commit to {self.path!r} failed: {exc}") from exc
+            finally:
+                self._leave(handle)
+        finally:
+            self._release(handle)
+        return outcomes
+
+    @staticmethod
+    def _apply_saved(
+        conn: sqlite3.Connection,
+        write: tuple[str, int, str, list[tuple[str, str | None, str]], int | None],
+    ) -> WriteOutcome:
+        """One write of ``commit_many``, in a savepoint: applied (``None``) or what it met."""
+        user_id, version, data, rows, expected_version = write
+        conn.execute("SAVEPOINT creditmeter_write")
+        if expected_version is None:
+            cursor = conn.execute(_INSERT_ACCOUNT, (user_id, version, data))
+        else:
+            cursor = conn.execute(_UPDATE_ACCOUNT, (version, data, user_id, expected_version))
+        if cursor.rowcount != 1:  # nothing written
+            conn.execute("RELEASE creditmeter_write")
+            row = conn.execute(_LOAD, (user_id,)).fetchone()
+            current = None if row is None else account_from_json(row[0], user_id=user_id)
+            return VersionConflict(user_id, expected=expected_version, current=current)
+        try:
+            conn.executemany(_INSERT_ENTRY, rows)
+        except sqlite3.IntegrityError:
+            # Undo the account row too: the write leaves nothing.
+            conn.execute("ROLLBACK TO creditmeter_write")
+            conn.execute("RELEASE creditmeter_write")
+            return SQLiteStore._duplicate(conn, user_id, rows)
+        conn.execute("RELEASE creditmeter_write")
+        return None
+
+    @staticmethod
+    def _duplicate(
+        conn: sqlite3.Connection, user_id: str, rows: list[tuple[str, str | None, str]]
+    ) -> DuplicateRequest:
+        """The request id of ``rows`` applied before (stored, or earlier in ``rows`` itself)."""
+        earlier: dict[str, str] = {}
+        for _, request_id, data in rows:
+            if request_id is None:
+                continue
+            found = conn.execute(_FIND_REQUEST, (user_id, request_id)).fetchone()
+            first = found[0] if found is not None else earlier.get(request_id)
+            if first is not None:
+                return DuplicateRequest(
+                    user_id, request_id, entry=entry_from_json(first, user_id=user_id)
+                )
+            earlier[request_id] = data
+        raise StoreError(f"SQLite commit for user {user_id!r} broke a constraint it should not")
+
     def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""
         handle = self._handle()
@@ -1204,6 +1300,20 @@ class AsyncSQLiteStore:
         jobs.job = job
         try:
             self.sync.commit(account, entries, expected_version=expected_version)
+        finally:
+            jobs.job = None
+
+    async def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
+        """Commit each write as ``commit()`` would, in one transaction (see ``SQLiteStore``)."""
+        job = _Job()
+        return await self._run(job, self._commit_many, job, writes)
+
+    def _commit_many(self, job: _Job, writes: Sequence[Write]) -> list[WriteOutcome]:
+        """On the worker thread: the sync ``commit_many``, told which call it runs for."""
+        jobs = self.sync._jobs  # noqa: SLF001 - the store's own twin
+        jobs.job = job
+        try:
+            return self.sync.commit_many(writes)
         finally:
             jobs.job = None
 

@@ -27,6 +27,7 @@ from creditmeter._compat import AsyncLock, async_shielded
 from creditmeter.exceptions import DuplicateRequest, StoreError, VersionConflict
 from creditmeter.models import Account, LedgerEntry
 from creditmeter.serde import account_from_json, entry_from_json
+from creditmeter.stores.base import Write, WriteOutcome
 from creditmeter.stores.postgres import _shared
 from creditmeter.stores.postgres._shared import RETURNS_AT_ONCE, STALE_TRIES, StoreBase, TaskPin
 from creditmeter.stores.postgres.failures import duplicate, failed, lost_race
@@ -320,16 +321,20 @@ class AsyncPostgresStore(StoreBase):
         if held.get(key):
             conn = pinned  # held by this caller already: counted here, no round trip
         else:
-            conn = await self._lock(key, pinned, user_id)
+            conn, data = await self._lock(key, pinned, user_id)
             if pinned is None:
                 self._pinned.pin(conn, held)
+            self._pinned.read()[key] = data  # the block's first load() needs no round trip
         assert conn is not None
+        read = self._pinned.read()
         held[key] = held.get(key, 0) + 1
         try:
             yield
         finally:
             if os.getpid() == pid:  # else a forked child: the lock and connection are the parent's
                 depth = held.pop(key, 0)  # 0: a commit in the block let go of it already
+                if depth <= 1:
+                    read.pop(key, None)
                 if depth > 1:
                     held[key] = depth - 1
                 if pinned is None:
@@ -343,11 +348,14 @@ class AsyncPostgresStore(StoreBase):
 
     async def _lock(
         self, key: int, pinned: AsyncConnection[Any] | None, user_id: str
-    ) -> AsyncConnection[Any]:
+    ) -> tuple[AsyncConnection[Any], str | None]:
         """Take the advisory lock on the pinned connection, else on one from the pool.
 
-        A pooled connection the server had just dropped is replaced (a dead
-        session holds no lock).
+        The user's account is read in the same round trip, by a second
+        statement pipelined behind the lock's (its snapshot is taken once the
+        lock is granted, so it sees every commit made before): the account
+        JSON, or ``None``. A pooled connection the server had just dropped is
+        replaced (a dead session holds no lock).
         """
         retries = STALE_TRIES if pinned is None else 0
         while True:
@@ -358,7 +366,7 @@ class AsyncPostgresStore(StoreBase):
             lost = False
             try:
                 async with _transaction(conn):
-                    await conn.execute(LOCK, (key,))
+                    data = await self._lock_and_read(conn, key, user_id)
             except errors.LockNotAvailable as exc:  # lock_timeout: not granted
                 if pinned is None:
                     await self._give_back(conn)
@@ -375,7 +383,18 @@ class AsyncPostgresStore(StoreBase):
                     raise failed("exclusive", exc, user_id) from exc
                 retries -= 1
             else:
-                return conn
+                return conn, data
+
+    async def _lock_and_read(
+        self, conn: AsyncConnection[Any], key: int, user_id: str
+    ) -> str | None:
+        """``LOCK`` then the account's load, as one pipeline: one round trip."""
+        async with conn.pipeline() as pipeline:
+            await conn.execute(LOCK, (key,))
+            cursor = await conn.execute(self._sql.load, (user_id,))
+            await pipeline.sync()
+            row = await cursor.fetchone()
+        return None if row is None else str(row[0])
 
     async def _lock_failed(
         self, conn: AsyncConnection[Any], key: int, *, pinned: bool, exc: BaseException
@@ -414,6 +433,12 @@ class AsyncPostgresStore(StoreBase):
 
     async def load(self, user_id: str) -> Account | None:
         """Return the stored account, or ``None``."""
+        if self._pinned.get() is not None:
+            read = self._pinned.read()
+            key = self._sql.lock_key(user_id)
+            if key in read:  # read as exclusive() took the lock: no writer can have moved it
+                data = read.pop(key)
+                return None if data is None else account_from_json(data, user_id=user_id)
         rows = await self._fetch("load", user_id, self._sql.load, (user_id,))
         return account_from_json(rows[0][0], user_id=user_id) if rows else None
 
@@ -466,6 +491,8 @@ class AsyncPostgresStore(StoreBase):
         self, pinned: AsyncConnection[Any] | None, query: bytes, params: list[Any]
     ) -> tuple[Any, ...] | None:
         """The body of ``_connection()``, inline: this is every write's path."""
+        if pinned is not None:
+            self._pinned.read().clear()  # what exclusive() read is stale once a commit applies
         conn = await self._getconn() if pinned is None else pinned
         try:
             if conn.autocommit:
@@ -477,6 +504,86 @@ class AsyncPostgresStore(StoreBase):
         finally:
             if pinned is None:
                 await self._give_back(conn)
+
+    async def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
+        """Commit each write as ``commit()`` would, in one transaction sent as one pipeline.
+
+        Each write is its commit statement; one whose compare-and-set loses
+        writes nothing and gets its ``VersionConflict``, while the others
+        apply. Writes run in order of user id, so that two batches take the
+        users' rows in the same order. If a statement fails (a request id
+        applied before, a serialization failure or a deadlock), the
+        transaction is rolled back and each write is committed on its own,
+        as ``commit()`` does, which reports what it met. Any other failure
+        raises ``StoreError``.
+        """
+        if not writes:
+            return []
+        order = sorted(range(len(writes)), key=lambda n: writes[n].account.user_id)
+        statements = []
+        for n in order:
+            account, entries, expected_version = writes[n]
+            key = self._sql.lock_key(account.user_id)
+            query = self._sql.commit(new=expected_version is None, entries=len(entries))
+            statements.append((query, commit_params(account, entries, expected_version, key)))
+        try:
+            rows = await self._pipelined(statements)
+        except (errors.UniqueViolation, errors.SerializationFailure, errors.DeadlockDetected):
+            return [await self._commit_alone(write) for write in writes]
+        except psycopg.Error as exc:
+            raise failed("commit", exc) from exc
+        outcomes: list[WriteOutcome] = [None] * len(writes)
+        for n, row in zip(order, rows, strict=True):
+            assert row is not None  # the statement always returns one row
+            if row[0]:
+                continue
+            account, _, expected_version = writes[n]
+            user_id = account.user_id
+            current = None if row[1] is None else account_from_json(row[1], user_id=user_id)
+            if lost_race(current, expected_version):
+                current = await self.load(user_id)
+            outcomes[n] = VersionConflict(user_id, expected=expected_version, current=current)
+        return outcomes
+
+    async def _pipelined(
+        self, statements: list[tuple[bytes, list[Any]]]
+    ) -> list[tuple[Any, ...] | None]:
+        """Run the statements in one transaction, pipelined: BEGIN, each one, COMMIT."""
+        pinned = self._pinned.get()
+        conn = await self._getconn() if pinned is None else pinned
+        try:
+            cursors = []
+            failure: psycopg.Error | None = None
+            try:
+                # BEGIN and COMMIT by hand: psycopg's transaction() would nest a pipeline.
+                async with conn.pipeline():
+                    try:
+                        await conn.execute(b"BEGIN")
+                        for query, params in statements:
+                            cursor = conn.cursor()
+                            await cursor.execute(query, params)
+                            cursors.append(cursor)
+                        await conn.execute(b"COMMIT")  # skipped by the server after a failure
+                    except psycopg.Error as exc:  # kept for after the pipeline's own end
+                        failure = exc
+            except psycopg.Error as exc:
+                failure = failure or exc
+            if failure is not None:
+                if not conn.broken and conn.pgconn.transaction_status not in RETURNS_AT_ONCE:
+                    await conn.execute(b"ROLLBACK")
+                raise failure
+            return [await cursor.fetchone() for cursor in cursors]
+        finally:
+            if pinned is None:
+                await self._give_back(conn)
+
+    async def _commit_alone(self, write: Write) -> WriteOutcome:
+        """One write of a batch committed on its own: ``None``, or the conflict it met."""
+        try:
+            await self.commit(write.account, write.entries, expected_version=write.expected_version)
+        except (VersionConflict, DuplicateRequest) as met:
+            return met
+        return None
 
     async def _duplicate(
         self, user_id: str, entries: Sequence[LedgerEntry], exc: Exception

@@ -61,6 +61,7 @@ class ThreadPin(threading.local):
 
     conn: Connection[Any] | None = None
     _held: dict[int, int]
+    _read: dict[int, str | None]
 
     def get(self) -> Connection[Any] | None:
         """The current thread's pinned connection, if any."""
@@ -70,10 +71,15 @@ class ThreadPin(threading.local):
         """How many nested blocks hold each user's key on the pinned connection."""
         return self._held
 
+    def read(self) -> dict[int, str | None]:
+        """Per key taken on the pinned connection: the account JSON read with it, until used."""
+        return self._read
+
     def pin(self, conn: Connection[Any], held: dict[int, int]) -> None:
         """Pin ``conn`` to the current thread, holding the keys counted in ``held``."""
         self.conn = conn
         self._held = held
+        self._read = {}
 
     def unpin(self) -> None:
         """The current thread's calls take their connections from the pool again."""
@@ -88,6 +94,9 @@ class TaskPin:
             f"creditmeter_postgres_{id(self)}", default=None
         )
         self._held: ContextVar[dict[int, int]] = ContextVar(f"creditmeter_postgres_held_{id(self)}")
+        self._read: ContextVar[dict[int, str | None]] = ContextVar(
+            f"creditmeter_postgres_read_{id(self)}"
+        )
 
     def get(self) -> AsyncConnection[Any] | None:
         """The current task's pinned connection, if any."""
@@ -97,10 +106,15 @@ class TaskPin:
         """How many nested blocks hold each user's key on the pinned connection."""
         return self._held.get()
 
+    def read(self) -> dict[int, str | None]:
+        """Per key taken on the pinned connection: the account JSON read with it, until used."""
+        return self._read.get()
+
     def pin(self, conn: AsyncConnection[Any], held: dict[int, int]) -> None:
         """Pin ``conn`` to the current task, holding the keys counted in ``held``."""
         self._conn.set(conn)
         self._held.set(held)
+        self._read.set({})
 
     def unpin(self) -> None:
         """The current task's calls take their connections from the pool again."""

@@ -45,6 +45,7 @@ _KEY_CACHE_LIMIT = 4096
 _MAX_RANGE = 2**62  # LRANGE takes a signed 64-bit index
 _CONFLICT = 1
 _DUPLICATE = 2
+_HELD_OFF = 3  # the commit met another writer's lock, from the version stored
 _TAKEN = 1
 _TICK = 0.1  # how late Redis may time out a BLPOP: its timer runs at hz = 10 by default
 
@@ -162,7 +163,7 @@ class Layout:
         """Raise what a non-zero reply of the commit script means."""
         if isinstance(reply, list) and reply:
             code = reply[0]
-            if code == _CONFLICT:
+            if code in (_CONFLICT, _HELD_OFF):
                 current = (
                     account_from_json(reply[1], user_id=account.user_id) if len(reply) > 1 else None
                 )
@@ -176,6 +177,11 @@ class Layout:
                         entry=entry_from_json(reply[2], user_id=account.user_id),
                     )
         raise StoreError(f"unexpected reply from the Redis commit script: {reply!r}")
+
+    @staticmethod
+    def held_off(reply: Any) -> bool:
+        """Tell whether a commit was held off by another writer's lock (to be sent again)."""
+        return isinstance(reply, list) and bool(reply) and reply[0] == _HELD_OFF
 
     # The lock behind exclusive(): three scripts' KEYS and ARGV.
 

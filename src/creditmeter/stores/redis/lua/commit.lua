@@ -8,7 +8,8 @@
 -- ARGV[6] the committer's lock token ('' = none)   ARGV[7] lock lease in ms
 -- ARGV[8], ARGV[9], ...: per entry, a request-id mark ('' or '=' .. id), then the entry JSON
 -- Returns 0 when written (or already written by this same commit, re-sent),
--- {1[, stored account JSON]} on a lost compare-and-set (or while another writer holds the lock),
+-- {1[, stored account JSON]} on a lost compare-and-set,
+-- {3[, stored account JSON]} while another writer holds the lock (the version still matches),
 -- {2, entry number, entry JSON} when an entry's request id was applied before.
 -- include: hand_over.lua
 
@@ -20,10 +21,16 @@ if stored and head[2] == ARGV[4] then
 end
 local holder = redis.call('GET', KEYS[4])
 if holder and holder ~= ARGV[6] then
-  if stored then
-    return {1, redis.call('HGET', account, 'd')}
+  -- Held off by the lock's holder: from the version stored, the same commit can be sent
+  -- again once the lock is let go (3); from another version it lost (1).
+  local code = 1
+  if (ARGV[1] == '' and not stored) or (stored and stored == ARGV[1]) then
+    code = 3
   end
-  return {1}
+  if stored then
+    return {code, redis.call('HGET', account, 'd')}
+  end
+  return {code}
 end
 local seen = {}
 for i = 8, #ARGV, 2 do
