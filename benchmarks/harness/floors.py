@@ -7,6 +7,9 @@ credit and returns how often it had to retry or wait. Variants:
   IMMEDIATE``, compare-and-set ``UPDATE``, ledger ``INSERT``, ``COMMIT`` with the
   store's schema and pragmas; Redis, the store's Lua commit script (``EVALSHA``);
   PostgreSQL, the store's commit statement on an autocommit connection.
+- ``records`` (memory): under a lock, the records a charge writes, built with
+  their attrs constructors: a new ``Account`` replacing the old one in a dict
+  and a ``LedgerEntry`` appended to a list.
 - ``cas`` (Redis, PostgreSQL): the floor, retried at once from the account a lost
   compare-and-set reports, without limit.
 - ``turn`` (Redis, PostgreSQL): every charge in turn, as the store does for a hot
@@ -30,7 +33,8 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from creditmeter import BalanceConfig, BalanceManager, open_store
+from creditmeter import Account, BalanceConfig, BalanceManager, EntryKind, LedgerEntry, open_store
+from creditmeter._ids import new_id
 from harness.fill import ACCOUNT, ENTRY, entry
 from harness.stores import base_url, kind_of, option, sqlite_path
 
@@ -76,6 +80,49 @@ class _Memory(Raw):
     def charge(self) -> int:
         with self.lock:
             self.balances[USER] -= 1
+        return 0
+
+
+class _Records(Raw):
+    def __init__(self) -> None:
+        super().__init__("records", "")
+        self.lock = threading.Lock()
+        now = datetime.now(timezone.utc)
+        self.accounts = {
+            USER: Account(
+                user_id=USER,
+                balance=Decimal(0),
+                version=1,
+                created_at=now,
+                updated_at=now,
+                last_refill=now,
+            )
+        }
+        self.ledger: list[LedgerEntry] = []
+
+    def charge(self) -> int:
+        with self.lock:
+            account, now, cost = self.accounts[USER], datetime.now(timezone.utc), Decimal(1)
+            balance = account.balance - cost
+            self.ledger.append(
+                LedgerEntry(
+                    id=new_id(),
+                    user_id=USER,
+                    kind=EntryKind.CHARGE,
+                    amount=-cost,
+                    balance_after=balance,
+                    at=now,
+                    cost=cost,
+                )
+            )
+            self.accounts[USER] = Account(
+                user_id=USER,
+                balance=balance,
+                version=account.version + 1,
+                created_at=account.created_at,
+                updated_at=now,
+                last_refill=account.last_refill,
+            )
         return 0
 
 
@@ -270,7 +317,7 @@ def raw(url: str, variant: str = "floor", tag: str = "raw") -> Raw:
     """Raw charges of ``variant`` on the (seeded) ``USER`` of the store at ``url``."""
     kind = kind_of(url)
     if kind == "memory":
-        return _Memory()
+        return _Records() if variant == "records" else _Memory()
     if kind.startswith("sqlite"):
         return _SQLite(url, variant, tag)
     return (_Redis if kind == "redis" else _Postgres)(url, variant, tag)
