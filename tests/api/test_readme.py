@@ -54,6 +54,8 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert "70.0" in printed
     assert any("LowBalance(user_id='erin'" in line for line in printed)  # the events example
     assert "True" in printed  # the holds example: nothing left held
+    assert "[True, True, False] InsufficientBalance" in printed  # the batches example
+    assert "23800" in printed  # ...and its replay charged nothing twice
     # One plain call, eleven async ones (a retried call runs; it is not charged twice),
     # two streams and the reserved call.
     assert len(provider.requests) == 1 + 11 + 2 + 1
