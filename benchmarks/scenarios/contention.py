@@ -28,13 +28,14 @@ TITLE = "Contention: four writers on one user, against raw floors"
 START = 10**9
 CONFIG = BalanceConfig(enabled=True, start_balance=START, allow_negative_balance=True)
 VARIANTS = {
-    "sqlite-full": ("store", "busy", "flock"),
-    "sqlite-normal": ("store", "busy", "flock"),
-    "redis": ("store", "store-retry-only", "cas", "turn"),
-    "postgres": ("store", "cas", "turn"),
+    "sqlite-full": ("store", "store-1", "busy", "flock"),
+    "sqlite-normal": ("store", "store-1", "busy", "flock"),
+    "redis": ("store", "store-1", "store-retry-only", "cas", "turn"),
+    "postgres": ("store", "store-1", "cas", "turn"),
 }
 MEANING = {
     "store": "the store through `BalanceManager` (default `RetryPolicy`; in turn after a lost CAS)",
+    "store-1": "the store through `BalanceManager`, one process alone (the same charges)",
     "store-retry-only": "the store with `exclusive` hidden: the retry policy alone",
     "busy": "raw SQLite, `BEGIN IMMEDIATE` waiting only in the busy handler (30 s)",
     "flock": "raw SQLite behind a blocking `fcntl.flock` of a lock file",
@@ -43,6 +44,7 @@ MEANING = {
 }
 P99_MS = 50.0
 FLOOR_RATIO = 1.5
+KEPT = 0.70  # issue 14: of one process's throughput, kept by four on one user
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,8 @@ def one_run(places: Places, kind: str, variant: str, sizes: Sizes) -> dict[str, 
     url = places.url(kind, f"contention-{variant}")
     seed(url, CONFIG)
     args = (url, variant, sizes)
-    reports = procs.run(_writer, sizes.writers, args, preload=("creditmeter", "redis", "psycopg"))
+    writers = 1 if variant == "store-1" else sizes.writers
+    reports = procs.run(_writer, writers, args, preload=("creditmeter", "redis", "psycopg"))
     first_done = min(r["ends"][-1] if r["ends"] else 0 for r in reports)
     begun = min(r["ends"][0] - r["lat"][0] for r in reports if r["ends"])
     done = sum(len(r["lat"]) for r in reports)
@@ -202,6 +205,17 @@ def run(*, quick: bool, workdir: Path) -> Section:
                 f"worst p99 {fmt(worst, 2)} ms; fewest charges by a process while all ran "
                 f"{fewest}; every process finished all {sizes.ops:,}: {yes(finished)}",
             )
+        alone = statistics.median(r["ops_per_s"] for r in variants["store-1"])
+        worst = max(r["p99"] for r in store)
+        kept = (
+            f"{rate / alone:.0%} ({fmt(rate, 0)} vs {fmt(alone, 0)} ops/s); "
+            f"worst p99 {fmt(worst, 2)} ms"
+        )
+        section.check(
+            f"{name} one user keeps ≥ {KEPT:.0%} of one process's throughput, p99 ≤ {P99_MS:g} ms",
+            None if kind.startswith("sqlite") else rate >= KEPT * alone and worst <= P99_MS,
+            kept + (" (figure)" if kind.startswith("sqlite") else ""),
+        )
         for variant in ("turn", "cas"):
             if variant in variants:
                 floor = statistics.median(r["ops_per_s"] for r in variants[variant])
