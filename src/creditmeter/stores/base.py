@@ -11,7 +11,11 @@ again, so contended writers are served in turn rather than the last winner
 winning again. SQLite's is an flock, Redis's a per-user lock with a queue
 that its commit script honours, PostgreSQL's an advisory lock, MemoryStore's
 a per-user lock (for several managers over one store); a store that cannot
-offer one relies on the retry policy alone.
+offer one relies on the retry policy alone. A store whose commit waits while
+another writer holds ``exclusive()`` (Redis, whose script holds such a
+commit off) may set an int ``contention_retries``: a manager then retries a
+lost compare-and-set that many times at once, from the account the conflict
+reported, before it queues for ``exclusive()``.
 
 A store may also offer ``commit_many(writes)`` (``BatchStore``): many commits,
 each one atomic on its own, in one round trip or transaction. Managers use it
