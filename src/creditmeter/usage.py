@@ -85,34 +85,49 @@ def _get(obj: Any, name: str) -> Any:  # noqa: PLR0911 - one return per kind of 
     """``obj[name]`` for mappings, ``obj.name`` for objects; ``None`` when absent.
 
     SDK responses are pydantic models, on which a missing attribute costs an
-    exception (about 4 µs): their fields are read from ``__dict__`` first.
+    exception (about 4 µs): their fields are read from ``__dict__``, and a
+    field they lack from their extras.
     """
     if obj is None:
         return None
     if type(obj) is dict:
         return obj.get(name)
+    kind = _KINDS.get(type(obj))
+    if kind is None:
+        kind = _kind_of(type(obj))
+    if kind is _PYDANTIC:
+        value = obj.__dict__.get(name, _MISSING)
+        if value is not _MISSING:
+            return value
+        extra = getattr(obj, "__pydantic_extra__", None)  # undeclared fields
+        return extra.get(name) if extra else None
     fields = getattr(obj, "__dict__", None)
     if fields is not None and name in fields:
         return fields[name]
-    cls = type(obj)
-    mapping = _IS_MAPPING.get(cls)
-    if mapping is None:
-        if len(_IS_MAPPING) >= _CLASSES_LIMIT:
-            _IS_MAPPING.clear()
-        mapping = _IS_MAPPING[cls] = isinstance(obj, Mapping)
-    if mapping:
+    if kind is _MAPPING:
         return obj.get(name)
-    extra = getattr(obj, "__pydantic_extra__", None)  # pydantic's undeclared fields
-    if extra:
-        return extra.get(name)
-    if fields is not None and getattr(cls, "__pydantic_fields__", None) is not None:
-        return None  # a pydantic model without that field
     return getattr(obj, name, None)
 
 
-# Whether a class is a Mapping: isinstance() against the ABC costs more than a lookup.
-_IS_MAPPING: dict[type, bool] = {}
+_PYDANTIC, _MAPPING, _OTHER = "pydantic", "mapping", "other"
+_MISSING = object()
+# What each class of response is: isinstance() against an ABC, and looking a model's
+# fields up, cost more than this lookup. Bounded: classes made at run time come and go.
+_KINDS: dict[type, str] = {}
 _CLASSES_LIMIT = 256
+
+
+def _kind_of(cls: type) -> str:
+    if getattr(cls, "__pydantic_fields__", None) is not None and not issubclass(cls, Mapping):
+        kind = _PYDANTIC
+    elif issubclass(cls, Mapping):
+        kind = _MAPPING
+    else:
+        kind = _OTHER
+    if len(_KINDS) >= _CLASSES_LIMIT:
+        _KINDS.clear()
+    _KINDS[cls] = kind
+    return kind
 
 
 def _count(obj: Any, name: str, *, where: str, required: bool = True) -> int:

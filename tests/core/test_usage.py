@@ -1187,7 +1187,7 @@ def test_gemini_rest_json_is_camel_case():
 
 
 def test_mapping_classes_are_remembered_within_a_bound() -> None:
-    """Reading responses of many classes keeps at most 256 of them in the Mapping cache."""
+    """Reading responses of many classes keeps at most 256 of them in the cache of kinds."""
     from collections import UserDict  # noqa: PLC0415
 
     from creditmeter import usage as usage_module  # noqa: PLC0415
@@ -1198,7 +1198,7 @@ def test_mapping_classes_are_remembered_within_a_bound() -> None:
             mapping_class({"usage": {"prompt_tokens": number, "completion_tokens": 1}})
         )
         assert read == TokenUsage(input=number, output=1)
-        assert len(usage_module._IS_MAPPING) <= usage_module._CLASSES_LIMIT
+        assert len(usage_module._KINDS) <= usage_module._CLASSES_LIMIT
 
 
 def test_counts_read_from_responses_build_the_same_usage() -> None:
