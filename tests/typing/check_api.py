@@ -24,6 +24,9 @@ from creditmeter import (
     AsyncReservation,
     BalanceCheck,
     BalanceManager,
+    BatchResult,
+    ChargeItem,
+    GrantItem,
     Hold,
     LedgerEntry,
     MemoryStore,
@@ -62,11 +65,15 @@ def sync_manager(meter: BalanceManager) -> None:
     with BalanceManager(MemoryStore()) as opened:
         assert_type(opened, BalanceManager)
     meter.charge("u", "5")  # type: ignore[arg-type]  # amounts are numbers, never text
+    assert_type(meter.charge_many([ChargeItem("u", 5)]), list[BatchResult])
+    assert_type(meter.grant_many([GrantItem("u", 5, request_id="g")]), list[BatchResult])
+    meter.charge_many([GrantItem("u", 5)])  # type: ignore[list-item]  # a grant is not a charge
 
 
 async def async_manager(meter: AsyncBalanceManager) -> None:
     """The async twins: coroutines whose awaited values are the sync methods' types."""
     assert_type(meter.charge("u", 5), Coroutine[Any, Any, LedgerEntry]).close()
+    assert_type(await meter.charge_many([ChargeItem("u", 5)]), list[BatchResult])
     assert_type(await meter.account("u"), Account)
     assert_type(await meter.balance("u"), Decimal)
     assert_type(await meter.ledger("u"), list[LedgerEntry])
