@@ -231,7 +231,7 @@ def managers(store: Any, loop: asyncio.AbstractEventLoop | None = None) -> Run:
 
 
 class FaultyConnection:
-    """An ``sqlite3.Connection`` whose ``execute`` may fail first; everything else passes."""
+    """An ``sqlite3.Connection`` whose ``execute`` / ``executemany`` may fail first."""
 
     __slots__ = ("_plan", "_real")
 
@@ -242,6 +242,11 @@ class FaultyConnection:
     def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
         self._plan.before(self._real, sql)
         return self._real.execute(sql, parameters)
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        # The store inserts a commit's entries in one call: one point where it may fail.
+        self._plan.before(self._real, sql)
+        return self._real.executemany(sql, rows)
 
     @property
     def in_transaction(self) -> bool:
@@ -775,14 +780,14 @@ OPERATIONS: list[tuple[str, Callable[[Run], Any]]] = [
 # The calls each store makes for the sequence, in order (checked by the test below; the
 # async stores make the same calls as their sync twins). If a store's calls change,
 # update these: they name the k-th call in the test ids.
-TRACE = [  # SQLite: statements
-    *["SELECT", "BEGIN", "INSERT", "INSERT", "INSERT", "COMMIT"],  # grant, opening alice
+TRACE = [  # SQLite: statements (a commit's entries are one INSERT, executemany)
+    *["SELECT", "BEGIN", "INSERT", "INSERT", "COMMIT"],  # grant, opening alice
     *["BEGIN", "UPDATE", "INSERT", "COMMIT"],  # charge
     *["SELECT", "BEGIN", "UPDATE", "COMMIT"],  # hold: its request's earlier holds; no entry
     *["BEGIN", "UPDATE", "INSERT", "COMMIT"],  # settle
     *["BEGIN", "UPDATE", "INSERT", "COMMIT"],  # set_balance
     *["SELECT", "BEGIN", "UPDATE", "INSERT", "COMMIT"],  # refill: read fresh, then write
-    *["SELECT", "BEGIN", "INSERT", "INSERT", "INSERT", "COMMIT"],  # charge, opening bob
+    *["SELECT", "BEGIN", "INSERT", "INSERT", "COMMIT"],  # charge, opening bob
     *["SELECT", "BEGIN", "UPDATE", "COMMIT"],  # hold bob
     *["BEGIN", "UPDATE", "INSERT", "COMMIT"],  # release
     *["SELECT", "SELECT", "SELECT"],  # the three reads
@@ -792,7 +797,7 @@ TRACE = [  # SQLite: statements
     *["SELECT", "BEGIN", "UPDATE", "INSERT", "COMMIT"],  # another writer charges bob
     # hold: its request's holds, then as the charge above
     *["SELECT", "BEGIN", "UPDATE", "SELECT", "ROLLBACK", "SELECT", "BEGIN", "UPDATE", "COMMIT"],
-    *["SELECT", "BEGIN", "INSERT", "INSERT", "INSERT", "COMMIT"],  # grant, opening carol
+    *["SELECT", "BEGIN", "INSERT", "INSERT", "COMMIT"],  # grant, opening carol
     *["SELECT", "BEGIN", "UPDATE", "INSERT", "COMMIT"],  # another writer sets carol
     *["BEGIN", "UPDATE", "SELECT", "ROLLBACK", "SELECT", "BEGIN", "UPDATE", "INSERT", "COMMIT"],
 ]
@@ -1197,3 +1202,46 @@ def test_lock_file_that_cannot_be_opened_is_a_store_error(tmp_path: Path, monkey
         connection.close()
     assert len(errors) == 1
     assert isinstance(errors[0], StoreError), repr(errors[0])
+
+
+@pytest.mark.parametrize("mode", ["refused", "rolled-back"])
+@pytest.mark.parametrize("fail_at", range(1, 12))
+def test_a_batch_whose_store_fails_writes_nothing_and_its_replay_applies_once(
+    tmp_path: Path, fail_at: int, mode: str
+) -> None:
+    """charge_many on SQLite with an I/O error at its k-th statement (k = 1..11, both kinds).
+
+    The batch is one transaction: the failure is a StoreError, the file holds
+    what it held before, the manager's last-seen accounts are not trusted
+    afterwards, and the same batch sent again (a replay) applies every item once.
+    """
+    from creditmeter import ChargeItem  # noqa: PLC0415
+
+    plan = FaultPlan()
+    items = [
+        ChargeItem(user, 5 + number, request_id=f"{user}-{number}")
+        for number in range(3)
+        for user in ("alice", "bob", "carol")
+    ]
+    with faulty_sqlite(tmp_path, plan) as faulty:
+        manager = faulty.run.manager
+        for user in ("alice", "bob", "carol"):
+            manager.grant(user, 100)
+        before = faulty.stored()
+        start = {user: faulty.reader.load(user).balance for user in ("alice", "bob", "carol")}
+        plan.arm(fail_at, mode)
+        with pytest.raises(StoreError):
+            manager.charge_many(items)
+        plan.armed = False
+        assert plan.fired == 1, plan.trace
+        assert faulty.stored() == before
+        results = manager.charge_many(items)
+        assert all(result.ok for result in results)
+        for user in ("alice", "bob", "carol"):
+            ledger = faulty.reader.ledger(user)
+            charges = [entry for entry in ledger if entry.kind is EntryKind.CHARGE]
+            assert sorted(entry.request_id for entry in charges) == [
+                f"{user}-{n}" for n in range(3)
+            ]
+            assert faulty.reader.load(user).balance == sum(entry.amount for entry in ledger)
+            assert faulty.reader.load(user).balance == start[user] - (5 + 6 + 7)

@@ -193,27 +193,10 @@ class MemoryStore:
         """Store the account and entries if the stored version is ``expected_version``."""
         if self._closed:
             self._check_open()
-        user_id = account.user_id
         with self._lock:
-            requests = self._requests
-            for entry in entries:
-                if entry.request_id is not None:
-                    found = requests.get((user_id, entry.request_id))
-                    if found is not None:
-                        raise DuplicateRequest(user_id, entry.request_id, entry=_unpack(found))
-            accounts = self._accounts
-            current = accounts.get(user_id)
-            if (None if current is None else current.version) != expected_version:
-                raise VersionConflict(user_id, expected=expected_version, current=current)
-            accounts[user_id] = account
-            ledger = self._ledgers.get(user_id)
-            if ledger is None:
-                ledger = self._ledgers[user_id] = []
-            for entry in entries:
-                packed = _pack(entry)
-                ledger.append(packed)
-                if entry.request_id is not None:
-                    requests[user_id, entry.request_id] = packed
+            met = self._commit_one(account, entries, expected_version)
+        if met is not None:
+            raise met
 
     def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
         """Commit each write as ``commit()`` would, all under one hold of the lock.
@@ -223,33 +206,39 @@ class MemoryStore:
         """
         self._check_open()
         with self._lock:
-            return [self._commit_one(write) for write in writes]
+            return [self._commit_one(*write) for write in writes]
 
-    def _commit_one(self, write: Write) -> WriteOutcome:
-        """With the lock held: one write of ``commit_many``."""
-        account, entries, expected_version = write
+    def _commit_one(
+        self, account: Account, entries: Sequence[LedgerEntry], expected_version: int | None
+    ) -> WriteOutcome:
+        """With the lock held: one write, applied (``None``) or what it met (nothing written)."""
         user_id = account.user_id
         requests = self._requests
-        mine: dict[str, Packed] = {}
-        for entry in entries:
+        packed = [_pack(entry) for entry in entries]
+        mine: dict[str, Packed] | None = None  # request ids earlier in this write
+        for entry, row in zip(entries, packed, strict=True):
             request_id = entry.request_id
             if request_id is not None:
-                found = requests.get((user_id, request_id)) or mine.get(request_id)
+                found = requests.get((user_id, request_id))
+                if found is None and mine is not None:
+                    found = mine.get(request_id)
                 if found is not None:
                     return DuplicateRequest(user_id, request_id, entry=_unpack(found))
-                mine[request_id] = _pack(entry)
-        current = self._accounts.get(user_id)
+                if mine is None:
+                    mine = {}
+                mine[request_id] = row
+        accounts = self._accounts
+        current = accounts.get(user_id)
         if (None if current is None else current.version) != expected_version:
             return VersionConflict(user_id, expected=expected_version, current=current)
-        self._accounts[user_id] = account
+        accounts[user_id] = account
         ledger = self._ledgers.get(user_id)
         if ledger is None:
             ledger = self._ledgers[user_id] = []
-        for entry in entries:
-            packed = _pack(entry) if entry.request_id is None else mine[entry.request_id]
-            ledger.append(packed)
-            if entry.request_id is not None:
-                requests[user_id, entry.request_id] = packed
+        ledger.extend(packed)
+        if mine is not None:
+            for request_id, row in mine.items():
+                requests[user_id, request_id] = row
         return None
 
     def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:

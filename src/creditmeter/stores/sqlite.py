@@ -160,6 +160,18 @@ if hasattr(os, "register_at_fork"):
     )
 
 
+_Prepared = tuple[str, int, str, list[tuple[str, str | None, str]], int | None]
+"""A write as SQL parameters: user id, version, account JSON, entry rows, expected version."""
+
+
+def _prepared(
+    account: Account, entries: Sequence[LedgerEntry], expected_version: int | None
+) -> _Prepared:
+    user_id = account.user_id
+    rows = [(user_id, entry.request_id, entry_to_json(entry)) for entry in entries]
+    return (user_id, account.version, account_to_json(account), rows, expected_version)
+
+
 def _finish(conn: sqlite3.Connection) -> None:
     """COMMIT; if the COMMIT itself fails, roll back so the connection is clean again."""
     try:
@@ -954,75 +966,9 @@ class SQLiteStore:
         expected_version: int | None,
     ) -> None:
         """Store the account and entries in one transaction if the version still matches."""
-        job: _Job | None = getattr(self._jobs, "job", None)
-        if self.read_only:
-            raise StoreError(
-                f"cannot write to SQLite store {self.path!r}: opened read-only "
-                f"({self._read_only_why})"
-            )
-        if job is not None and job.abandoned:
-            raise _Abandoned
-        user_id = account.user_id
-        data = account_to_json(account)
-        rows = [(user_id, entry.request_id, entry_to_json(entry)) for entry in entries]
-        handle = self._handle()
-        self._acquire(handle, job)
-        try:
-            conn = self._enter(handle)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._apply(
-                        conn,
-                        user_id=user_id,
-                        version=account.version,
-                        data=data,
-                        rows=rows,
-                        expected_version=expected_version,
-                    )
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                _finish(conn)
-            except sqlite3.Error as exc:
-                raise StoreError(f"SQLite commit to {self.path!r} failed: {exc}") from exc
-            finally:
-                self._leave(handle)
-        finally:
-            self._release(handle)
-
-    @staticmethod
-    def _apply(
-        conn: sqlite3.Connection,
-        *,
-        user_id: str,
-        version: int,
-        data: str,
-        rows: list[tuple[str, str | None, str]],
-        expected_version: int | None,
-    ) -> None:
-        if expected_version is None:
-            cursor = conn.execute(_INSERT_ACCOUNT, (user_id, version, data))
-        else:
-            cursor = conn.execute(_UPDATE_ACCOUNT, (version, data, user_id, expected_version))
-        if cursor.rowcount != 1:
-            row = conn.execute(_LOAD, (user_id,)).fetchone()
-            current = None if row is None else account_from_json(row[0], user_id=user_id)
-            raise VersionConflict(user_id, expected=expected_version, current=current)
-        for row in rows:
-            try:
-                conn.execute(_INSERT_ENTRY, row)
-            except sqlite3.IntegrityError:  # noqa: PERF203 - the rare duplicate path
-                request_id = row[1]
-                if request_id is None:
-                    raise
-                found = conn.execute(_FIND_REQUEST, (user_id, request_id)).fetchone()
-                if found is None:
-                    raise
-                raise DuplicateRequest(
-                    user_id, request_id, entry=entry_from_json(found[0], user_id=user_id)
-                ) from None
+        job = self._writable()
+        write = _prepared(account, entries, expected_version)
+        self._transaction(job, lambda conn: self._apply(conn, write))
 
     def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
         """Commit each write as ``commit()`` would, all in ONE transaction (one sync to disk).
@@ -1033,6 +979,16 @@ class SQLiteStore:
         the whole transaction back (nothing is written) and raises
         ``StoreError``. Waits for the writer lock as ``commit()`` does.
         """
+        job = self._writable()
+        if not writes:
+            return []
+        prepared = [_prepared(*write) for write in writes]
+        return self._transaction(
+            job, lambda conn: [self._apply_saved(conn, write) for write in prepared]
+        )
+
+    def _writable(self) -> _Job | None:
+        """Refuse a write to a read-only file, or for a call that was given up; its job."""
         job: _Job | None = getattr(self._jobs, "job", None)
         if self.read_only:
             raise StoreError(
@@ -1041,18 +997,14 @@ class SQLiteStore:
             )
         if job is not None and job.abandoned:
             raise _Abandoned
-        if not writes:
-            return []
-        prepared = [
-            (
-                account.user_id,
-                account.version,
-                account_to_json(account),
-                [(account.user_id, entry.request_id, entry_to_json(entry)) for entry in entries],
-                expected_version,
-            )
-            for account, entries, expected_version in writes
-        ]
+        return job
+
+    def _transaction(self, job: _Job | None, body: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction under the writer lock.
+
+        Whatever ``body`` raises rolls the transaction back; an SQLite failure
+        is ``StoreError``.
+        """
         handle = self._handle()
         self._acquire(handle, job)
         try:
@@ -1060,7 +1012,7 @@ class SQLiteStore:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    outcomes = [self._apply_saved(conn, write) for write in prepared]
+                    result = body(conn)
                 except BaseException:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
@@ -1072,32 +1024,37 @@ class SQLiteStore:
                 self._leave(handle)
         finally:
             self._release(handle)
-        return outcomes
+        return result
 
     @staticmethod
-    def _apply_saved(
-        conn: sqlite3.Connection,
-        write: tuple[str, int, str, list[tuple[str, str | None, str]], int | None],
-    ) -> WriteOutcome:
-        """One write of ``commit_many``, in a savepoint: applied (``None``) or what it met."""
+    def _apply(conn: sqlite3.Connection, write: _Prepared) -> None:
+        """One write: the account's compare-and-set, then its entries; raises what it meets."""
         user_id, version, data, rows, expected_version = write
-        conn.execute("SAVEPOINT creditmeter_write")
         if expected_version is None:
             cursor = conn.execute(_INSERT_ACCOUNT, (user_id, version, data))
         else:
             cursor = conn.execute(_UPDATE_ACCOUNT, (version, data, user_id, expected_version))
-        if cursor.rowcount != 1:  # nothing written
-            conn.execute("RELEASE creditmeter_write")
+        if cursor.rowcount != 1:
             row = conn.execute(_LOAD, (user_id,)).fetchone()
             current = None if row is None else account_from_json(row[0], user_id=user_id)
-            return VersionConflict(user_id, expected=expected_version, current=current)
+            raise VersionConflict(user_id, expected=expected_version, current=current)
+        if not rows:  # a hold writes no entry
+            return
         try:
             conn.executemany(_INSERT_ENTRY, rows)
         except sqlite3.IntegrityError:
-            # Undo the account row too: the write leaves nothing.
-            conn.execute("ROLLBACK TO creditmeter_write")
+            raise SQLiteStore._duplicate(conn, user_id, rows) from None
+
+    @staticmethod
+    def _apply_saved(conn: sqlite3.Connection, write: _Prepared) -> WriteOutcome:
+        """One write of ``commit_many``, in a savepoint: applied (``None``) or what it met."""
+        conn.execute("SAVEPOINT creditmeter_write")
+        try:
+            SQLiteStore._apply(conn, write)
+        except (VersionConflict, DuplicateRequest) as met:
+            conn.execute("ROLLBACK TO creditmeter_write")  # the write leaves nothing
             conn.execute("RELEASE creditmeter_write")
-            return SQLiteStore._duplicate(conn, user_id, rows)
+            return met
         conn.execute("RELEASE creditmeter_write")
         return None
 
@@ -1105,13 +1062,19 @@ class SQLiteStore:
     def _duplicate(
         conn: sqlite3.Connection, user_id: str, rows: list[tuple[str, str | None, str]]
     ) -> DuplicateRequest:
-        """The request id of ``rows`` applied before (stored, or earlier in ``rows`` itself)."""
+        """The request id of ``rows`` applied before (stored, or earlier in ``rows`` itself).
+
+        Called inside the transaction, after an insert of ``rows`` failed.
+        """
         earlier: dict[str, str] = {}
         for _, request_id, data in rows:
             if request_id is None:
                 continue
             found = conn.execute(_FIND_REQUEST, (user_id, request_id)).fetchone()
-            first = found[0] if found is not None else earlier.get(request_id)
+            # A row the failed statement inserted before the failing one is found as
+            # itself (the same text): that is not a repeat.
+            stored = found[0] if found is not None and found[0] != data else None
+            first = stored if stored is not None else earlier.get(request_id)
             if first is not None:
                 return DuplicateRequest(
                     user_id, request_id, entry=entry_from_json(first, user_id=user_id)
