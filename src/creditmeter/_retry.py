@@ -14,7 +14,14 @@ import tenacity
 from creditmeter.config import RetryPolicy
 from creditmeter.exceptions import VersionConflict
 
-__all__ = ["async_retrying", "retrying"]
+__all__ = ["async_retrying", "backoff", "retrying"]
+
+
+def _wait(policy: RetryPolicy) -> tenacity.wait.wait_base:
+    return tenacity.wait_chain(
+        tenacity.wait_none(),
+        tenacity.wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
+    )
 
 
 def _arguments(policy: RetryPolicy) -> dict[str, object]:
@@ -22,12 +29,7 @@ def _arguments(policy: RetryPolicy) -> dict[str, object]:
         # The attempt made by hand before handing over counts as one.
         "stop": tenacity.stop_after_attempt(max(policy.attempts - 1, 1))
         | tenacity.stop_after_delay(policy.timeout),
-        "wait": tenacity.wait_chain(
-            tenacity.wait_none(),
-            tenacity.wait_random_exponential(
-                multiplier=policy.initial_backoff, max=policy.max_backoff
-            ),
-        ),
+        "wait": _wait(policy),
         "retry": tenacity.retry_if_exception_type(VersionConflict),
         "reraise": True,
     }
@@ -41,3 +43,15 @@ def retrying(policy: RetryPolicy) -> tenacity.Retrying:
 def async_retrying(policy: RetryPolicy) -> tenacity.AsyncRetrying:
     """A fresh ``AsyncRetrying`` for one operation; it sleeps with ``asyncio.sleep``."""
     return tenacity.AsyncRetrying(**_arguments(policy))  # type: ignore[arg-type]
+
+
+def backoff(policy: RetryPolicy, retry_number: int) -> float:
+    """Seconds to wait before the ``retry_number``-th retry (1: at once), as the retriers wait.
+
+    For loops that retry many writes together (``charge_many``'s rounds)
+    rather than one operation through ``retrying``.
+    """
+    retrier = tenacity.Retrying(wait=_wait(policy))
+    state = tenacity.RetryCallState(retrier, None, (), {})
+    state.attempt_number = retry_number
+    return float(retrier.wait(state))

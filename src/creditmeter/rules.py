@@ -311,6 +311,62 @@ def _next_version(
     )
 
 
+def _charged(  # noqa: PLR0917 - positional: this is the hot path's last step
+    account: Account,
+    applied: Decimal,
+    cost: Decimal,
+    now: datetime,
+    new_id: IdFactory,
+    request_id: str | None,
+    model: str | None,
+    usage: TokenUsage | None,
+    rates: Rates | None,
+    metadata: dict[str, Any] | None,
+    holds: tuple[Hold, ...],
+    held: Decimal,
+) -> Change:
+    """One ``CHARGE`` entry of ``applied`` on an existing account, without a draft.
+
+    The end of the fast paths of ``charge`` and ``settle`` (``holds`` and
+    ``held``: what is left open after it): the same change as the draft's
+    ``add`` and ``finish``, with ``_next_version`` written out.
+    """
+    after = EXACT.subtract(account.balance, applied)
+    entry = build_entry(
+        new_id(),
+        account.user_id,
+        _CHARGE,
+        applied.copy_negate(),
+        after,
+        now,
+        request_id,
+        model,
+        usage,
+        cost,
+        rates,
+        metadata,
+    )
+    version, updated = account.version, account.updated_at
+    return _new_tuple(
+        Change,
+        (
+            build_account(
+                account.user_id,
+                after,
+                version + 1,
+                account.created_at,
+                now if now > updated else updated,  # noqa: FURB136 - max() costs a call here
+                account.last_refill,
+                account.refill,
+                holds,
+                held,
+            ),
+            (entry,),
+            version,
+        ),
+    )
+
+
 def _drop_expired_holds(account: Account, now: datetime) -> Account:
     holds = account.holds
     if holds[0].expires_at > now:  # in order of expiry: the first lives, all do
@@ -477,42 +533,20 @@ def charge(
     """
     if account is not None and not account.holds and not (strict and config.enabled):
         # The common case, without a draft: one entry on an existing account.
-        balance = account.balance
-        applied = _applied(cost, balance, config)
-        after = EXACT.subtract(balance, applied)
-        entry = build_entry(
-            new_id(),
-            user_id,
-            _CHARGE,
-            applied.copy_negate(),
-            after,
+        applied = _applied(cost, account.balance, config)
+        return _charged(
+            account,
+            applied,
+            cost,
             now,
+            new_id,
             request_id,
             model,
             usage,
-            cost,
             rates,
             metadata,
-        )
-        updated = account.updated_at
-        version = account.version
-        return _new_tuple(
-            Change,
-            (
-                build_account(  # as _next_version does, a call fewer
-                    account.user_id,
-                    after,
-                    version + 1,
-                    account.created_at,
-                    now if now > updated else updated,  # noqa: FURB136 - max() costs a call here
-                    account.last_refill,
-                    account.refill,
-                    (),
-                    account.held,
-                ),
-                (entry,),
-                version,
-            ),
+            (),
+            account.held,
         )
     draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
     if strict and config.enabled:
@@ -705,38 +739,20 @@ def settle(
             holds = holds[:index] + holds[index + 1 :]
             balance = account.balance
             applied = _applied(cost, EXACT.subtract(balance, held) if holds else balance, config)
-            after = EXACT.subtract(balance, applied)
-            entry = build_entry(
-                new_id(),
-                user_id,
-                _CHARGE,
-                applied.copy_negate(),
-                after,
+            request = HOLD_PREFIX + hold.id
+            return _charged(
+                account,
+                applied,
+                cost,
                 now,
-                HOLD_PREFIX + hold.id,
+                new_id,
+                request,
                 model,
                 usage,
-                cost,
                 rates,
                 metadata,
-            )
-            return _new_tuple(
-                Change,
-                (
-                    build_account(  # as _next_version does, a call fewer
-                        account.user_id,
-                        after,
-                        account.version + 1,
-                        account.created_at,
-                        now if now > account.updated_at else account.updated_at,  # noqa: FURB136
-                        account.last_refill,
-                        account.refill,
-                        holds,
-                        held,
-                    ),
-                    (entry,),
-                    account.version,
-                ),
+                holds,
+                held,
             )
     draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
     draft.take_hold(hold)

@@ -177,3 +177,23 @@ def test_plain_callbacks_hear_every_event_in_order(backend):
     with pytest.raises(InsufficientBalance):
         meter.charge("alice", 5000, strict=True)
     assert [type(event) for event in heard] == [Granted, Charged, LowBalance, Denied]
+
+
+def test_a_batch_callback_tops_up_and_bills_users_of_the_same_batch(backend):
+    """charge_many tells its events after every lock stripe of the batch is let go."""
+    from creditmeter import ChargeItem  # noqa: PLC0415
+
+    org = same_stripe("alice")
+
+    def on_event(event: object) -> object:
+        if isinstance(event, LowBalance):
+            return meter.manager.grant(event.user_id, 500, reason="auto top-up")
+        if isinstance(event, Charged) and event.user_id != org:
+            return meter.manager.charge(org, 1)  # a user of the same batch and stripe
+        return None
+
+    meter = backend.manager(CONFIG, on_event=on_event, low_balance_threshold=100)
+    results = finishes(lambda: meter.charge_many([ChargeItem("alice", 950), ChargeItem(org, 10)]))
+    assert [result.ok for result in results] == [True, True]
+    assert meter.balance("alice") == 1000 - 950 + 500
+    assert meter.balance(org) == 1000 - 10 - 1  # billed once, for alice's charge

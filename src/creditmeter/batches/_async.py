@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from creditmeter._base import LOCK_STRIPES, ManagerBase, Op, Outbox
 from creditmeter._compat import AsyncLock, async_sleep
+from creditmeter._retry import backoff
 from creditmeter.batches import _plan
 from creditmeter.batches._plan import Outcome, UserPlan, UserState
 from creditmeter.batches.items import BatchResult, ChargeItem, GrantItem
@@ -149,7 +150,7 @@ class AsyncBatchMixin(_Manager):
                 waiting.append(state)
             if lost:
                 retries += 1
-                pause = _plan.backoff(self.retry, retries)
+                pause = backoff(self.retry, retries)
                 if pause and waiting:
                     await async_sleep(pause)
 

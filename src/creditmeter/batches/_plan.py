@@ -13,7 +13,6 @@ a request id applied before.
 from __future__ import annotations
 
 import itertools
-import random
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import NamedTuple, TypeVar
@@ -21,7 +20,6 @@ from typing import NamedTuple, TypeVar
 from creditmeter import rules
 from creditmeter._base import ManagerBase, Op
 from creditmeter.batches.items import ChargeItem, GrantItem
-from creditmeter.config import RetryPolicy
 from creditmeter.events import Event
 from creditmeter.exceptions import (
     CreditMeterError,
@@ -37,7 +35,6 @@ __all__ = [
     "Outcome",
     "UserPlan",
     "UserState",
-    "backoff",
     "charge_ops",
     "grant_ops",
     "plan_user",
@@ -70,44 +67,45 @@ def _listed(items: object, kind: type[_Item]) -> list[_Item]:
 def charge_ops(manager: ManagerBase, items: object) -> tuple[list[ChargeItem], list[Op]]:
     """Check every item as ``charge()`` checks its arguments; the items and their ops."""
     listed = _listed(items, ChargeItem)
-    ops = []
-    for index, item in enumerate(listed):
-        try:
-            ops.append(
-                manager._charge_op(  # noqa: SLF001 - the managers' shared helpers
-                    item.user_id,
-                    item.amount,
-                    model=item.model,
-                    usage=item.usage,
-                    incomplete=item.incomplete,
-                    strict=item.strict,
-                    request_id=item.request_id,
-                    metadata=item.metadata,
-                )
-            )
-        except InvalidInput as exc:  # noqa: PERF203 - raised once, naming the item
-            raise InvalidInput(f"item {index}: {exc}") from None
-    return listed, ops
+    return listed, _ops(
+        listed,
+        lambda item: manager._charge_op(  # noqa: SLF001 - the managers' shared helpers
+            item.user_id,
+            item.amount,
+            model=item.model,
+            usage=item.usage,
+            incomplete=item.incomplete,
+            strict=item.strict,
+            request_id=item.request_id,
+            metadata=item.metadata,
+        ),
+    )
 
 
 def grant_ops(manager: ManagerBase, items: object) -> tuple[list[GrantItem], list[Op]]:
     """Check every item as ``grant()`` checks its arguments; the items and their ops."""
     listed = _listed(items, GrantItem)
+    return listed, _ops(
+        listed,
+        lambda item: manager._grant_op(  # noqa: SLF001 - the managers' shared helpers
+            item.user_id,
+            item.amount,
+            request_id=item.request_id,
+            reason=item.reason,
+            metadata=item.metadata,
+        ),
+    )
+
+
+def _ops(listed: list[_Item], make: Callable[[_Item], Op]) -> list[Op]:
+    """Each item's op; a bad item raises ``InvalidInput`` naming its index."""
     ops = []
     for index, item in enumerate(listed):
         try:
-            ops.append(
-                manager._grant_op(  # noqa: SLF001 - the managers' shared helpers
-                    item.user_id,
-                    item.amount,
-                    request_id=item.request_id,
-                    reason=item.reason,
-                    metadata=item.metadata,
-                )
-            )
+            ops.append(make(item))
         except InvalidInput as exc:  # noqa: PERF203 - raised once, naming the item
             raise InvalidInput(f"item {index}: {exc}") from None
-    return listed, ops
+    return ops
 
 
 class UserState:
@@ -220,14 +218,6 @@ def plan_user(ops: list[Op], state: UserState, now: datetime) -> UserPlan:
         base = state.base
         write = Write(account, tuple(entries), None if base is None else base.version)
     return UserPlan(write, changes, settled, stale, look_up)
-
-
-def backoff(policy: RetryPolicy, round_number: int) -> float:
-    """Seconds to wait before retry round ``round_number`` (1: at once), jittered as tenacity's."""
-    if round_number <= 1:
-        return 0.0
-    ceiling = min(policy.max_backoff, policy.initial_backoff * 2 ** (round_number - 2))
-    return random.uniform(0, ceiling)  # noqa: S311 - jitter, not secrecy
 
 
 def group(ops: list[Op], seen: Callable[[str], Account | None]) -> dict[str, UserState]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from creditmeter._base import LOCK_STRIPES, ManagerBase, Op, Outbox
 from creditmeter._compat import Lock, sleep
+from creditmeter._retry import backoff
 from creditmeter.batches import _plan
 from creditmeter.batches._plan import Outcome, UserPlan, UserState
 from creditmeter.batches.items import BatchResult, ChargeItem, GrantItem
@@ -144,7 +145,7 @@ class BatchMixin(_Manager):
                 waiting.append(state)
             if lost:
                 retries += 1
-                pause = _plan.backoff(self.retry, retries)
+                pause = backoff(self.retry, retries)
                 if pause and waiting:
                     sleep(pause)
 
