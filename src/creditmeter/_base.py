@@ -38,6 +38,8 @@ Outbox = list[Event] | None
 _ZERO = Decimal(0)
 _new_tuple = tuple.__new__
 _NO_TIME = timedelta(0)
+DEFAULT_HOLD_TTL = timedelta(minutes=10)
+"""How long a hold counts against the balance if nobody resolves it."""
 SEEN_LIMIT = 10_000
 HOT_SECONDS = 0.5
 LOCK_STRIPES = 256
@@ -329,11 +331,15 @@ class ManagerBase:
     ) -> HoldAsk:
         user_id = _validate.user_id(user_id)
         model_name = None if model is None else _validate.optional_text(model, name="model")
-        cost, _ = self._cost(amount, model=model_name, usage=usage, incomplete=False)
-        if not isinstance(ttl, timedelta) or ttl <= _NO_TIME:
+        if usage is None and amount is not None:
+            cost = _validate.amount(amount)
+        else:
+            cost, _ = self._cost(amount, model=model_name, usage=usage, incomplete=False)
+        if ttl is not DEFAULT_HOLD_TTL and (not isinstance(ttl, timedelta) or ttl <= _NO_TIME):
             raise InvalidInput(f"ttl must be a positive timedelta, got {ttl!r}")
         request = None if request_id is None else request_id_of(request_id)
-        return HoldAsk(user_id, cost, ttl, request, self._clock_start())
+        started = time.perf_counter() if self.on_event is not None else 0.0
+        return _new_tuple(HoldAsk, (user_id, cost, ttl, request, started))  # HoldAsk(...)
 
     def _hold_op(self, ask: HoldAsk, hold_id: str, made: list[Hold] | None = None) -> Op:
         """The write of a hold under ``hold_id``; ``made`` gets the hold each plan puts in."""
@@ -353,7 +359,13 @@ class ManagerBase:
                 request_id=request,
             )
             if made is not None:
-                made[:] = [] if is_noop(change) else [self._found_hold(change, hold_id)]
+                holds = change.account.holds
+                if change.account.version == change.expected_version:  # a no-op
+                    made.clear()
+                elif holds[-1].id == hold_id:  # where a new hold usually goes
+                    made[:] = (holds[-1],)
+                else:
+                    made[:] = (self._found_hold(change, hold_id),)
             return change
 
         return Op(user_id, plan, None, started=ask.started)
@@ -370,7 +382,10 @@ class ManagerBase:
     ) -> Op:
         held = _hold(hold)
         model_name = None if model is None else _validate.optional_text(model, name="model")
-        cost, rates = self._cost(amount, model=model_name, usage=usage, incomplete=incomplete)
+        if usage is None and amount is not None and incomplete is False:
+            cost, rates = _validate.amount(amount), None
+        else:
+            cost, rates = self._cost(amount, model=model_name, usage=usage, incomplete=incomplete)
         meta = None if metadata is None else _validate.metadata(metadata)
         tokens: TokenUsage | None = usage  # type: ignore[assignment]  # checked by _cost
         config = self.config
@@ -390,7 +405,8 @@ class ManagerBase:
                 metadata=meta,
             )
 
-        return Op(held.user_id, plan, rules.HOLD_PREFIX + held.id, started=self._clock_start())
+        started = time.perf_counter() if self.on_event is not None else 0.0
+        return _new_tuple(Op, (held.user_id, plan, rules.HOLD_PREFIX + held.id, None, started))
 
     def _release_op(self, hold: object) -> Op:
         held = _hold(hold)

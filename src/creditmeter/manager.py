@@ -277,11 +277,11 @@ class BalanceManager(BatchMixin, ManagerBase):
         ask = self._hold_ask(
             user_id, amount, model=model, usage=usage, ttl=ttl, request_id=request_id
         )
-        out = self._outbox()
+        out: Outbox = [] if self.on_event is not None else None
         made: list[Hold] = []  # the hold the last plan put in, until the caller has it
         try:
-            with self._lock(ask.user_id):
-                hold_id = self._hold_id(ask)
+            with self._locks[hash(ask.user_id) % LOCK_STRIPES]:
+                hold_id = new_id() if ask.request_id is None else self._hold_id(ask)
                 change = self._from_seen(self._hold_op(ask, hold_id, made), out)
         except InsufficientBalance as refused:
             self._denied(refused, ask.started, out)
@@ -315,7 +315,8 @@ class BalanceManager(BatchMixin, ManagerBase):
             hold, amount, model=model, usage=usage, incomplete=incomplete, metadata=metadata
         )
         entry = self._apply(op)
-        self._tidy(hold)
+        if self._leftover(hold):  # as _tidy, frames fewer on the hot path
+            self._locked(self._drop_op(hold))
         return entry
 
     def release(self, hold: Hold) -> LedgerEntry:

@@ -28,6 +28,7 @@ __all__ = [
     "LedgerEntry",
     "build_account",
     "build_entry",
+    "build_hold",
 ]
 
 _ZERO = Decimal(0)
@@ -244,3 +245,27 @@ def build_account(  # noqa: PLR0917 - one argument per field, as the class has
     _a_holds(account, holds)
     _a_held(account, held)
     return account
+
+
+_h_id, _h_user_id, _h_amount, _h_created_at, _h_expires_at, _h_request_id = _setters(
+    Hold, "id user_id amount created_at expires_at request_id"
+)
+
+
+def build_hold(  # noqa: PLR0917 - one argument per field, as the class has
+    id: str,  # noqa: A002 - the field's name
+    user_id: str,
+    amount: Decimal,
+    created_at: datetime,
+    expires_at: datetime,
+    request_id: str | None = None,
+) -> Hold:
+    """``Hold(...)`` from checked values, positionally."""
+    hold: Hold = _new(Hold)
+    _h_id(hold, id)
+    _h_user_id(hold, user_id)
+    _h_amount(hold, amount)
+    _h_created_at(hold, created_at)
+    _h_expires_at(hold, expires_at)
+    _h_request_id(hold, request_id)
+    return hold

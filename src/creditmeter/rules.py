@@ -35,6 +35,7 @@ from creditmeter.models import (
     LedgerEntry,
     build_account,
     build_entry,
+    build_hold,
     total_held,
 )
 from creditmeter.pricing import Pricing, Rates
@@ -635,13 +636,7 @@ def hold(
             raise InsufficientBalance(
                 user_id, balance=account.balance, available=available, cost=amount
             )
-        made = Hold(
-            id=hold_id,
-            user_id=user_id,
-            amount=amount,
-            created_at=now,
-            expires_at=_hold_expiry(now, ttl),
-        )
+        made = build_hold(hold_id, user_id, amount, now, _hold_expiry(now, ttl))
         holds, new_total = _with_hold(account.holds, account.held, made)
         return _new_tuple(
             Change,

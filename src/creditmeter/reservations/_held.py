@@ -6,14 +6,15 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from creditmeter._base import DEFAULT_HOLD_TTL
 from creditmeter.exceptions import InvalidInput
 from creditmeter.models import Hold, LedgerEntry
 from creditmeter.usage import TokenUsage
 
 __all__ = ["DEFAULT_TTL", "Held"]
 
-DEFAULT_TTL = timedelta(minutes=10)
-"""How long a hold counts against the balance if nobody resolves it."""
+DEFAULT_TTL = DEFAULT_HOLD_TTL
+"""How long a hold counts against the balance if nobody resolves it (10 minutes)."""
 
 
 class Held:
