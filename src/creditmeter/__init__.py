@@ -34,6 +34,7 @@ from creditmeter.manager import BalanceManager
 from creditmeter.metering import AsyncMeteredStream, MeteredStream, acting_as, metered
 from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry
 from creditmeter.pricing import Cost, ModelRate, Pricing, Rates
+from creditmeter.queries import EntryPage, UsageRow
 from creditmeter.reservations import AsyncReservation, Reservation
 from creditmeter.stores import (
     AsyncBalanceStore,
@@ -82,6 +83,7 @@ __all__ = [
     "Denied",
     "DuplicateRequest",
     "EntryKind",
+    "EntryPage",
     "Event",
     "GrantItem",
     "Granted",
@@ -107,6 +109,7 @@ __all__ = [
     "StreamUsage",
     "TokenUsage",
     "Unmetered",
+    "UsageRow",
     "VersionConflict",
     "__version__",
     "acting_as",

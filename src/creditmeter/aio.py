@@ -1,5 +1,6 @@
 # unasync-target: manager.py
 # unasync-rename: _tell -> _emit
+# unasync-rename: AsyncReportMixin -> ReportMixin
 """``AsyncBalanceManager``: validate, load, apply a rule, commit; retry a lost compare-and-set.
 
 The manager holds no business rule (those are in ``rules.py``). Each write
@@ -57,6 +58,7 @@ from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, Versio
 from creditmeter.metering import OnMissingUsage, OnStoreError, acting_as, metered
 from creditmeter.models import Account, BalanceCheck, Hold, LedgerEntry
 from creditmeter.pricing import Pricing
+from creditmeter.reports import AsyncReportMixin
 from creditmeter.reservations import DEFAULT_TTL, AsyncReservation
 from creditmeter.stores.base import AsyncBalanceStore
 from creditmeter.usage import TokenUsage
@@ -91,7 +93,7 @@ def _finished(task: asyncio.Future[object]) -> None:
 # async-only: end
 
 
-class AsyncBalanceManager(AsyncBatchMixin, ManagerBase):
+class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
     """Check, charge, grant and refill token credits over a store.
 
     ``store`` follows the ``AsyncBalanceStore`` protocol. ``config`` decides how balances

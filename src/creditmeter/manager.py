@@ -52,6 +52,7 @@ from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, Versio
 from creditmeter.metering import OnMissingUsage, OnStoreError, acting_as, metered
 from creditmeter.models import Account, BalanceCheck, Hold, LedgerEntry
 from creditmeter.pricing import Pricing
+from creditmeter.reports import ReportMixin
 from creditmeter.reservations import DEFAULT_TTL, Reservation
 from creditmeter.stores.base import BalanceStore
 from creditmeter.usage import TokenUsage
@@ -63,7 +64,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class BalanceManager(BatchMixin, ManagerBase):
+class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
     """Check, charge, grant and refill token credits over a store.
 
     ``store`` follows the ``BalanceStore`` protocol. ``config`` decides how balances

@@ -16,8 +16,8 @@ from __future__ import annotations
 import bisect
 import calendar
 import hashlib
-from collections.abc import Callable
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -39,23 +39,28 @@ from creditmeter.models import (
     total_held,
 )
 from creditmeter.pricing import Pricing, Rates
-from creditmeter.usage import TokenUsage
+from creditmeter.queries import PERIODS, Period, UsageQuery, UsageRow
+from creditmeter.usage import TokenUsage, counted_usage
 
 __all__ = [
     "HOLD_PREFIX",
     "Change",
+    "Tally",
     "add_interval",
     "charge",
     "check",
     "configure_refill",
+    "counts_as_usage",
     "drop_hold",
     "effective_refill",
     "events_for",
     "grant",
     "hold",
     "hold_generation",
+    "in_range",
     "open_account",
     "open_holds",
+    "period_start",
     "refill",
     "refill_due",
     "release",
@@ -63,6 +68,8 @@ __all__ = [
     "request_hold_id",
     "set_balance",
     "settle",
+    "sort_usage",
+    "usage_sum",
 ]
 
 IdFactory = Callable[[], str]
@@ -924,3 +931,139 @@ def replay(existing: LedgerEntry, attempted: LedgerEntry) -> LedgerEntry:
                 attempted.user_id, request_id, detail=f"{name} was {before}, now {now}"
             )
     return existing
+
+
+# --- usage reports -----------------------------------------------------------------
+#
+# A report counts CHARGE entries only (a settled hold is one; a release and a
+# hold's own write are not usage). Stores that sum in SQL translate these rules;
+# the contract suite holds every store to the sums ``tally`` makes.
+
+
+def period_start(at: datetime, period: Period) -> datetime:
+    """The start of the UTC ``period`` holding ``at``: its hour, day, week (Monday) or month."""
+    at = at.astimezone(timezone.utc)
+    if period == "hour":
+        return at.replace(minute=0, second=0, microsecond=0)
+    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    if period == "month":
+        return day.replace(day=1)
+    raise InvalidInput(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
+
+
+def counts_as_usage(entry: LedgerEntry) -> bool:
+    """Whether an entry is a call's charge, for usage reports: a ``CHARGE``."""
+    return entry.kind is _CHARGE
+
+
+def in_range(at: datetime, since: datetime | None, until: datetime | None) -> bool:
+    """Whether ``at`` falls in ``[since, until)`` (an open end where ``None``)."""
+    return (since is None or at >= since) and (until is None or at < until)
+
+
+class Tally:
+    """Sums charges into ``UsageRow``s grouped as a ``UsageQuery`` asks.
+
+    ``add`` each entry (entries that are not usage, or are out of the
+    query's range or user, are skipped); ``rows`` gives the sums, sorted
+    by their keys. Exact: counts are ints, amounts Decimals.
+    """
+
+    def __init__(self, query: UsageQuery) -> None:
+        self.query = query
+        self._by_user = "user" in query.by
+        self._by_model = "model" in query.by
+        self._period: Period | None = query.period if "period" in query.by else None
+        # key -> [calls, input, output, cache_write, cache_read, cost, charged]
+        self._sums: dict[tuple[str | None, str | None, datetime | None], list[Any]] = {}
+
+    def add(self, entry: LedgerEntry) -> None:
+        """Count ``entry`` if it is a charge the query covers."""
+        usage = entry.usage
+        self.add_values(
+            entry.user_id,
+            entry.kind,
+            entry.at,
+            entry.amount,
+            entry.cost,
+            entry.model,
+            None
+            if usage is None
+            else (usage.input, usage.output, usage.cache_write, usage.cache_read),
+        )
+
+    def add_values(  # noqa: PLR0917 - an entry's fields, for stores that keep them apart
+        self,
+        user_id: str,
+        kind: EntryKind | str,
+        at: datetime,
+        amount: Decimal,
+        cost: Decimal | None,
+        model: str | None,
+        tokens: tuple[int, int, int, int] | None,
+    ) -> None:
+        """``add`` for an entry kept as its values (``kind`` may be its text)."""
+        query = self.query
+        if kind != _CHARGE or not in_range(at, query.since, query.until):
+            return
+        if query.user_id is not None and user_id != query.user_id:
+            return
+        period = self._period
+        key = (
+            user_id if self._by_user else None,
+            model if self._by_model else None,
+            None if period is None else period_start(at, period),
+        )
+        sums = self._sums.get(key)
+        if sums is None:
+            sums = self._sums[key] = [0, 0, 0, 0, 0, _ZERO, _ZERO]
+        charged = amount.copy_negate()
+        sums[0] += 1
+        if tokens is not None:
+            sums[1] += tokens[0]
+            sums[2] += tokens[1]
+            sums[3] += tokens[2]
+            sums[4] += tokens[3]
+        sums[5] = EXACT.add(sums[5], charged if cost is None else cost)
+        sums[6] = EXACT.add(sums[6], charged)
+
+    def rows(self) -> list[UsageRow]:
+        """The sums so far, one row per group, sorted by their keys."""
+        return sort_usage(
+            UsageRow(
+                user_id=user_id,
+                model=model,
+                period_start=start,
+                calls=sums[0],
+                usage=usage_sum(sums[1], sums[2], sums[3], sums[4]),
+                cost=sums[5],
+                charged=sums[6],
+            )
+            for (user_id, model, start), sums in self._sums.items()
+        )
+
+
+def usage_sum(input: int, output: int, cache_write: int, cache_read: int) -> TokenUsage:  # noqa: A002
+    """A ``TokenUsage`` of summed counts, which may exceed the limit of one call's."""
+    return counted_usage(input, output, cache_write, cache_read)
+
+
+def _row_key(row: UsageRow) -> tuple[str, bool, str, datetime]:
+    return (
+        row.user_id or "",
+        row.model is not None,  # charges without a model first
+        row.model or "",
+        row.period_start or _EPOCH,
+    )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def sort_usage(rows: Iterable[UsageRow]) -> list[UsageRow]:
+    """Rows in the order a report gives them: by user, then model (none first), then period."""
+    return sorted(rows, key=_row_key)

@@ -153,7 +153,7 @@ _set_input, _set_output, _set_cache_write, _set_cache_read = (
 )
 
 
-def _counted(input: int, output: int, cache_write: int, cache_read: int) -> TokenUsage:  # noqa: A002
+def counted_usage(input: int, output: int, cache_write: int, cache_read: int) -> TokenUsage:  # noqa: A002
     """``TokenUsage`` of counts that ``_count`` (or ``_cached_part``) checked already.
 
     Its own validators would check them again: a quarter of reading a response.
@@ -188,7 +188,7 @@ def _openai_chat(usage: Any) -> TokenUsage:
     # prompt_tokens counts every prompt token; cache reads and writes are parts of it.
     prompt = _count(usage, "prompt_tokens", where="usage")
     cached, written = _cache_details(usage, "prompt_tokens_details")
-    return _counted(
+    return counted_usage(
         _cached_part(prompt, cached + written, where="usage.prompt_tokens"),
         _count(usage, "completion_tokens", where="usage"),
         written,
@@ -199,7 +199,7 @@ def _openai_chat(usage: Any) -> TokenUsage:
 def _openai_responses(usage: Any) -> TokenUsage:
     total = _count(usage, "input_tokens", where="usage")
     cached, written = _cache_details(usage, "input_tokens_details")
-    return _counted(
+    return counted_usage(
         _cached_part(total, cached + written, where="usage.input_tokens"),
         _count(usage, "output_tokens", where="usage"),
         written,
@@ -210,7 +210,7 @@ def _openai_responses(usage: Any) -> TokenUsage:
 def _anthropic(usage: Any, *, delta: bool = False) -> TokenUsage:
     # Anthropic's input_tokens excludes cache reads and writes. A message_delta
     # event may leave input_tokens out (None): it reports output only.
-    return _counted(
+    return counted_usage(
         _count(usage, "input_tokens", where="usage", required=not delta),
         _count(usage, "output_tokens", where="usage"),
         _count(usage, "cache_creation_input_tokens", where="usage", required=False),

@@ -1203,9 +1203,9 @@ def test_mapping_classes_are_remembered_within_a_bound() -> None:
 
 def test_counts_read_from_responses_build_the_same_usage() -> None:
     """The readers build TokenUsage without re-running its validators: the same record."""
-    from creditmeter.usage import _counted  # noqa: PLC0415
+    from creditmeter.usage import counted_usage  # noqa: PLC0415
 
-    built = _counted(1000, 200, 30, 500)
+    built = counted_usage(1000, 200, 30, 500)
     made = TokenUsage(input=1000, output=200, cache_write=30, cache_read=500)
     assert built == made
     assert hash(built) == hash(made)

@@ -21,6 +21,13 @@ A store may also offer ``commit_many(writes)`` (``BatchStore``): many commits,
 each one atomic on its own, in one round trip or transaction. Managers use it
 for ``charge_many`` and ``grant_many`` when present, and commit write by write
 otherwise.
+
+A store may also offer reports (``ReportStore``): ``scan_entries`` (ledger
+entries of every user in commit order, a page at a time, from a position of
+its own), ``sum_usage`` (charges summed by user, model and period) and
+``users_page`` (user ids in order, a page at a time). Each is looked up on its
+own; managers fall back to ``users()`` and ``ledger()`` for what a store lacks
+(correct, but it reads every ledger: slow for many users).
 """
 
 from __future__ import annotations
@@ -31,14 +38,17 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 from creditmeter.exceptions import DuplicateRequest, VersionConflict
 from creditmeter.models import Account, LedgerEntry
+from creditmeter.queries import EntryQuery, Scan, UsageQuery, UsageRow
 
 __all__ = [
     "AsyncBalanceStore",
     "AsyncBatchStore",
     "AsyncExclusiveStore",
+    "AsyncReportStore",
     "BalanceStore",
     "BatchStore",
     "ExclusiveStore",
+    "ReportStore",
     "Write",
     "WriteOutcome",
 ]
@@ -176,4 +186,45 @@ class AsyncBatchStore(AsyncBalanceStore, Protocol):
 
     async def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
         """Commit each write as ``commit()`` would; return one outcome per write, in order."""
+        ...
+
+
+@runtime_checkable
+class ReportStore(BalanceStore, Protocol):
+    """A store that scans its ledger, sums usage and pages user ids itself (with indexes)."""
+
+    def scan_entries(self, query: EntryQuery, *, after: str | None, limit: int) -> Scan:
+        """Return up to ``limit`` entries the query covers, in commit order, after ``after``.
+
+        ``after`` is a ``Scan.position`` this store returned for the same
+        query (``None``: from the start); a malformed one raises
+        ``InvalidInput``. A page never skips or repeats an entry, even while
+        others commit: an entry committed later comes after every position
+        returned before it.
+        """
+        ...
+
+    def sum_usage(self, query: UsageQuery) -> list[UsageRow]:
+        """Return the query's charges summed per group, as ``rules.Tally`` sums them (any order)."""
+        ...
+
+    def users_page(self, *, after: str | None, limit: int) -> list[str]:
+        """Return up to ``limit`` user ids greater than ``after``, sorted by code point."""
+        ...
+
+
+@runtime_checkable
+class AsyncReportStore(AsyncBalanceStore, Protocol):
+    """The async twin of ``ReportStore``."""
+
+    async def scan_entries(self, query: EntryQuery, *, after: str | None, limit: int) -> Scan:
+        """Return up to ``limit`` entries the query covers, in commit order, after ``after``."""
+        ...
+
+    async def sum_usage(self, query: UsageQuery) -> list[UsageRow]:
+        """Return the query's charges summed per group, as ``rules.Tally`` sums them."""
+        ...
+
+    async def users_page(self, *, after: str | None, limit: int) -> list[str]:
+        """Return up to ``limit`` user ids greater than ``after``, sorted by code point."""
         ...

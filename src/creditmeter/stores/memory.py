@@ -15,6 +15,7 @@ that held the parent's do not exist there.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import threading
@@ -23,9 +24,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from creditmeter.exceptions import DuplicateRequest, StoreError, VersionConflict
+from creditmeter.exceptions import DuplicateRequest, InvalidInput, StoreError, VersionConflict
 from creditmeter.models import Account, EntryKind, LedgerEntry
 from creditmeter.pricing import Rates
+from creditmeter.queries import EntryQuery, Scan, UsageQuery, UsageRow
+from creditmeter.rules import Tally
 from creditmeter.stores.base import Write, WriteOutcome
 from creditmeter.usage import TokenUsage
 
@@ -75,6 +78,15 @@ def _unpack(packed: Packed) -> LedgerEntry:
 
 
 __all__ = ["AsyncMemoryStore", "MemoryStore"]
+
+
+def _index(position: str | None) -> int:
+    if position is None:
+        return 0
+    if not position.isdigit() or len(position) > 20:  # 2**64 has 20 digits
+        raise InvalidInput("after is not a cursor of this store")
+    return int(position)
+
 
 FORK_WAIT = 5.0
 """Seconds a fork waits for a store's lock (held only for the dict updates of one call)."""
@@ -145,6 +157,9 @@ class MemoryStore:
         self._accounts: dict[str, Account] = {}
         self._ledgers: dict[str, list[Packed]] = {}
         self._requests: dict[tuple[str, str], Packed] = {}
+        self._log: list[Packed] = []  # every entry, in commit order (for scan_entries)
+        self._sorted_users: list[str] = []  # for users_page: sorted when a page is asked for
+        self._new_users: list[str] = []  # opened since, not yet sorted in
         # Users whose exclusive() is held or awaited; dropped when the last block ends.
         self._writers: dict[str, _Writer] = {}
         self._closed = False
@@ -233,9 +248,11 @@ class MemoryStore:
             return VersionConflict(user_id, expected=expected_version, current=current)
         accounts[user_id] = account
         ledger = self._ledgers.get(user_id)
-        if ledger is None:
+        if ledger is None:  # the user's first commit: the account is new
             ledger = self._ledgers[user_id] = []
+            self._new_users.append(user_id)
         ledger.extend(packed)
+        self._log.extend(packed)
         if mine is not None:
             for request_id, row in mine.items():
                 requests[user_id, request_id] = row
@@ -262,6 +279,69 @@ class MemoryStore:
         self._check_open()
         with self._lock:
             return sorted(self._accounts)
+
+    # --- reports (ReportStore) -------------------------------------------------
+
+    def scan_entries(self, query: EntryQuery, *, after: str | None, limit: int) -> Scan:
+        """Up to ``limit`` entries the query covers, in commit order, after position ``after``.
+
+        Positions are indexes into the log of every entry (or the user's
+        ledger, for a query of one user). Both lists only grow, under the
+        lock, so the entries below a length read once stay as they are: the
+        scan reads them without holding up writers.
+        """
+        self._check_open()
+        index = _index(after)
+        with self._lock:
+            source = self._log if query.user_id is None else self._ledgers.get(query.user_id, [])
+            end = len(source)
+        since, until = query.since, query.until
+        kinds = None if query.kinds is None else {kind.value for kind in query.kinds}
+        found: list[Packed] = []
+        while index < end and len(found) < limit:
+            row = source[index]
+            index += 1
+            at = row[5]
+            if (
+                (kinds is None or row[2] in kinds)
+                and (since is None or at >= since)
+                and (until is None or at < until)
+            ):
+                found.append(row)
+        position = str(index) if len(found) == limit and index < end else None
+        return Scan([_unpack(row) for row in found], position)
+
+    def sum_usage(self, query: UsageQuery) -> list[UsageRow]:
+        """The query's charges summed per group, read from the log without unpacking it."""
+        self._check_open()
+        with self._lock:
+            source = self._log if query.user_id is None else self._ledgers.get(query.user_id, [])
+            end = len(source)
+        tally = Tally(query)
+        add = tally.add_values
+        charge = EntryKind.CHARGE.value
+        for index in range(end):
+            row = source[index]
+            if row[2] == charge:
+                add(row[1], charge, row[5], row[3], row[9], row[7], row[8])
+        return tally.rows()
+
+    def users_page(self, *, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` user ids after ``after``, sorted.
+
+        The ids are sorted when a page is asked for after new users came (in
+        place: timsort merges the sorted run with the new ids in about linear
+        time), and kept sorted for the next pages, as a database keeps an index.
+        """
+        self._check_open()
+        with self._lock:
+            users = self._sorted_users
+            if self._new_users:
+                users += self._new_users
+                users.sort()
+                self._new_users.clear()
+            start = 0 if after is None else bisect.bisect_right(users, after)
+            return users[start : start + limit]
 
     def close(self) -> None:
         """Mark the store closed; the data is dropped."""
@@ -358,6 +438,18 @@ class AsyncMemoryStore:
     async def users(self) -> list[str]:
         """Return every user id, sorted."""
         return self.sync.users()
+
+    async def scan_entries(self, query: EntryQuery, *, after: str | None, limit: int) -> Scan:
+        """Up to ``limit`` entries the query covers, in commit order (see ``MemoryStore``)."""
+        return self.sync.scan_entries(query, after=after, limit=limit)
+
+    async def sum_usage(self, query: UsageQuery) -> list[UsageRow]:
+        """The query's charges summed per group."""
+        return self.sync.sum_usage(query)
+
+    async def users_page(self, *, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` user ids after ``after``, sorted."""
+        return self.sync.users_page(after=after, limit=limit)
 
     async def aclose(self) -> None:
         """Mark the store closed."""
