@@ -2,7 +2,8 @@
 
 ``creditmeter [--store URL] [--config PATH] [--json] COMMAND ...`` with the
 commands ``balance``, ``list``, ``grant``, ``set``, ``refill``,
-``refill-settings``, ``ledger``, ``export``, ``price`` and ``demo``. The store
+``refill-settings``, ``ledger``, ``export``, ``usage``, ``price`` and
+``demo``. The store
 is opened with ``open_store`` and the config built with ``load_config`` (the
 legacy environment variables, then the YAML file's ``balance:`` section), as
 LibreChat builds it. Output is a rich table for people, or JSON with
@@ -16,6 +17,7 @@ Needs the ``[cli]`` extra (click and rich). The parts:
 - ``commands``: the click group and one function per command;
 - ``run``: ``main()``, the exit statuses and the one-line errors;
 - ``format``: argument types and every way of showing what was found;
+- ``plot``: ``usage --plot``, drawn with matplotlib (the ``[plot]`` extra), imported lazily;
 - ``demo``: ``creditmeter demo``, a simulated gateway end to end.
 """
 

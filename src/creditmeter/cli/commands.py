@@ -3,13 +3,18 @@
 Each command reads its arguments, asks the ``Session`` for the config and the
 manager, and hands what it found to ``format`` to be shown as a table or as
 JSON. Reading commands never open an account; ``grant``, ``set`` and
-``refill-settings`` do, as a first charge would.
+``refill-settings`` do, as a first charge would. Every argument is checked
+before the store is opened, so a bad one writes nothing (not even a new
+SQLite file).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections import deque
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ import click
 from creditmeter import _validate, rules
 from creditmeter._version import __version__
 from creditmeter.cli import format as fmt
+from creditmeter.cli import plot as plotting
 from creditmeter.cli.demo import run_demo
 from creditmeter.cli.session import (
     DEFAULT_STORE,
@@ -28,14 +34,17 @@ from creditmeter.cli.session import (
     usage_error,
 )
 from creditmeter.config import IntervalUnit, RefillSettings
+from creditmeter.manager import BalanceManager
 from creditmeter.models import LedgerEntry
 from creditmeter.pricing import Pricing
+from creditmeter.queries import GROUP_KEYS, PERIODS, GroupKey, Period
 from creditmeter.usage import MAX_TOKENS, TokenUsage
 
 __all__ = ["cli"]
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 10_000
+SCAN_PAGE = 1000  # entries read at a time by a scan over a time range
 _CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # AMOUNT may look like an option ("-5"): let it through to be refused by name.
 _AMOUNT_CONTEXT: dict[str, Any] = {**_CONTEXT, "ignore_unknown_options": True}
@@ -269,25 +278,101 @@ def refill_settings(
     session.show(plain, lambda: text)
 
 
+_F = Callable[..., Any]
+
+
+def time_range(what: str) -> Callable[[_F], _F]:
+    """``--since`` and ``--until``: keep the ``what`` made in ``[since, until)``."""
+
+    def decorate(function: _F) -> _F:
+        until = click.option(
+            "--until",
+            type=fmt.Moment(),
+            metavar="TIME",
+            help=f"Only {what} made before TIME (not at it). Same forms as --since.",
+        )
+        since = click.option(
+            "--since",
+            type=fmt.Moment(),
+            metavar="TIME",
+            help=f"Only {what} made at or after TIME. {fmt.MOMENT_HELP}",
+        )
+        return since(until(function))
+
+    return decorate
+
+
+def _check_range(since: datetime | None, until: datetime | None) -> None:
+    if since is not None and until is not None and since >= until:
+        usage_error(f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})")
+
+
+def _span_text(since: datetime | None, until: datetime | None) -> str:
+    if since is None and until is None:
+        return ""
+    start = "the start" if since is None else fmt.when(since)
+    return f", {start} to {'now' if until is None else fmt.when(until)}"
+
+
+def _form(session: Session, form: str | None) -> str:
+    """``--format``, or what ``--json`` asks for, or a table; refuse the two at odds."""
+    if form is not None and form != "json" and session.json:
+        usage_error(f"--json and --format {form} contradict each other")
+    return form or ("json" if session.json else "table")
+
+
+def scan(
+    manager: BalanceManager,
+    *,
+    user: str | None = None,
+    since: datetime | None,
+    until: datetime | None,
+) -> Iterator[LedgerEntry]:
+    """Every entry (of ``user``) made in ``[since, until)``, in commit order, a page a read."""
+    after: str | None = None
+    while True:
+        page = manager.entries(user=user, since=since, until=until, after=after, limit=SCAN_PAGE)
+        yield from page.entries
+        if page.next is None or page.next == after:
+            return
+        after = page.next
+
+
 @cli.command(context_settings=_CONTEXT)
 @click.argument("user")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the newest N entries.")
 @click.option("--format", "form", type=click.Choice(["table", "json", "csv"]), help="[table]")
+@time_range("entries")
 @json_option
 @pass_session
-def ledger(session: Session, *, user: str, limit: int | None, form: str | None) -> None:
-    """Show USER's ledger entries, oldest first (--format json: plain JSON)."""
-    if form is not None and form != "json" and session.json:
-        usage_error(f"--json and --format {form} contradict each other")
-    form = form or ("json" if session.json else "table")
+def ledger(
+    session: Session,
+    *,
+    user: str,
+    limit: int | None,
+    form: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> None:
+    """Show USER's ledger entries, oldest first (--format json: plain JSON).
+
+    With --limit and a time range, the newest N entries of the range.
+    """
+    form = _form(session, form)
+    _check_range(since, until)
     user = session.account(user).user_id
-    entries = session.manager.ledger(user, limit=limit)
+    if since is None and until is None:
+        entries = session.manager.ledger(user, limit=limit)
+    else:
+        found = scan(session.manager, user=user, since=since, until=until)
+        entries = list(deque(found, maxlen=limit) if limit is not None else found)
     if form == "json":
         click.echo(fmt.dumps([fmt.record_plain(entry) for entry in entries]))
     elif form == "csv":
         fmt.write_ledgers([user], lambda _: entries, sys.stdout, "csv")
     else:
-        session.console.print(fmt.ledger_table(user, entries))
+        title = f"Ledger of {user}{_span_text(since, until)}"
+        session.console.print(fmt.ledger_table(user, entries, title=title))
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -297,19 +382,39 @@ def ledger(session: Session, *, user: str, limit: int | None, form: str | None) 
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write to this file (put in place only once complete) instead of stdout.",
 )
+@time_range("entries")
 @json_option
 @pass_session
-def export(session: Session, *, form: str, output: Path | None) -> None:
-    """Write every user's ledger, streamed one user at a time, as JSON lines or CSV."""
+def export(
+    session: Session,
+    *,
+    form: str,
+    output: Path | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> None:
+    """Write every user's ledger, streamed one user at a time, as JSON lines or CSV.
+
+    With --since or --until, only the entries made in that range, in the order
+    they were committed (users interleaved), read a page at a time; the
+    summary then counts the users those entries belong to.
+    """
+    _check_range(since, until)
     manager = session.manager
+
+    def write(handle: Any) -> tuple[int, int]:
+        if since is None and until is None:
+            return fmt.write_ledgers(manager.users(), manager.store.ledger, handle, form)
+        return fmt.write_entries(scan(manager, since=since, until=until), handle, form)
+
     if output is None:
-        fmt.write_ledgers(manager.users(), manager.store.ledger, sys.stdout, form)
+        write(sys.stdout)
         sys.stdout.flush()
         return
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     try:
         with partial.open("w", encoding="utf-8", newline="") as handle:
-            users, entries = fmt.write_ledgers(manager.users(), manager.store.ledger, handle, form)
+            users, entries = write(handle)
         partial.replace(output)
     except OSError as exc:
         raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
@@ -319,6 +424,105 @@ def export(session: Session, *, form: str, output: Path | None) -> None:
     counted = f"{fmt.plural(entries, 'entry', 'entries')} of {fmt.plural(users, 'user')}"
     text = f"Exported {counted} to {output} ({form})."
     session.show(plain, lambda: text)
+
+
+def _grouping(
+    by: tuple[GroupKey, ...] | None, period: Period | None, *, plot: bool
+) -> tuple[tuple[GroupKey, ...], Period | None]:
+    """``--by`` and ``--period`` as the manager takes them (see ``usage``'s help)."""
+    keys: set[GroupKey] = set(by or ("model",))
+    if period is not None or plot:
+        keys.add("period")
+    if "period" in keys and period is None:
+        period = "day"
+    return tuple(key for key in GROUP_KEYS if key in keys), period
+
+
+def _usage_title(
+    user: str | None,
+    keys: tuple[GroupKey, ...],
+    period: Period | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> str:
+    whose = "all users" if user is None else user
+    split = ", ".join(key for key in keys if key != "period")
+    title = f"Usage of {whose}" + (f" by {split}" if split else "")
+    if period is not None:
+        title += f", per {period}"
+    return title + _span_text(since, until)
+
+
+@cli.command("usage", context_settings=_CONTEXT)
+@click.option("--user", help="Only USER's charges.")
+@time_range("charges")
+@click.option(
+    "--by",
+    type=fmt.GroupBy(),
+    metavar="KEYS",
+    help="Group rows by a comma list of user, model and period [model].",
+)
+@click.option(
+    "--period",
+    type=click.Choice(PERIODS),
+    help="Split rows by UTC hour, day, week (from Monday) or month; adds period to --by "
+    "[day when --by has period, or with --plot].",
+)
+@click.option("--format", "form", type=click.Choice(["table", "csv", "json"]), help="[table]")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE.png",
+    help="Also draw the credits charged (the charged column) per period as stacked bars, "
+    "by model (by user with --by user and no model), into a PNG. Without --period, per "
+    "day. Needs matplotlib: pip install 'creditmeter[plot]'.",
+)
+@json_option
+@pass_session
+def usage_report(
+    session: Session,
+    *,
+    user: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    by: tuple[GroupKey, ...] | None,
+    period: Period | None,
+    form: str | None,
+    plot: Path | None,
+) -> None:
+    """Sum the charges made: calls, tokens, priced cost and credits charged, per group.
+
+    Only charges count (settled holds included); grants, refills and releases
+    do not. Sums are exact. CSV and JSON give one record per row (amounts as
+    exact decimal strings, periods as their ISO start); the table adds a total.
+    """
+    form = _form(session, form)
+    keys, period = _grouping(by, period, plot=plot is not None)
+    _check_range(since, until)
+    if plot is not None:
+        if plot.suffix.lower() != ".png":
+            usage_error(f"--plot writes a PNG: give a file name ending in .png, got {plot}")
+        plotting.require()
+    user_id = None if user is None else _validate.user_id(user)
+    rows = session.manager.usage(user=user_id, since=since, until=until, by=keys, period=period)
+    title = _usage_title(user_id, keys, period, since, until)
+    if plot is not None and period is not None:
+        series = plotting.spend_series(rows, keys, period)
+        stacked = "" if series.stacked_by is None else f" by {series.stacked_by}"
+        plot_title = f"Credits charged (the charged column) per {period}{stacked}\n{title}"
+        plotting.save(series, plot, title=plot_title)
+    if form == "json":
+        click.echo(fmt.dumps(fmt.usage_plain(rows, keys)))
+    elif form == "csv":
+        fmt.write_usage_csv(rows, keys, sys.stdout)
+    else:
+        lines: list[object] = [fmt.usage_table(rows, keys, period, title=title)]
+        if not rows:
+            lines = [f"No charges in this report ({title})."]
+        if plot is not None:
+            lines.append(f"Saved the plot of credits charged per {period} to {plot}.")
+        for line in lines:
+            session.console.print(line, soft_wrap=isinstance(line, str))
 
 
 _TOKENS = click.IntRange(0, MAX_TOKENS)

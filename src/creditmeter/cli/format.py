@@ -11,7 +11,8 @@ field (``plain``); people's tables and sentences add thousands separators
 (``19,982.9``, ``money``). Output that is not a terminal is neither wrapped
 at 80 columns nor padded with trailing spaces (``console``).
 
-The argument types (credits, refill intervals) live here too, and so do the
+The argument types (credits, refill intervals, times, report groupings) live
+here too, and so do the
 refill questions ("which settings apply?", "when is the next refill due, and
 if none applies now, why not?"), worked out with ``rules`` so ``balance``,
 ``refill`` and ``refill-settings`` answer alike.
@@ -26,7 +27,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple, TextIO, cast
 
@@ -43,14 +44,18 @@ from creditmeter.config import BalanceConfig, IntervalUnit, RefillSettings
 from creditmeter.exceptions import InvalidInput
 from creditmeter.models import Account, LedgerEntry
 from creditmeter.pricing import Cost
+from creditmeter.queries import GROUP_KEYS, GroupKey, Period, UsageRow
 from creditmeter.serde import to_plain
 from creditmeter.usage import TokenUsage
 
 __all__ = [
     "CSV_HEADER",
     "MAX_INTERVAL",
+    "USAGE_FIELDS",
     "Amount",
     "Every",
+    "GroupBy",
+    "Moment",
     "RefillStatus",
     "account_plain",
     "account_table",
@@ -63,7 +68,10 @@ __all__ = [
     "ledger_table",
     "money",
     "next_refill_text",
+    "parse_by",
     "parse_every",
+    "parse_moment",
+    "period_label",
     "plain",
     "plural",
     "price_plain",
@@ -72,17 +80,24 @@ __all__ = [
     "refill_plain",
     "refill_status",
     "settings_text",
+    "usage_fields",
+    "usage_plain",
+    "usage_table",
     "users_plain",
     "users_view",
     "when",
+    "write_entries",
     "write_ledgers",
+    "write_usage_csv",
 ]
 
 if TYPE_CHECKING:  # click >= 8.4 makes ParamType generic; older ones cannot subscript it
     _DecimalParam = click.ParamType[Decimal]
     _IntervalParam = click.ParamType[tuple[int, IntervalUnit]]
+    _MomentParam = click.ParamType[datetime]
+    _GroupByParam = click.ParamType[tuple[GroupKey, ...]]
 else:
-    _DecimalParam = _IntervalParam = click.ParamType
+    _DecimalParam = _IntervalParam = _MomentParam = _GroupByParam = click.ParamType
 
 _ZERO = Decimal(0)
 _ONE = Decimal(1)
@@ -275,6 +290,97 @@ class Every(_IntervalParam):
         if isinstance(value, tuple):
             return value
         return parse_every(str(value))
+
+
+_NOW_KEY = "creditmeter.now"  # one "now" per command line, shared by --since and --until
+_SPAN = re.compile(r"[0-9]+\s*[a-z]+")
+MOMENT_HELP = (
+    "An ISO date (2026-11-01: 00:00 UTC that day) or date and time (2026-11-01T13:30; "
+    "without an offset it is UTC), or a span back from now: 30d, 12h, 2w, 90min, 1mo."
+)
+
+
+def parse_moment(text: str, *, now: datetime) -> datetime:
+    """Read a time as UTC: an ISO date or datetime, or a span before ``now`` such as ``30d``.
+
+    A date means 00:00 UTC; a datetime without an offset is taken as UTC, one
+    with an offset (or ``Z``) is converted to UTC. A span takes the units of
+    ``--every`` (months are calendar months). A bad value is ``InvalidInput``.
+    """
+    raw = text.strip()
+    if _SPAN.fullmatch(raw.lower()):
+        value, unit = parse_every(raw, label="a span back from now")
+        try:
+            return rules.add_interval(now.astimezone(timezone.utc), -value, unit)
+        except (OverflowError, ValueError):
+            raise InvalidInput(f"{text!r} reaches back before the year 1") from None
+    iso = raw[:-1] + "+00:00" if raw[-1:] in ("Z", "z") else raw  # Python 3.10 reads no "Z"
+    try:
+        moment = datetime.fromisoformat(iso) if iso else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise InvalidInput(
+            "expected an ISO date or time (2026-11-01, 2026-11-01T13:30, "
+            f"2026-11-01T13:30+02:00) or a span back from now (30d, 12h, 2w), got {text!r}"
+        )
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+class Moment(_MomentParam):
+    """A time option (see ``parse_moment``); a bad one is a usage error naming the option."""
+
+    name = "time"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        """Parse ``value``; spans count back from one clock reading per command line."""
+        if isinstance(value, datetime):
+            return value
+        now = datetime.now(timezone.utc)
+        if ctx is not None:
+            now = ctx.meta.setdefault(_NOW_KEY, now)
+        try:
+            return parse_moment(str(value), now=now)
+        except InvalidInput as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def parse_by(text: str) -> tuple[GroupKey, ...]:
+    """Read ``--by``: a comma list of user, model and period, in the order of ``GROUP_KEYS``."""
+    words = [word.strip().lower() for word in text.split(",")]
+    if not any(words):
+        raise InvalidInput(f"give a comma list of {', '.join(GROUP_KEYS)}, got {text!r}")
+    seen: set[str] = set()
+    for word in words:
+        if word not in GROUP_KEYS:
+            raise InvalidInput(
+                f"unknown key {word!r} in {text!r}; choose among {', '.join(GROUP_KEYS)}"
+            )
+        if word in seen:
+            raise InvalidInput(f"{word!r} is given twice in {text!r}")
+        seen.add(word)
+    return tuple(key for key in GROUP_KEYS if key in seen)
+
+
+class GroupBy(_GroupByParam):
+    """``--by``'s comma list (see ``parse_by``); a bad one is a usage error naming the option."""
+
+    name = "keys"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[GroupKey, ...]:
+        """Parse ``value`` into group keys."""
+        if isinstance(value, tuple):
+            return cast("tuple[GroupKey, ...]", value)
+        try:
+            return parse_by(str(value))
+        except InvalidInput as exc:
+            self.fail(str(exc), param, ctx)
 
 
 # --- refill status ------------------------------------------------------------
@@ -548,6 +654,15 @@ def entry_line(entry: LedgerEntry) -> str:
     return dumps(record_plain(entry), indent=None)
 
 
+def _entry_writer(handle: IO[str], form: str) -> Callable[[LedgerEntry], object]:
+    """Write the CSV header if ``form`` is csv; return what writes one entry."""
+    if form != "csv":
+        return lambda entry: handle.write(entry_line(entry) + "\n")
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    return lambda entry: writer.writerow(csv_row(entry))
+
+
 def write_ledgers(
     users: Iterable[str],
     ledger: Callable[[str], Iterable[LedgerEntry]],
@@ -558,19 +673,29 @@ def write_ledgers(
 
     Only one user's entries are held at a time. Returns (users, entries).
     """
-    writer = csv.writer(handle, lineterminator="\n") if form == "csv" else None
-    if writer is not None:
-        writer.writerow(CSV_HEADER)
+    write = _entry_writer(handle, form)
     users_seen = entries = 0
     for user in users:
         users_seen += 1
         for entry in ledger(user):
-            if writer is None:
-                handle.write(entry_line(entry) + "\n")
-            else:
-                writer.writerow(csv_row(entry))
+            write(entry)
             entries += 1
     return users_seen, entries
+
+
+def write_entries(entries: Iterable[LedgerEntry], handle: IO[str], form: str) -> tuple[int, int]:
+    """Write ``entries`` as they are read, as JSON lines or CSV; return (users, entries).
+
+    ``users`` counts the distinct users among the entries written.
+    """
+    write = _entry_writer(handle, form)
+    users: set[str] = set()
+    count = 0
+    for entry in entries:
+        write(entry)
+        users.add(entry.user_id)
+        count += 1
+    return len(users), count
 
 
 def _tokens(usage: TokenUsage) -> str:
@@ -597,9 +722,12 @@ def _detail(entry: LedgerEntry) -> str:
     return "; ".join(parts)
 
 
-def ledger_table(user_id: str, entries: Iterable[LedgerEntry]) -> Table:
-    """A user's ledger entries, oldest first."""
-    table = Table(title=f"Ledger of {user_id}", box=box.SIMPLE_HEAD, title_justify="left")
+def ledger_table(
+    user_id: str, entries: Iterable[LedgerEntry], *, title: str | None = None
+) -> Table:
+    """A user's ledger entries, oldest first, under ``title`` (``Ledger of USER``)."""
+    title = f"Ledger of {user_id}" if title is None else title
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     table.add_column("When (UTC)", no_wrap=True)
     table.add_column("Kind")
     table.add_column("Amount", justify="right")
@@ -614,6 +742,116 @@ def ledger_table(user_id: str, entries: Iterable[LedgerEntry]) -> Table:
             Text(money(entry.balance_after)),
             Text(_detail(entry)),
         )
+    return table
+
+
+# --- usage reports ------------------------------------------------------------
+
+USAGE_FIELDS = ("calls", "input", "output", "cache_write", "cache_read", "cost", "charged")
+"""The sums of a usage report's row, after its group keys (``usage_fields``)."""
+
+_KEY_FIELDS: dict[GroupKey, str] = {"user": "user", "model": "model", "period": "period"}
+_PERIOD_FORMATS: dict[Period, str] = {
+    "hour": "%Y-%m-%d %H:00",
+    "day": "%Y-%m-%d",
+    "week": "week of %Y-%m-%d",
+    "month": "%Y-%m",
+}
+NO_MODEL = "(no model)"
+"""How tables and plots name the charges made without a model."""
+
+
+def usage_fields(by: Iterable[GroupKey]) -> list[str]:
+    """The fields of a report grouped ``by``: its keys (user, model, period), then the sums."""
+    keys = set(by)
+    return [_KEY_FIELDS[key] for key in GROUP_KEYS if key in keys] + list(USAGE_FIELDS)
+
+
+def period_label(start: datetime, period: Period) -> str:
+    """A period for people, by its UTC start: ``2026-11-01``, ``2026-11``, ``week of ...``."""
+    return start.astimezone(timezone.utc).strftime(_PERIOD_FORMATS[period])
+
+
+def _usage_values(row: UsageRow) -> dict[str, Any]:
+    usage = row.usage
+    return {
+        "user": row.user_id,
+        "model": row.model,
+        "period": None if row.period_start is None else row.period_start.isoformat(),
+        "calls": row.calls,
+        "input": usage.input,
+        "output": usage.output,
+        "cache_write": usage.cache_write,
+        "cache_read": usage.cache_read,
+        "cost": plain(row.cost),
+        "charged": plain(row.charged),
+    }
+
+
+def usage_plain(rows: Iterable[UsageRow], by: Iterable[GroupKey]) -> list[dict[str, Any]]:
+    """A usage report as JSON-ready dicts: the grouped keys and the sums (amounts as text)."""
+    fields = usage_fields(by)
+    return [{name: values[name] for name in fields} for values in map(_usage_values, rows)]
+
+
+def write_usage_csv(rows: Iterable[UsageRow], by: Iterable[GroupKey], handle: IO[str]) -> None:
+    """A usage report as CSV under a header of ``usage_fields(by)``."""
+    fields = usage_fields(by)
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(fields)
+    for values in map(_usage_values, rows):
+        writer.writerow(["" if values[name] is None else str(values[name]) for name in fields])
+
+
+def usage_table(
+    rows: list[UsageRow], by: Iterable[GroupKey], period: Period | None, *, title: str
+) -> Table:
+    """A usage report for people: a row per group, exact sums, and a total line."""
+    keys = set(by)
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        caption="cost: the calls' priced cost; charged: what balances paid "
+        "(less where a charge was clamped at zero).",
+        caption_justify="left",
+    )
+    if "user" in keys:
+        table.add_column("User")
+    if "model" in keys:
+        table.add_column("Model")
+    if "period" in keys:
+        table.add_column("Period (UTC)", no_wrap=True)
+    for name in ("Calls", "Input", "Output", "Cache write", "Cache read", "Cost", "Charged"):
+        table.add_column(name, justify="right")
+    sums = [0, 0, 0, 0, 0]
+    cost = charged = _ZERO
+    for row in rows:
+        cells: list[Text | str] = []
+        if "user" in keys:
+            cells.append(Text(row.user_id or ""))
+        if "model" in keys:
+            cells.append(Text(NO_MODEL if row.model is None else row.model))
+        if "period" in keys:
+            start = row.period_start
+            cells.append("" if start is None or period is None else period_label(start, period))
+        counts = (
+            row.calls,
+            row.usage.input,
+            row.usage.output,
+            row.usage.cache_write,
+            row.usage.cache_read,
+        )
+        sums = [total + count for total, count in zip(sums, counts, strict=True)]
+        cost, charged = EXACT.add(cost, row.cost), EXACT.add(charged, row.charged)
+        cells.extend(f"{count:,}" for count in counts)
+        cells.extend((money(row.cost), money(row.charged)))
+        table.add_row(*cells)
+    table.add_section()
+    label = ["total"] + [""] * (len(keys & set(GROUP_KEYS)) - 1)
+    table.add_row(
+        *label, *(f"{count:,}" for count in sums), money(cost), money(charged), style="bold"
+    )
     return table
 
 
