@@ -415,7 +415,7 @@ def lock_leftovers(client: redis.Redis, prefix: str) -> list[bytes]:
     return sorted(
         key
         for key in client.scan_iter(match=f"{prefix}*", count=1000)
-        if not key.endswith((b":account", b":ledger", b":requests", b"users"))
+        if b"{" in key and not key.endswith((b":account", b":ledger", b":requests"))
     )
 
 

@@ -161,7 +161,8 @@ def test_hostile_user_ids_are_distinct_users_at_the_store(store, prefix):
         assert store.find_request(user, "same") == entry
     with raw() as client:
         keys = set(client.scan_iter(match=f"{prefix}*", count=1000))
-    assert len(keys) == 3 * len(HOSTILE) + 1  # three per user, and the users set
+    # three per user; the users set, its sorted twin, the log and the log's clock skew
+    assert len(keys) == 3 * len(HOSTILE) + 4
 
 
 def test_each_users_keys_share_one_nonempty_hash_tag(store, prefix):
@@ -199,6 +200,9 @@ def test_key_layout(store, prefix):
     with raw() as client:
         assert set(client.scan_iter(match=f"{prefix}*")) == {
             f"{prefix}users".encode(),
+            f"{prefix}users-sorted".encode(),
+            f"{prefix}log".encode(),
+            f"{prefix}log-skew".encode(),
             f"{base}account".encode(),
             f"{base}ledger".encode(),
             f"{base}requests".encode(),

@@ -14,10 +14,12 @@ scripts. What does no I/O is kept apart from the two transports:
 A commit is one Lua script (``COMMIT_SCRIPT``), sent with EVALSHA and loaded
 again if the server answers NOSCRIPT: it checks the request ids, compares the
 stored version with the expected one, then writes the account, appends the
-ledger entries, records the request ids and, when the account is new, adds the
-user to the users set. Values travel only as KEYS and ARGV. A lost
-compare-and-set returns the stored account and a repeated request id returns
-the entry applied first. An uncontended commit is one round trip.
+ledger entries, records the request ids, appends a reference to each entry to
+the log (what ``scan_entries`` and ``sum_usage`` read, in commit order) and,
+when the account is new, adds the user to the users set and the sorted ids.
+Values travel only as KEYS and ARGV. A lost compare-and-set returns the stored
+account and a repeated request id returns the entry applied first. An
+uncontended commit is one round trip.
 
 Contended writers are served in turn. Retrying from the reported account
 alone starves some writers: measured with four processes charging one user
@@ -56,9 +58,12 @@ ever), a queued writer at most ``lock_wait``, and a ``BLPOP`` well under the
 socket timeout. Both stores follow a fork (see their docstrings), and every
 await of ``AsyncRedisStore`` may be cancelled.
 
-The users set is the one key outside the user's slot, and only the commit
-that creates an account touches it: the store runs on one Redis server (or a
-primary with replicas), not yet on Redis Cluster. It needs Redis 6.0 or later
+The global keys (the users set, the sorted ids, the log and its clock skew;
+``layout.GlobalKeys``) are outside the user's slot, and every commit touches
+the log: the store runs on one Redis server (or a primary with replicas), not
+yet on Redis Cluster. Entries committed before the log existed (an upgrade
+from 0.1) are not in it: reports over all users start at the upgrade, while a
+report of one user reads that user's whole ledger. It needs Redis 6.0 or later
 (``BLPOP`` with a fractional timeout, ``SET ... PX`` with ``NX`` or ``XX``).
 """
 

@@ -1,8 +1,8 @@
 """What the sync and async Redis stores share at run time (the rest is ``layout``).
 
 The errors that mean the server failed, what a forked child leaves to its
-parent, and the user locks each thread (sync) or task (async) holds through
-``exclusive()``.
+parent, the user locks each thread (sync) or task (async) holds through
+``exclusive()``, and what a scan of entries keeps.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from contextvars import ContextVar
 
 from redis.exceptions import RedisError
 
+from creditmeter import rules
 from creditmeter._ids import new_id
-from creditmeter.exceptions import StoreError
+from creditmeter.exceptions import InvalidInput, StoreError
+from creditmeter.models import LedgerEntry
+from creditmeter.queries import EntryQuery
 from creditmeter.stores.redis.layout import Held
 
 __all__ = [
@@ -25,6 +28,8 @@ __all__ = [
     "LEFT_TO_PARENT",
     "TaskHolds",
     "ThreadHolds",
+    "check_limit",
+    "covers",
     "failed",
     "made_before_fork",
 ]
@@ -35,6 +40,19 @@ ERRORS = (RedisError, OSError)  # what a Redis call raises when the server or th
 def failed(what: str, exc: BaseException) -> StoreError:
     """The ``StoreError`` that reports a failed Redis call."""
     return StoreError(f"Redis {what} failed: {type(exc).__name__}: {exc}")
+
+
+def covers(query: EntryQuery, entry: LedgerEntry) -> bool:
+    """Whether a scan keeps ``entry``: made in ``[since, until)``, of one of ``kinds``."""
+    return rules.in_range(entry.at, query.since, query.until) and (
+        query.kinds is None or entry.kind in query.kinds
+    )
+
+
+def check_limit(limit: int) -> None:
+    """Refuse a page size that is not a positive int (``InvalidInput``)."""
+    if type(limit) is not int or limit < 1:
+        raise InvalidInput(f"limit must be a positive int, got {limit!r}")
 
 
 # The clients a forked child stopped using. Their sockets are the parent's too, and so,

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -25,6 +26,8 @@ from creditmeter._compat import sleep
 from creditmeter._ids import new_id
 from creditmeter.exceptions import ConfigError, DuplicateRequest, StoreError, VersionConflict
 from creditmeter.models import Account, LedgerEntry
+from creditmeter.queries import EntryQuery, Scan, UsageQuery, UsageRow
+from creditmeter.rules import Tally
 from creditmeter.serde import account_from_json, entry_from_json
 from creditmeter.stores.base import Write, WriteOutcome
 from creditmeter.stores.redis._shared import (
@@ -32,10 +35,21 @@ from creditmeter.stores.redis._shared import (
     FORK_LOCK,
     LEFT_TO_PARENT,
     ThreadHolds,
+    check_limit,
+    covers,
     failed,
     made_before_fork,
 )
-from creditmeter.stores.redis.layout import DATA, NO_TOKEN, Held, Keys, Layout
+from creditmeter.stores.redis.layout import (
+    DATA,
+    NO_TOKEN,
+    Held,
+    Keys,
+    Layout,
+    LogPage,
+    LogRange,
+    usage_values,
+)
 from creditmeter.stores.redis.options import (
     DEFAULT_PREFIX,
     SOCKET_TIMEOUT,
@@ -46,6 +60,7 @@ from creditmeter.stores.redis.options import (
 from creditmeter.stores.redis.scripts import (
     ACQUIRE_SCRIPT,
     COMMIT_SCRIPT,
+    LOG_PAGE_SCRIPT,
     RECHECK_SCRIPT,
     RELEASE_SCRIPT,
 )
@@ -53,6 +68,10 @@ from creditmeter.stores.redis.scripts import (
 __all__ = ["RedisStore"]
 
 _SCAN_COUNT = 1000
+_FILTERED_BATCH = 1000  # log items or ledger entries a filtered scan reads at a time, at least
+_SUM_BATCH = 2000  # the most log items or ledger entries read at a time (a log read of 2,000
+# items takes Redis about 3 ms; sum_usage reads this many)
+_SUM_FETCH = 10_000  # log items whose entries sum_usage fetches at a time (one LRANGE per user)
 _FIRST_NAP = 0.0002  # seconds a commit held off by another writer's lock first waits
 _LONGEST_NAP = 0.004
 
@@ -152,6 +171,7 @@ class RedisStore:
         self._acquire_script = client.register_script(ACQUIRE_SCRIPT)
         self._recheck_script = client.register_script(RECHECK_SCRIPT)
         self._release_script = client.register_script(RELEASE_SCRIPT)
+        self._log_page_script = client.register_script(LOG_PAGE_SCRIPT)
 
     # --- the contract -------------------------------------------------------
 
@@ -308,6 +328,193 @@ class RedisStore:
         except ERRORS as exc:
             raise failed("read", exc) from exc
         return layout.user_ids(members)
+
+    # --- reports (ReportStore) ---------------------------------------------
+
+    def scan_entries(self, query: EntryQuery, *, after: str | None, limit: int) -> Scan:
+        """Up to ``limit`` entries the query covers, in commit order, after position ``after``.
+
+        Of every user: read from the log, whose stream ids are the positions;
+        a page's entries are fetched with one LRANGE per user, pipelined. Of
+        one user: read from that user's ledger, whose indexes are the
+        positions (it also holds entries committed before the log existed).
+        A malformed position raises ``InvalidInput``.
+        """
+        layout = self._open_layout()
+        check_limit(limit)
+        if query.user_id is not None:
+            return self._scan_ledger(layout, query, after, limit)
+        first = Layout.log_start(after)
+        batch = min(limit if query.kinds is None else max(limit, _FILTERED_BATCH), _SUM_BATCH)
+        found: list[LedgerEntry] = []
+        try:
+            span = self._log_range(layout, first, query.since, query.until)
+            while span is not None:
+                page = LogPage()
+                page.add(self._log_page(layout, span, batch))
+                texts = self._entry_texts(layout, page)
+                for number, text in enumerate(texts):
+                    entry = entry_from_json(text, user_id=page.users[number])
+                    if covers(query, entry):
+                        found.append(entry)
+                        if len(found) == limit:
+                            more = number + 1 < len(texts) or len(texts) == batch
+                            return Scan(found, page.ids[number] if more else None)
+                if len(texts) < batch:
+                    break
+                span = span.after(page.ids[-1])
+        except ERRORS as exc:
+            raise failed("read", exc) from exc
+        return Scan(found, None)
+
+    def _scan_ledger(
+        self, layout: Layout, query: EntryQuery, after: str | None, limit: int
+    ) -> Scan:
+        """``scan_entries`` of one user: positions are indexes into the user's ledger."""
+        index = Layout.ledger_index(after)
+        user_id = query.user_id or ""
+        key = layout.keys(user_id).ledger
+        filtered = query.kinds is not None or query.since is not None or query.until is not None
+        batch = min(max(limit, _FILTERED_BATCH) if filtered else limit, _SUM_BATCH)
+        found: list[LedgerEntry] = []
+        try:
+            while True:
+                rows = self.client.lrange(key, index, index + batch - 1)
+                for number, row in enumerate(rows):
+                    entry = entry_from_json(row, user_id=user_id)
+                    if covers(query, entry):
+                        found.append(entry)
+                        if len(found) == limit:
+                            more = number + 1 < len(rows) or len(rows) == batch
+                            return Scan(found, str(index + number + 1) if more else None)
+                if len(rows) < batch:
+                    return Scan(found, None)
+                index += batch
+        except ERRORS as exc:
+            raise failed("read", exc) from exc
+
+    def sum_usage(self, query: UsageQuery) -> list[UsageRow]:
+        """The query's charges summed per group with ``rules.Tally`` (exact), in any order.
+
+        Of every user: the log's range of ids that can hold ``[since, until)``
+        (see ``layout``), its entries read a page at a time. Of one user: that
+        user's whole ledger, a page at a time.
+        """
+        layout = self._open_layout()
+        tally = Tally(query)
+        try:
+            if query.user_id is None:
+                self._sum_log(layout, tally)
+            else:
+                self._sum_ledger(layout, query.user_id, tally)
+        except ERRORS as exc:
+            raise failed("read", exc) from exc
+        return tally.rows()
+
+    def _sum_ledger(self, layout: Layout, user_id: str, tally: Tally) -> None:
+        add = tally.add_values
+        key = layout.keys(user_id).ledger
+        index = 0
+        while True:
+            rows = self.client.lrange(key, index, index + _SUM_BATCH - 1)
+            for row in rows:
+                values = usage_values(row, user_id)
+                if values is not None:
+                    add(*values)
+            if len(rows) < _SUM_BATCH:
+                return
+            index += _SUM_BATCH
+
+    def _sum_log(self, layout: Layout, tally: Tally) -> None:
+        add = tally.add_values
+        query = tally.query
+        span = self._log_range(layout, (0, 0), query.since, query.until)
+        while span is not None:
+            # Several reads of the log, then their entries at once: a user then has
+            # more entries per LRANGE (each command costs redis-py some 10 µs).
+            page = LogPage()
+            while span is not None and len(page.ids) < _SUM_FETCH:
+                read = page.add(self._log_page(layout, span, _SUM_BATCH))
+                span = None if read < _SUM_BATCH else span.after(page.ids[-1])
+            texts = self._entry_texts(layout, page)
+            for user_id, text in zip(page.users, texts, strict=True):
+                values = usage_values(text, user_id)
+                if values is not None:
+                    add(*values)
+
+    def _log_range(
+        self,
+        layout: Layout,
+        first: tuple[int, int] | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> LogRange | None:
+        """The log's ids to read from ``first`` for ``[since, until)`` (the skew read if needed)."""
+        skew = None
+        if first is not None and (since is not None or until is not None):
+            skew = self.client.hmget(layout.globals.skew, [b"ahead", b"behind"])
+        return Layout.log_range(first, since, until, skew)
+
+    def _log_page(self, layout: Layout, span: LogRange, count: int) -> bytes | str:
+        """Up to ``count`` items of the log in ``span``, read with ``log_page.lua`` (its reply)."""
+        keys = [layout.globals.log]
+        args = [span.start(), span.end(), b"%d" % count]
+        script = self._log_page_script
+        try:
+            reply = self.client.evalsha(script.sha, 1, *keys, *args)
+        except NoScriptError:  # flushed, or another server: redis-py loads it and runs it
+            reply = script(keys, args)
+        if not isinstance(reply, (bytes, str)):
+            raise StoreError(f"unexpected reply from the Redis log script: {reply!r}")
+        return reply
+
+    def _entry_texts(self, layout: Layout, page: LogPage) -> list[bytes | str]:
+        """The JSON of each entry a page of the log refers to: one LRANGE per user, pipelined."""
+        reads = page.reads(layout)
+        if not reads:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, low, high in reads:
+                pipe.lrange(key, low, high)
+            rows = pipe.execute()
+        return page.texts(rows)
+
+    def users_page(self, *, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` user ids after ``after``, sorted (ZRANGEBYLEX of the sorted ids).
+
+        UTF-8 bytes sort as code points do. When the users set holds more ids
+        than the sorted ids (users created before the sorted ids existed, or
+        by an earlier version still running), the sorted ids are completed
+        from the set first: once, a full SSCAN.
+        """
+        layout = self._open_layout()
+        check_limit(limit)
+        start = Layout.lex_after(after)
+        found = layout.globals
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.zrangebylex(found.sorted_users, start, b"+", 0, limit)
+                pipe.scard(found.users)
+                pipe.zcard(found.sorted_users)
+                page, users, indexed = pipe.execute()
+            if users > indexed:  # more only after a commit that did not add to both
+                self._index_users(layout)
+                page = self.client.zrangebylex(found.sorted_users, start, b"+", 0, limit)
+        except ERRORS as exc:
+            raise failed("read", exc) from exc
+        return Layout.user_page(page)
+
+    def _index_users(self, layout: Layout) -> None:
+        """Add every id of the users set to the sorted ids (ZADD: adding one twice is harmless)."""
+        found = layout.globals
+        batch: list[bytes] = []
+        for member in self.client.sscan_iter(found.users, count=_SCAN_COUNT):
+            batch.append(member.encode() if isinstance(member, str) else member)
+            if len(batch) >= _SCAN_COUNT:
+                self.client.zadd(found.sorted_users, dict.fromkeys(batch, 0))
+                batch = []
+        if batch:
+            self.client.zadd(found.sorted_users, dict.fromkeys(batch, 0))
 
     # --- writers in turn ----------------------------------------------------
 

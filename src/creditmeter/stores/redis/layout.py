@@ -13,29 +13,89 @@ id's UTF-8 bytes are ``H`` in hex::
     P{uH}:lock-queue   list: tokens of the writers waiting for it, in order
     P{uH}:wake:<tok>   list: where a waiting writer is handed the lock and the account
     P{uH}:alive:<tok>  string: a waiting writer's heartbeat, which expires unless renewed
+
+and the keys of the whole store, outside every user's slot (``GlobalKeys``, the
+one place that names them)::
+
     Pusers             set: the user ids (as given) of every account
+    Pusers-sorted      sorted set, every score 0: the same ids, for paging them in order
+    Plog               stream: one item per ledger entry, in commit order (u = user id,
+                       i = the entry's index in that user's ledger list)
+    Plog-skew          hash: ahead, behind = how far (ms) an entry's time was seen ahead
+                       of, or behind, the time of its stream id
 
 The ``{uH}`` hash tag puts every key of a user in one Redis Cluster slot, and
 hex leaves nothing of the id (``:``, ``{``, ``}``, quotes, ...) to collide with
 or escape into another key; the tag is never empty, even for ``""``. The prefix
 may not contain braces, so the tag is always the first brace pair. The lock
 keys exist only while writers contend.
+
+The log is what reports of every user read (``scan_entries``, ``sum_usage``).
+The commit script appends to it in the same run that appends to the ledger,
+so its order is commit order, and its items refer to ledger entries rather
+than copy them. Measured with ``MEMORY USAGE`` over 100,000 entries (priced
+charges, 10-character user ids): an item takes 31 bytes, the ledger's copy of
+the entry 320, and a copy of the JSON in the stream would take about 400; so
+the log adds a tenth to the ledger's memory instead of more than doubling it.
+Reading costs one ``LRANGE`` per user of a page (a page's entries of one user
+are consecutive in that user's ledger), pipelined; ``log_page.lua`` hands a
+page of items over as one string, which redis-py parses far faster than an
+``XRANGE`` reply. Ledger lists must therefore stay append-only.
+
+Stream ids carry the Redis server's clock, entries their writer's (``at``).
+Each commit records in ``Plog-skew`` the most an entry's ``at`` ran ahead of
+its id's time and the most it lagged behind it (clocks apart, a commit
+retried or queued), so the entries of ``since <= at < until`` all lie between
+the ids of ``since - ahead`` and ``until + behind``: reads narrow the log to
+those ids and then filter by ``at`` exactly, and no entry is missed whatever
+the clocks did. A writer whose clock is far off only widens later reads (for
+good: the skew never shrinks, and must not be lowered by hand).
+
+Entries committed before the log existed (by an earlier version) are not in
+it: reports of every user start at the upgrade, while reports of one user
+read that user's ledger and see them all. ``Pusers-sorted`` is built once from
+``Pusers`` when the set holds more ids (data from before it existed).
+
+The global keys are outside every user's slot, so the commit script cannot
+run on Redis Cluster as it is (see ``GlobalKeys``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from creditmeter._ids import new_id
 from creditmeter.exceptions import DuplicateRequest, InvalidInput, StoreError, VersionConflict
 from creditmeter.models import Account, LedgerEntry
-from creditmeter.serde import account_from_json, account_to_json, entry_from_json, entry_to_json
+from creditmeter.serde import (
+    SCHEMA_VERSION,
+    account_from_json,
+    account_to_json,
+    entry_from_json,
+    entry_to_json,
+)
 from creditmeter.stores.redis.options import check_lock_times
 
-__all__ = ["DATA", "NO_TOKEN", "Held", "Keys", "Layout"]
+__all__ = [
+    "DATA",
+    "NO_TOKEN",
+    "GlobalKeys",
+    "Held",
+    "Keys",
+    "Layout",
+    "LogPage",
+    "LogRange",
+    "UsageValues",
+    "at_ms",
+    "usage_values",
+]
 
 DATA = b"d"  # the field of the account hash that holds the account JSON
 NO_TOKEN = b""  # a commit made without holding the user's lock
@@ -48,6 +108,79 @@ _DUPLICATE = 2
 _HELD_OFF = 3  # the commit met another writer's lock, from the version stored
 _TAKEN = 1
 _TICK = 0.1  # how late Redis may time out a BLPOP: its timer runs at hz = 10 by default
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+_MAX_U64 = 2**64 - 1  # a stream id is two unsigned 64-bit numbers
+_STREAM_ID = re.compile(r"\A([0-9]{1,20})-([0-9]{1,20})\Z")
+_INDEX = re.compile(r"\A[0-9]{1,19}\Z")  # a ledger index (at most _MAX_RANGE)
+_NOT_A_POSITION = "after is not a cursor of this store"
+_CHARGE = "charge"  # EntryKind.CHARGE's value: what rules.counts_as_usage counts
+
+UsageValues = tuple[
+    str, str, datetime, Decimal, "Decimal | None", "str | None", "tuple[int, int, int, int] | None"
+]
+"""A stored entry's values as ``rules.Tally.add_values`` takes them."""
+
+
+class GlobalKeys(NamedTuple):
+    """The keys of the whole store (not of one user): the one place that names them.
+
+    Each hashes to a slot of its own, which a Redis Cluster cannot serve in a
+    script that also writes a user's keys. To run there, the log and the
+    sorted ids would be kept per slot (one key per user slot, named with a
+    hash tag chosen to land in it) and merged by readers.
+    """
+
+    users: bytes  # set of user ids
+    sorted_users: bytes  # sorted set of the same ids, score 0: paged BYLEX
+    log: bytes  # stream: (user id, ledger index) of every entry, in commit order
+    skew: bytes  # hash: ahead, behind (ms) between entries' times and their stream ids'
+
+
+class LogRange(NamedTuple):
+    """The stream ids a log read covers: ``first`` ``(ms, seq)`` to ``last`` ms, inclusive."""
+
+    first: tuple[int, int]
+    last: int | None  # None: to the end of the log
+
+    def start(self) -> bytes:
+        """XRANGE's start."""
+        return b"%d-%d" % self.first
+
+    def end(self) -> bytes:
+        """XRANGE's end (every sequence number of the last millisecond)."""
+        return b"+" if self.last is None else b"%d" % self.last
+
+    def after(self, stream_id: str) -> LogRange | None:
+        """The rest of the range, past ``stream_id`` (one the range held); None if nothing is."""
+        following = _following(_stream_id(stream_id, StoreError))
+        if following is None or (self.last is not None and following[0] > self.last):
+            return None
+        return LogRange(following, self.last)
+
+
+def at_ms(at: datetime) -> int:
+    """A time as whole milliseconds since the epoch, rounded down (exact: no float)."""
+    return (at - _EPOCH) // _MS
+
+
+def _stream_id(text: str, error: type[Exception]) -> tuple[int, int]:
+    match = _STREAM_ID.match(text)
+    if match is None:
+        raise error(_NOT_A_POSITION if error is InvalidInput else f"bad stream id {text!r}")
+    ms, seq = int(match[1]), int(match[2])
+    if ms > _MAX_U64 or seq > _MAX_U64:
+        raise error(_NOT_A_POSITION if error is InvalidInput else f"bad stream id {text!r}")
+    return ms, seq
+
+
+def _following(stream_id: tuple[int, int]) -> tuple[int, int] | None:
+    ms, seq = stream_id
+    if seq < _MAX_U64:
+        return ms, seq + 1
+    if ms < _MAX_U64:
+        return ms + 1, 0
+    return None
 
 
 class Keys(NamedTuple):
@@ -84,7 +217,13 @@ class Layout:
     def __init__(self, prefix: str, lock_lease: float, lock_wait: float) -> None:
         self.prefix = prefix
         self._prefix = prefix.encode()
-        self.users_key = self._prefix + b"users"
+        self.globals = GlobalKeys(
+            self._prefix + b"users",
+            self._prefix + b"users-sorted",
+            self._prefix + b"log",
+            self._prefix + b"log-skew",
+        )
+        self.users_key = self.globals.users
         self.lease_ms, self.poll, self.wait = check_lock_times(lock_lease, lock_wait)
         self._lease = b"%d" % self.lease_ms
         # A queued writer renews its heartbeat every poll; one not heard of for a lease
@@ -132,9 +271,11 @@ class Layout:
     ) -> tuple[list[bytes], list[bytes]]:
         """KEYS and ARGV of the commit script."""
         user_id = account.user_id
-        keys = list(self.keys(user_id))
+        found = self.globals
+        keys = [*self.keys(user_id), found.log, found.skew]
         if expected_version is None:
-            keys.append(self.users_key)
+            keys.append(found.users)
+            keys.append(found.sorted_users)
             expected = _NO_VERSION
         else:
             expected = b"%d" % expected_version
@@ -151,6 +292,7 @@ class Layout:
             request_id = entry.request_id
             args.append(b"" if request_id is None else b"=" + request_id.encode())
             args.append(entry_to_json(entry).encode())
+            args.append(b"%d" % at_ms(entry.at))
         return keys, args
 
     @staticmethod
@@ -241,3 +383,213 @@ class Layout:
             raise StoreError(
                 f"the Redis users set holds a member that is not UTF-8: {exc}"
             ) from exc
+
+    # --- reports: the log, the ledgers read in pages, the sorted user ids -------------
+
+    @staticmethod
+    def log_start(after: str | None) -> tuple[int, int] | None:
+        """The first stream id a read past position ``after`` may hold (None: none can follow).
+
+        A malformed position raises ``InvalidInput``.
+        """
+        if after is None:
+            return 0, 0
+        return _following(_stream_id(after, InvalidInput))
+
+    @staticmethod
+    def log_range(
+        first: tuple[int, int] | None,
+        since: datetime | None,
+        until: datetime | None,
+        skew: Sequence[bytes | str | None] | None,
+    ) -> LogRange | None:
+        """The stream ids to read from ``first`` on for ``[since, until)``; None: none.
+
+        ``skew`` is the ``Plog-skew`` hash's (ahead, behind); an entry's id
+        lies within them of its time, so the range holds every entry whose
+        time is in ``[since, until)``, and a few more (filter them by time).
+        """
+        if first is None:
+            return None
+        ahead, behind = Layout._skew(skew)
+        if since is not None:
+            first = max(first, (max(at_ms(since) - ahead, 0), 0))
+        last = None
+        if until is not None:
+            last = at_ms(until) + behind
+            if last < first[0]:
+                return None
+        return LogRange(first, last)
+
+    @staticmethod
+    def _skew(reply: Sequence[bytes | str | None] | None) -> tuple[int, int]:
+        if reply is None:
+            return 0, 0
+        try:
+            ahead, behind = (0 if value is None else int(value) for value in reply)
+        except ValueError as exc:
+            raise StoreError(f"the Redis log's skew is corrupt: {reply!r}") from exc
+        return max(ahead, 0), max(behind, 0)
+
+    @staticmethod
+    def ledger_index(after: str | None) -> int:
+        """The ledger index a one-user scan starts at, from its position; InvalidInput if bad."""
+        if after is None:
+            return 0
+        if _INDEX.match(after) is None or int(after) > _MAX_RANGE:
+            raise InvalidInput(_NOT_A_POSITION)
+        return int(after)
+
+    @staticmethod
+    def lex_after(after: str | None) -> bytes:
+        """ZRANGEBYLEX's start for the user ids after ``after`` (UTF-8 sorts as code points)."""
+        if after is None:
+            return b"-"
+        try:
+            return b"(" + after.encode()
+        except (UnicodeEncodeError, AttributeError) as exc:
+            raise InvalidInput(f"after {after!r} is not a str of valid Unicode") from exc
+
+    @staticmethod
+    def user_page(members: Iterable[bytes | str]) -> list[str]:
+        """The members of a ZRANGEBYLEX of the sorted user ids, as user ids."""
+        try:
+            return [_text(member) for member in members]
+        except UnicodeDecodeError as exc:
+            raise StoreError(
+                f"the Redis sorted users hold a member that is not UTF-8: {exc}"
+            ) from exc
+
+
+class LogPage:
+    """Items read from the log, and the ledger ranges (one per user) that hold their entries.
+
+    Read from replies of ``log_page.lua`` (consecutive reads: the page is a
+    stretch of the log). A page's entries of one user are consecutive in that
+    user's ledger (the log and the ledger are appended to in the same
+    script), so one ``LRANGE`` per user reads them.
+    """
+
+    __slots__ = ("ids", "indexes", "spans", "users")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.users: list[str] = []
+        self.indexes: list[int] = []
+        self.spans: dict[str, list[int]] = {}  # user id -> [lowest index, highest index]
+
+    def add(self, reply: bytes | str) -> int:
+        """Add the items of a reply of ``log_page.lua`` (the next ones in the log); their count."""
+        text = reply.encode() if isinstance(reply, str) else reply  # a client that decodes
+        find = text.index
+        position, end = 0, len(text)
+        ids, users, indexes, spans = self.ids, self.users, self.indexes, self.spans
+        before = len(ids)
+        try:
+            while position < end:
+                after_id = find(b" ", position)
+                after_index = find(b" ", after_id + 1)
+                after_size = find(b" ", after_index + 1)
+                user_end = after_size + 1 + int(text[after_index + 1 : after_size])
+                if text[user_end : user_end + 1] != b" ":
+                    raise ValueError("a user id overruns its item")
+                index = int(text[after_id + 1 : after_index])
+                user_id = text[after_size + 1 : user_end].decode()
+                ids.append(text[position:after_id].decode())
+                users.append(user_id)
+                indexes.append(index)
+                span = spans.get(user_id)
+                if span is None:
+                    spans[user_id] = [index, index]
+                elif index > span[1]:
+                    span[1] = index
+                elif index < span[0]:
+                    span[0] = index
+                position = user_end + 1
+        except ValueError as exc:  # UnicodeDecodeError is one
+            raise StoreError(f"the Redis log holds a malformed item: {exc}") from exc
+        return len(ids) - before
+
+    def reads(self, layout: Layout) -> list[tuple[bytes, int, int]]:
+        """The LRANGEs (ledger key, first, last) that read the page's entries, one per user."""
+        return [(layout.keys(user).ledger, low, high) for user, (low, high) in self.spans.items()]
+
+    def texts(self, rows: Sequence[Sequence[bytes | str]]) -> list[bytes | str]:
+        """Each item's entry JSON, from the replies of ``reads()`` (in its order)."""
+        found = dict(zip(self.spans, rows, strict=True))
+        texts: list[bytes | str] = []
+        for user, index in zip(self.users, self.indexes, strict=True):
+            low = self.spans[user][0]
+            got = found[user]
+            if index - low >= len(got):
+                raise StoreError(
+                    f"the Redis log refers to entry {index} of user {user!r}, "
+                    "which is not in that user's ledger"
+                )
+            texts.append(got[index - low])
+        return texts
+
+
+def usage_values(text: bytes | str, user_id: str) -> UsageValues | None:
+    """A stored entry's values for ``Tally.add_values``; None if it is not a charge.
+
+    Reads the JSON ``entry_to_json`` wrote without building a ``LedgerEntry``
+    (sums read many): the same fields, the same exact values. ``user_id``
+    names the ledger in an error.
+    """
+    try:
+        data = _decode(text if isinstance(text, str) else text.decode())
+        if data["schema"] != SCHEMA_VERSION:
+            msg = f"unknown schema {data['schema']!r}"
+            raise ValueError(msg)
+        kind = data["kind"]
+        if kind != _CHARGE:  # only charges are usage: skip the rest unparsed
+            return None
+        at = datetime.fromisoformat(data["at"])
+        if at.tzinfo is not timezone.utc:  # always UTC as written; else as entry_from_json reads
+            if at.tzinfo is None:
+                msg = f"expected an aware datetime, got {data['at']!r}"
+                raise ValueError(msg)
+            at = at.astimezone(timezone.utc)
+        cost = data.get("cost")
+        usage = data.get("usage")
+        values: UsageValues = (
+            data["user_id"],
+            kind,
+            at,
+            _decimal(data["amount"]),
+            None if cost is None else _decimal(cost),
+            data.get("model"),
+            None
+            if usage is None
+            else (
+                _count(usage.get("input", 0)),
+                _count(usage.get("output", 0)),
+                _count(usage.get("cache_write", 0)),
+                _count(usage.get("cache_read", 0)),
+            ),
+        )
+    except Exception as exc:
+        raise StoreError(f"stored LedgerEntry of user {user_id!r} is corrupt: {exc!r}") from exc
+    return values
+
+
+_decode = json.JSONDecoder().decode  # str in: json.loads of bytes costs a third more
+
+
+def _decimal(value: Any) -> Decimal:
+    if type(value) is not str:
+        msg = f"expected a decimal string, got {value!r}"
+        raise TypeError(msg)
+    result = Decimal(value)
+    if not result.is_finite():
+        msg = f"expected a finite decimal, got {value!r}"
+        raise ValueError(msg)
+    return result
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        msg = f"expected a token count, got {value!r}"
+        raise ValueError(msg)
+    return value

@@ -11,7 +11,13 @@ from __future__ import annotations
 import re
 from importlib import resources
 
-__all__ = ["ACQUIRE_SCRIPT", "COMMIT_SCRIPT", "RECHECK_SCRIPT", "RELEASE_SCRIPT"]
+__all__ = [
+    "ACQUIRE_SCRIPT",
+    "COMMIT_SCRIPT",
+    "LOG_PAGE_SCRIPT",
+    "RECHECK_SCRIPT",
+    "RELEASE_SCRIPT",
+]
 
 _INCLUDE = re.compile(r"^-- include: (\S+)\n", re.MULTILINE)
 
@@ -35,3 +41,4 @@ COMMIT_SCRIPT = _script("commit.lua")
 ACQUIRE_SCRIPT = _script("acquire.lua")
 RECHECK_SCRIPT = _script("recheck.lua")
 RELEASE_SCRIPT = _script("release.lua")
+LOG_PAGE_SCRIPT = _script("log_page.lua")  # read-only: reports read the log with it

@@ -2,11 +2,13 @@
 -- KEYS[1] account hash (v version, d account JSON, t token of the commit that wrote it)
 -- KEYS[2] ledger list   KEYS[3] request-id hash   KEYS[4] the user's lock (a writer's token)
 -- KEYS[5] lock queue   KEYS[6] prefix of the queued writers' wake-up lists
--- KEYS[7] prefix of the queued writers' heartbeats   KEYS[8] users set, given only on creation
+-- KEYS[7] prefix of the queued writers' heartbeats   KEYS[8] log stream   KEYS[9] log skew hash
+-- KEYS[10] users set, KEYS[11] sorted users: given only on creation
 -- ARGV[1] expected version ('' = the account must not exist)   ARGV[2] new version
 -- ARGV[3] account JSON   ARGV[4] commit token   ARGV[5] user id
 -- ARGV[6] the committer's lock token ('' = none)   ARGV[7] lock lease in ms
--- ARGV[8], ARGV[9], ...: per entry, a request-id mark ('' or '=' .. id), then the entry JSON
+-- ARGV[8], ARGV[9], ARGV[10], ...: per entry, a request-id mark ('' or '=' .. id), the entry
+-- JSON, and the entry's time in ms since the epoch
 -- Returns 0 when written (or already written by this same commit, re-sent),
 -- {1[, stored account JSON]} on a lost compare-and-set,
 -- {3[, stored account JSON]} while another writer holds the lock (the version still matches),
@@ -33,13 +35,13 @@ if holder and holder ~= ARGV[6] then
   return {code}
 end
 local seen = {}
-for i = 8, #ARGV, 2 do
+for i = 8, #ARGV, 3 do
   local mark = ARGV[i]
   if mark ~= '' then
     local id = string.sub(mark, 2)
     local first = seen[id] or redis.call('HGET', KEYS[3], id)
     if first then
-      return {2, (i - 6) / 2, first}
+      return {2, (i - 5) / 3, first}
     end
     seen[id] = ARGV[i + 1]
   end
@@ -56,19 +58,46 @@ redis.call('LLEN', KEYS[2])
 if holder then
   redis.call('LLEN', KEYS[5])
 end
-if #KEYS > 7 then
-  redis.call('SCARD', KEYS[8])
+local created = #KEYS > 9
+if created then
+  redis.call('SCARD', KEYS[10])
+  redis.call('ZCARD', KEYS[11])
+end
+local skew = {'0', '0'}
+if #ARGV > 7 then
+  redis.call('XLEN', KEYS[8])
+  skew = redis.call('HMGET', KEYS[9], 'ahead', 'behind')
 end
 redis.call('HSET', account, 'v', ARGV[2], 'd', ARGV[3], 't', ARGV[4])
-for i = 8, #ARGV, 2 do
+-- Each entry joins the log of every entry (commit order): its user and ledger index. The
+-- skew kept is the most an entry's time (the writer's clock) was ahead of, or behind, its
+-- stream id's (the server's): readers widen a time range by it.
+local ahead = tonumber(skew[1]) or 0
+local behind = tonumber(skew[2]) or 0
+local skewed = not skew[1]  -- the first entry logged writes it
+for i = 8, #ARGV, 3 do
   local mark = ARGV[i]
-  redis.call('RPUSH', KEYS[2], ARGV[i + 1])
+  local length = redis.call('RPUSH', KEYS[2], ARGV[i + 1])
   if mark ~= '' then
     redis.call('HSET', KEYS[3], string.sub(mark, 2), ARGV[i + 1])
   end
+  local id = redis.call('XADD', KEYS[8], '*', 'u', ARGV[5], 'i', string.format('%d', length - 1))
+  local gap = tonumber(ARGV[i + 2]) - tonumber(string.match(id, '^%d+'))
+  if gap > ahead then
+    ahead = gap
+    skewed = true
+  elseif -gap > behind then
+    behind = -gap
+    skewed = true
+  end
 end
-if #KEYS > 7 then
-  redis.call('SADD', KEYS[8], ARGV[5])
+if skewed then
+  redis.call('HSET', KEYS[9], 'ahead', string.format('%.0f', ahead),
+    'behind', string.format('%.0f', behind))
+end
+if created then
+  redis.call('SADD', KEYS[10], ARGV[5])
+  redis.call('ZADD', KEYS[11], 0, ARGV[5])
 end
 if holder then
   hand_over(KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[7], ARGV[3])
