@@ -5,7 +5,19 @@ package, which ``create_schema()`` runs: accounts keyed by user id with a
 ``version`` for compare-and-set, and an append-only ledger ordered by a
 ``bigserial``, with a unique index on (user_id, request_id). Each row keeps the
 record's JSON text exactly as ``serde`` wrote it (what the store reads back)
-beside typed columns for SQL: ``numeric`` amounts, ``timestamptz`` times.
+beside typed columns for SQL: ``numeric`` amounts, ``timestamptz`` times,
+token counts, and ``tx``, the id of the transaction that wrote the row.
+
+Reports are answered in SQL (schema version 2; a version-1 database is
+upgraded in place when the store is built with ``create_schema=True``):
+``sum_usage`` is one ``GROUP BY`` with exact ``numeric`` sums and
+``date_trunc`` in UTC; ``scan_entries`` pages every user's entries in
+``(tx, seq)`` order, reading only rows below the oldest transaction still
+running (``pg_snapshot_xmin``), since a ``bigserial`` is taken before its
+transaction commits and a page that passed a later one would skip it for
+ever. A long transaction anywhere on the server holds such scans back until
+it ends; a scan of one user is not held. ``users_page`` reads the accounts'
+primary key in ``COLLATE "C"`` order. PostgreSQL 13 or later.
 
 A commit is ONE statement, so one round trip and one transaction (the
 connections run in autocommit mode): a data-modifying CTE does the

@@ -24,12 +24,21 @@ from psycopg import AsyncConnection, errors
 from psycopg_pool import AsyncConnectionPool
 
 from creditmeter._compat import AsyncLock, async_shielded
-from creditmeter.exceptions import DuplicateRequest, StoreError, VersionConflict
+from creditmeter.exceptions import DuplicateRequest, InvalidInput, StoreError, VersionConflict
 from creditmeter.models import Account, LedgerEntry
+from creditmeter.queries import EntryQuery, Scan, UsageQuery, UsageRow
 from creditmeter.serde import account_from_json, entry_from_json
 from creditmeter.stores.base import Write, WriteOutcome
 from creditmeter.stores.postgres import _shared
-from creditmeter.stores.postgres._shared import RETURNS_AT_ONCE, STALE_TRIES, StoreBase, TaskPin
+from creditmeter.stores.postgres._shared import (
+    RETURNS_AT_ONCE,
+    STALE_TRIES,
+    StoreBase,
+    TaskPin,
+    parse_position,
+    scan_page,
+    usage_rows,
+)
 from creditmeter.stores.postgres.failures import duplicate, failed, lost_race
 from creditmeter.stores.postgres.options import DEFAULT_LOCK_TIMEOUT, DEFAULT_PREFIX, Options
 from creditmeter.stores.postgres.sql import (
@@ -40,6 +49,8 @@ from creditmeter.stores.postgres.sql import (
     Statements,
     commit_params,
     request_ids,
+    scan_params,
+    sum_params,
 )
 
 __all__ = ["AsyncPostgresStore"]
@@ -295,10 +306,24 @@ class AsyncPostgresStore(StoreBase):
         async with conn.transaction():
             await conn.execute(b"SET LOCAL client_min_messages = warning")
             await conn.execute(b"SELECT pg_advisory_xact_lock(%s)", (self._sql.schema_lock,))
+            # Under the lock: a store that finds the current version takes no table lock
+            # (ALTER TABLE would take the ledger's, even with nothing to add).
+            if not self._needs_ddl(await self._stored_version(conn)):
+                return
             for statement in self._sql.ddl:
                 await conn.execute(statement)
             cursor = await conn.execute(self._sql.schema_version)
             self._check_version(await cursor.fetchone())
+
+    async def _stored_version(self, conn: AsyncConnection[Any]) -> str | None:
+        """The schema version the meta table records; ``None`` if there is none (yet)."""
+        try:
+            async with conn.transaction():  # a savepoint: the table may not exist
+                cursor = await conn.execute(self._sql.schema_version)
+                row = await cursor.fetchone()
+        except (errors.UndefinedTable, errors.InvalidSchemaName):
+            return None
+        return None if row is None else str(row[0])
 
     @asynccontextmanager
     async def exclusive(self, user_id: str) -> AsyncIterator[None]:
@@ -617,6 +642,56 @@ class AsyncPostgresStore(StoreBase):
     async def users(self) -> list[str]:
         """Return every user id, sorted (by code point, as Python sorts)."""
         return [row[0] for row in await self._fetch("read", None, self._sql.users, ())]
+
+    # --- reports ----------------------------------------------------------------
+
+    async def scan_entries(self, query: EntryQuery, *, after: str | None, limit: int) -> Scan:
+        """Up to ``limit`` entries the query covers, in commit order, after position ``after``.
+
+        Positions are ``"<tx>.<seq>"``: the transaction id and ``seq`` of the
+        last row read. A scan of every user reads rows in ``(tx, seq)`` order,
+        and only those below the oldest transaction still running (the
+        horizon), so a row committed later always sorts after every position
+        returned before (``seq`` alone is not commit order: a transaction can
+        take a ``seq`` and commit after others took later ones). A scan of one
+        user reads in ``seq`` order, which is commit order within a user. A
+        page cut short by the horizon still gives a position; a long-running
+        transaction anywhere on the server holds the horizon back, and with it
+        the scan, until it ends. ``InvalidInput`` for a malformed position.
+        """
+        if type(limit) is not int or limit < 1:
+            raise InvalidInput(f"limit must be a positive int, got {limit!r}")
+        start = parse_position(after)
+        statement = self._sql.scan(
+            user=query.user_id is not None,
+            since=query.since is not None,
+            until=query.until is not None,
+            kinds=query.kinds is not None,
+        )
+        params = scan_params(query, start, min(limit, MAX_BIGINT - 1))
+        rows = await self._fetch("scan", query.user_id, statement, params)
+        return scan_page(query, start, limit, rows)
+
+    async def sum_usage(self, query: UsageQuery) -> list[UsageRow]:
+        """The query's charges summed per group, by the server, as ``rules.Tally`` sums them.
+
+        Exact: counts and token sums are ``numeric`` sums of integers, amounts
+        ``numeric`` sums of ``numeric``s. Periods start at ``date_trunc`` of
+        the time in UTC (weeks on Monday), as ``rules.period_start``.
+        """
+        rows = await self._fetch("usage", query.user_id, self._sql.sums(query), sum_params(query))
+        return usage_rows(rows)
+
+    async def users_page(self, *, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` user ids greater than ``after``, by code point (the key's index)."""
+        if type(limit) is not int or limit < 1:
+            raise InvalidInput(f"limit must be a positive int, got {limit!r}")
+        size = min(limit, MAX_BIGINT)
+        if after is None:
+            rows = await self._fetch("read", None, self._sql.users_first, (size,))
+        else:
+            rows = await self._fetch("read", None, self._sql.users_after, (after, size))
+        return [row[0] for row in rows]
 
     async def _fetch(
         self, action: str, user_id: str | None, query: bytes, params: Sequence[Any]

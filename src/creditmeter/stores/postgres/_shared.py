@@ -1,28 +1,46 @@
 """What the sync and async PostgreSQL stores share at run time.
 
 The base class of both (names, repr, the schema check, following a fork),
-the idle check of pooled connections, and the connection each thread (sync)
-or task (async) pins inside ``exclusive()``.
+the idle check of pooled connections, the connection each thread (sync)
+or task (async) pins inside ``exclusive()``, and the reading of report rows
+and scan positions.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import threading
 import weakref
+from collections.abc import Sequence
 from contextvars import ContextVar
+from datetime import timezone
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, Connection
 from psycopg.pq import TransactionStatus
 
-from creditmeter.exceptions import StoreError
+from creditmeter.exceptions import InvalidInput, StoreError
+from creditmeter.models import LedgerEntry
+from creditmeter.queries import EntryQuery, Scan, UsageRow
+from creditmeter.rules import usage_sum
+from creditmeter.serde import entry_from_json
 from creditmeter.stores.postgres.options import Options
-from creditmeter.stores.postgres.sql import SCHEMA_VERSION, Statements
+from creditmeter.stores.postgres.sql import SCHEMA_VERSION, UPGRADES_FROM, Statements
 
-__all__ = ["RETURNS_AT_ONCE", "STALE_TRIES", "StoreBase", "TaskPin", "ThreadPin", "stale"]
+__all__ = [
+    "RETURNS_AT_ONCE",
+    "STALE_TRIES",
+    "StoreBase",
+    "TaskPin",
+    "ThreadPin",
+    "parse_position",
+    "scan_page",
+    "stale",
+    "usage_rows",
+]
 
 STALE_TRIES = 64
 """How many stale pooled connections to throw away before using whatever comes."""
@@ -207,10 +225,25 @@ class StoreBase:
     def _check_version(self, row: tuple[Any, ...] | None) -> None:
         value = None if row is None else row[0]
         if value != SCHEMA_VERSION:
-            raise StoreError(
-                f"the creditmeter tables with prefix {self.prefix!r} hold schema {value!r}; "
-                f"this version of creditmeter reads schema {SCHEMA_VERSION!r}"
-            )
+            raise self._wrong_version(value)
+
+    def _needs_ddl(self, value: str | None) -> bool:
+        """Before the DDL: whether to run it for the stored version (``None``: no tables yet).
+
+        The current version needs nothing (and so takes no table lock); an
+        older one the DDL upgrades; any other is left alone: ``StoreError``.
+        """
+        if value == SCHEMA_VERSION:
+            return False
+        if value is None or value in UPGRADES_FROM:
+            return True
+        raise self._wrong_version(value)
+
+    def _wrong_version(self, value: str | None) -> StoreError:
+        return StoreError(
+            f"the creditmeter tables with prefix {self.prefix!r} hold schema {value!r}; "
+            f"this version of creditmeter reads schema {SCHEMA_VERSION!r}"
+        )
 
     def _bound_params(self) -> tuple[str] | None:
         """The parameter of ``BOUND_LOCKS`` for a new session, or ``None`` to leave it."""
@@ -267,3 +300,83 @@ class StoreBase:
             "pool cannot cross os.fork(): make the pool and the store in each process after "
             "forking, or give the store a DSN (it then opens a pool of its own in the child)"
         )
+
+
+# --- reports ---------------------------------------------------------------------------
+
+_POSITION = re.compile(r"(0|[1-9][0-9]{0,18})\.(0|[1-9][0-9]{0,18})")
+_BIGINT = 2**63
+
+
+def parse_position(position: str | None) -> tuple[int, int] | None:
+    """The ``(tx, seq)`` of a scan position ``"<tx>.<seq>"``; ``InvalidInput`` if malformed."""
+    if position is None:
+        return None
+    found = _POSITION.fullmatch(position) if type(position) is str else None
+    if found is None:
+        raise InvalidInput("after is not a cursor of this store")
+    tx, seq = int(found[1]), int(found[2])
+    if tx >= _BIGINT or seq >= _BIGINT:
+        raise InvalidInput("after is not a cursor of this store")
+    return tx, seq
+
+
+def _entries(rows: Sequence[tuple[Any, ...]], user_id: str | None) -> list[LedgerEntry]:
+    return [entry_from_json(row[-1], user_id=user_id) for row in rows]
+
+
+def scan_page(
+    query: EntryQuery,
+    after: tuple[int, int] | None,
+    limit: int,
+    rows: Sequence[tuple[Any, ...]],
+) -> Scan:
+    """A ``Scan`` from the rows of ``Statements.scan`` (``limit + 1`` were asked for).
+
+    A full page's position is its last row. A short page of every user has
+    read all there is below the horizon; if rows lie at or above it (their
+    transactions were running, or began after the oldest one running), the
+    next page starts at the horizon, so the scan comes back for them, and
+    skips what it passed over below.
+    """
+    if query.user_id is not None:
+        if len(rows) <= limit:
+            return Scan(_entries(rows, query.user_id), None)
+        page = rows[:limit]
+        return Scan(_entries(page, query.user_id), f"{page[-1][0]}.{page[-1][1]}")
+    horizon, more = rows[0][0], rows[0][1]
+    found = [row[2:] for row in rows if row[2] is not None]
+    if len(found) > limit:
+        page = found[:limit]
+        return Scan(_entries(page, None), f"{page[-1][0]}.{page[-1][1]}")
+    if not more:
+        return Scan(_entries(found, None), None)
+    start = max((horizon, 0), after or (0, 0))
+    return Scan(_entries(found, None), f"{start[0]}.{start[1]}")
+
+
+def usage_rows(rows: Sequence[tuple[Any, ...]]) -> list[UsageRow]:
+    """``UsageRow``s from the rows of ``Statements.sums``."""
+    return [
+        UsageRow(
+            user_id=user_id,
+            model=model,
+            period_start=None if start is None else start.replace(tzinfo=timezone.utc),
+            calls=calls,
+            usage=usage_sum(int(tokens_in), int(tokens_out), int(written), int(read)),
+            cost=cost,
+            charged=charged,
+        )
+        for (
+            user_id,
+            model,
+            start,
+            calls,
+            tokens_in,
+            tokens_out,
+            written,
+            read,
+            cost,
+            charged,
+        ) in rows
+    ]

@@ -19,12 +19,21 @@ from psycopg import Connection, errors
 from psycopg_pool import ConnectionPool
 
 from creditmeter._compat import Lock, shielded
-from creditmeter.exceptions import DuplicateRequest, StoreError, VersionConflict
+from creditmeter.exceptions import DuplicateRequest, InvalidInput, StoreError, VersionConflict
 from creditmeter.models import Account, LedgerEntry
+from creditmeter.queries import EntryQuery, Scan, UsageQuery, UsageRow
 from creditmeter.serde import account_from_json, entry_from_json
 from creditmeter.stores.base import Write, WriteOutcome
 from creditmeter.stores.postgres import _shared
-from creditmeter.stores.postgres._shared import RETURNS_AT_ONCE, STALE_TRIES, StoreBase, ThreadPin
+from creditmeter.stores.postgres._shared import (
+    RETURNS_AT_ONCE,
+    STALE_TRIES,
+    StoreBase,
+    ThreadPin,
+    parse_position,
+    scan_page,
+    usage_rows,
+)
 from creditmeter.stores.postgres.failures import duplicate, failed, lost_race
 from creditmeter.stores.postgres.options import DEFAULT_LOCK_TIMEOUT, DEFAULT_PREFIX, Options
 from creditmeter.stores.postgres.sql import (
@@ -35,6 +44,8 @@ from creditmeter.stores.postgres.sql import (
     Statements,
     commit_params,
     request_ids,
+    scan_params,
+    sum_params,
 )
 
 __all__ = ["PostgresStore"]
@@ -247,10 +258,24 @@ class PostgresStore(StoreBase):
         with conn.transaction():
             conn.execute(b"SET LOCAL client_min_messages = warning")
             conn.execute(b"SELECT pg_advisory_xact_lock(%s)", (self._sql.schema_lock,))
+            # Under the lock: a store that finds the current version takes no table lock
+            # (ALTER TABLE would take the ledger's, even with nothing to add).
+            if not self._needs_ddl(self._stored_version(conn)):
+                return
             for statement in self._sql.ddl:
                 conn.execute(statement)
             cursor = conn.execute(self._sql.schema_version)
             self._check_version(cursor.fetchone())
+
+    def _stored_version(self, conn: Connection[Any]) -> str | None:
+        """The schema version the meta table records; ``None`` if there is none (yet)."""
+        try:
+            with conn.transaction():  # a savepoint: the table may not exist
+                cursor = conn.execute(self._sql.schema_version)
+                row = cursor.fetchone()
+        except (errors.UndefinedTable, errors.InvalidSchemaName):
+            return None
+        return None if row is None else str(row[0])
 
     @contextmanager
     def exclusive(self, user_id: str) -> Iterator[None]:
@@ -559,6 +584,56 @@ class PostgresStore(StoreBase):
     def users(self) -> list[str]:
         """Return every user id, sorted (by code point, as Python sorts)."""
         return [row[0] for row in self._fetch("read", None, self._sql.users, ())]
+
+    # --- reports ----------------------------------------------------------------
+
+    def scan_entries(self, query: EntryQuery, *, after: str | None, limit: int) -> Scan:
+        """Up to ``limit`` entries the query covers, in commit order, after position ``after``.
+
+        Positions are ``"<tx>.<seq>"``: the transaction id and ``seq`` of the
+        last row read. A scan of every user reads rows in ``(tx, seq)`` order,
+        and only those below the oldest transaction still running (the
+        horizon), so a row committed later always sorts after every position
+        returned before (``seq`` alone is not commit order: a transaction can
+        take a ``seq`` and commit after others took later ones). A scan of one
+        user reads in ``seq`` order, which is commit order within a user. A
+        page cut short by the horizon still gives a position; a long-running
+        transaction anywhere on the server holds the horizon back, and with it
+        the scan, until it ends. ``InvalidInput`` for a malformed position.
+        """
+        if type(limit) is not int or limit < 1:
+            raise InvalidInput(f"limit must be a positive int, got {limit!r}")
+        start = parse_position(after)
+        statement = self._sql.scan(
+            user=query.user_id is not None,
+            since=query.since is not None,
+            until=query.until is not None,
+            kinds=query.kinds is not None,
+        )
+        params = scan_params(query, start, min(limit, MAX_BIGINT - 1))
+        rows = self._fetch("scan", query.user_id, statement, params)
+        return scan_page(query, start, limit, rows)
+
+    def sum_usage(self, query: UsageQuery) -> list[UsageRow]:
+        """The query's charges summed per group, by the server, as ``rules.Tally`` sums them.
+
+        Exact: counts and token sums are ``numeric`` sums of integers, amounts
+        ``numeric`` sums of ``numeric``s. Periods start at ``date_trunc`` of
+        the time in UTC (weeks on Monday), as ``rules.period_start``.
+        """
+        rows = self._fetch("usage", query.user_id, self._sql.sums(query), sum_params(query))
+        return usage_rows(rows)
+
+    def users_page(self, *, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` user ids greater than ``after``, by code point (the key's index)."""
+        if type(limit) is not int or limit < 1:
+            raise InvalidInput(f"limit must be a positive int, got {limit!r}")
+        size = min(limit, MAX_BIGINT)
+        if after is None:
+            rows = self._fetch("read", None, self._sql.users_first, (size,))
+        else:
+            rows = self._fetch("read", None, self._sql.users_after, (after, size))
+        return [row[0] for row in rows]
 
     def _fetch(
         self, action: str, user_id: str | None, query: bytes, params: Sequence[Any]

@@ -16,7 +16,9 @@ from typing import Any
 
 from psycopg import sql
 
+from creditmeter.exceptions import InvalidInput
 from creditmeter.models import Account, LedgerEntry
+from creditmeter.queries import EntryQuery, UsageQuery
 from creditmeter.serde import account_to_json, entry_to_json
 from creditmeter.stores.postgres.options import DEFAULT_PREFIX, check_names
 
@@ -26,14 +28,19 @@ __all__ = [
     "MAX_BIGINT",
     "SCHEMA_VERSION",
     "UNLOCK",
+    "UPGRADES_FROM",
     "Statements",
     "commit_params",
     "request_ids",
+    "scan_params",
     "schema_sql",
+    "sum_params",
 ]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 """The layout ``postgres.sql`` creates, as recorded in the ``meta`` table."""
+UPGRADES_FROM = ("1",)
+"""The older layouts ``postgres.sql`` upgrades in place to ``SCHEMA_VERSION``."""
 
 _TABLES = ("meta", "accounts", "ledger")
 _NAME_IN_FILE = re.compile(r"\bcreditmeter_([a-z_]+)\b")
@@ -116,8 +123,12 @@ def _key(*parts: str) -> int:
 
 _ENTRY_ROW = (
     "({n}, %s::text, %s::text, %s::numeric, %s::numeric, %s::numeric, %s::timestamptz, "
-    "%s::text, %s::text, %s::text)"
+    "%s::text, %s::text, %s::bigint, %s::bigint, %s::bigint, %s::bigint, %s::text)"
 )
+_PERIODS = {"hour": "hour", "day": "day", "week": "week", "month": "month"}
+# A read of the whole ledger in commit order stops below this: every transaction
+# under it has ended, so no row can appear there any more.
+_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 
 class Statements:
@@ -146,7 +157,16 @@ class Statements:
         )
         self.users = self._bytes('SELECT user_id FROM {accounts} ORDER BY user_id COLLATE "C"')
         self.schema_version = self._bytes("SELECT value FROM {meta} WHERE key = 'schema'")
+        self.users_first = self._bytes(
+            'SELECT user_id FROM {accounts} ORDER BY user_id COLLATE "C" LIMIT %s'
+        )
+        self.users_after = self._bytes(
+            'SELECT user_id FROM {accounts} WHERE user_id COLLATE "C" > %s '
+            'ORDER BY user_id COLLATE "C" LIMIT %s'
+        )
         self._commits: dict[tuple[bool, int, bool], bytes] = {}
+        self._scans: dict[tuple[bool, bool, bool, bool], bytes] = {}
+        self._sums: dict[tuple[bool, bool, str | None, bool, bool, bool], bytes] = {}
         self._keys: dict[str, int] = {}
 
     def _bytes(self, template: str) -> bytes:
@@ -196,12 +216,16 @@ class Statements:
         text = "WITH cas AS (" + cas + ")"
         if entries:
             rows = ", ".join(_ENTRY_ROW.format(n=n) for n in range(entries))
+            # tx is the column's default: the id of this transaction.
             text += (
                 ", added AS (INSERT INTO {ledger} (user_id, id, kind, amount, balance_after, "  # noqa: S608
-                "cost, at, request_id, model, data) SELECT cas.user_id, e.id, e.kind, e.amount, "
-                "e.balance_after, e.cost, e.at, e.request_id, e.model, e.data FROM cas, "
+                "cost, at, request_id, model, input_tokens, output_tokens, cache_write_tokens, "
+                "cache_read_tokens, data) SELECT cas.user_id, e.id, e.kind, e.amount, "
+                "e.balance_after, e.cost, e.at, e.request_id, e.model, e.input, e.output, "
+                "e.cache_write, e.cache_read, e.data FROM cas, "
                 f"(VALUES {rows}) AS e (n, id, kind, amount, balance_after, cost, at, "
-                "request_id, model, data) ORDER BY e.n" + (" RETURNING 1)" if release else ")")
+                "request_id, model, input, output, cache_write, cache_read, data) ORDER BY e.n"
+                + (" RETURNING 1)" if release else ")")
             )
         text += (
             " SELECT EXISTS (SELECT FROM cas), (SELECT data FROM {accounts} "
@@ -214,6 +238,94 @@ class Statements:
             text += f", (SELECT pg_advisory_unlock(%s::bigint) FROM cas{after})"  # noqa: S608
         query = self._commits[new, entries, release] = self._bytes(text)
         return query
+
+    def scan(self, *, user: bool, since: bool, until: bool, kinds: bool) -> bytes:
+        """A page of ``scan_entries`` (parameters: ``scan_params``), for this shape of query.
+
+        Of one user: that user's rows after a ``seq``, in ``seq`` order, which
+        is commit order within one user (each commit of a user first updates
+        the account row, so the next one waits for it to commit before it
+        takes its ``seq``); rows ``(tx, seq, data)``. Of every user: the rows
+        after a ``(tx, seq)`` in that order, below the horizon; each row is
+        ``(horizon, more, tx, seq, data)``, where ``more`` tells whether any
+        row lies at or above the horizon (and the page columns are ``NULL``
+        in the one row of an empty page).
+        """
+        shape = (user, since, until, kinds)
+        query = self._scans.get(shape)
+        if query is not None:
+            return query
+        where = ""
+        if since:
+            where += " AND at >= %s"
+        if until:
+            where += " AND at < %s"
+        if kinds:
+            where += " AND kind = ANY(%s::text[])"
+        if user:
+            text = (
+                "SELECT tx, seq, data FROM {ledger} WHERE user_id = %s AND seq > %s"  # noqa: S608
+                f"{where} ORDER BY seq LIMIT %s"
+            )
+        else:
+            text = (
+                "SELECT h.horizon, h.more, page.tx, page.seq, page.data FROM "  # noqa: S608
+                # max(tx) is one step down the (tx, seq) index; an EXISTS may be planned as a
+                # sequential scan that walks the old rows first.
+                "(SELECT snap.x AS horizon, "
+                "coalesce((SELECT max(tx) FROM {ledger}) >= snap.x, false) AS more "
+                f"FROM (SELECT {_HORIZON} AS x) AS snap) AS h "
+                "LEFT JOIN LATERAL (SELECT tx, seq, data FROM {ledger} "
+                f"WHERE (tx, seq) > (%s, %s) AND tx < h.horizon{where} "
+                "ORDER BY tx, seq LIMIT %s) AS page ON true ORDER BY page.tx, page.seq"
+            )
+        query = self._scans[shape] = self._bytes(text)
+        return query
+
+    def sums(self, query: UsageQuery) -> bytes:
+        """The ``sum_usage`` statement for this query (parameters: ``sum_params``).
+
+        Rows: user id, model, period start (UTC, naive), calls, the four token
+        sums, cost and charged; a key the query does not group by is ``NULL``.
+        """
+        by = query.by
+        period = query.period if "period" in by else None
+        shape = (
+            "user" in by,
+            "model" in by,
+            period,
+            query.user_id is not None,
+            query.since is not None,
+            query.until is not None,
+        )
+        found = self._sums.get(shape)
+        if found is not None:
+            return found
+        by_user, by_model, _, user, since, until = shape
+        if period is not None and period not in _PERIODS:
+            raise InvalidInput(f"period must be one of {', '.join(_PERIODS)}, got {period!r}")
+        start = (
+            "NULL::timestamp"
+            if period is None
+            else f"date_trunc('{_PERIODS[period]}', at AT TIME ZONE 'UTC')"
+        )
+        where = ""
+        if user:
+            where += " AND user_id = %s"
+        if since:
+            where += " AND at >= %s"
+        if until:
+            where += " AND at < %s"
+        text = (
+            f"SELECT {'user_id' if by_user else 'NULL::text'}, "  # noqa: S608
+            f"{'model' if by_model else 'NULL::text'}, {start}, count(*), "
+            "coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0), "
+            "coalesce(sum(cache_write_tokens), 0), coalesce(sum(cache_read_tokens), 0), "
+            "sum(coalesce(cost, -amount)), sum(-amount) "
+            f"FROM {{ledger}} WHERE kind = 'charge'{where} GROUP BY 1, 2, 3"
+        )
+        found = self._sums[shape] = self._bytes(text)
+        return found
 
 
 def commit_params(
@@ -251,6 +363,7 @@ def commit_params(
             key,
         ]
     for entry in entries:
+        usage = entry.usage
         params += (
             entry.id,
             entry.kind.value,
@@ -260,11 +373,48 @@ def commit_params(
             entry.at,
             entry.request_id,
             entry.model,
-            entry_to_json(entry),
         )
+        if usage is None:
+            params += _NO_USAGE
+        else:
+            params += (usage.input, usage.output, usage.cache_write, usage.cache_read)
+        params.append(entry_to_json(entry))
     params.append(user_id)
     if release:
         params.append(key)
+    return params
+
+
+_NO_USAGE = (None, None, None, None)
+
+
+def scan_params(query: EntryQuery, after: tuple[int, int] | None, limit: int) -> list[Any]:
+    """The parameters of ``Statements.scan`` for this query, after ``(tx, seq)``.
+
+    One row more than ``limit`` is asked for, to tell a full page from the end.
+    """
+    tx, seq = (0, 0) if after is None else after
+    params: list[Any] = [] if query.user_id is None else [query.user_id]
+    params += (seq,) if query.user_id is not None else (tx, seq)
+    if query.since is not None:
+        params.append(query.since)
+    if query.until is not None:
+        params.append(query.until)
+    if query.kinds is not None:
+        params.append(sorted(kind.value for kind in query.kinds))
+    params.append(limit + 1)
+    return params
+
+
+def sum_params(query: UsageQuery) -> list[Any]:
+    """The parameters of ``Statements.sums`` for this query."""
+    params: list[Any] = []
+    if query.user_id is not None:
+        params.append(query.user_id)
+    if query.since is not None:
+        params.append(query.since)
+    if query.until is not None:
+        params.append(query.until)
     return params
 
 
