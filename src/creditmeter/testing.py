@@ -24,6 +24,9 @@ coroutines on a private event loop::
             yield store
             store.close()
 
+The reports (``ReportStore``: ``scan_entries``, ``sum_usage``,
+``users_page``) are optional: their tests skip for a store without them.
+
 The suite needs pytest, which creditmeter itself does not depend on.
 """
 
@@ -38,10 +41,11 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from creditmeter import _validate
+from creditmeter import _validate, rules
 from creditmeter.config import RefillSettings
-from creditmeter.exceptions import DuplicateRequest, VersionConflict
+from creditmeter.exceptions import DuplicateRequest, InvalidInput, VersionConflict
 from creditmeter.models import Account, EntryKind, Hold, LedgerEntry
+from creditmeter.queries import EntryQuery, GroupKey, Period, Scan, UsageQuery, UsageRow
 from creditmeter.stores.base import Write
 from creditmeter.usage import TokenUsage
 
@@ -168,6 +172,44 @@ def _commit_many(store: BalanceStore, writes: list[Write]) -> list[Any]:
 
         pytest.skip("the store has no commit_many (an optional capability)")
     return commit_many(writes)
+
+
+def _report(store: BalanceStore, name: str) -> Callable[..., Any]:
+    """The store's report method ``name`` (skip the test for a store without it)."""
+    method: Callable[..., Any] | None = getattr(store, name, None)
+    if method is None:
+        import pytest  # noqa: PLC0415 - the suite needs pytest; creditmeter does not
+
+        pytest.skip(f"the store has no {name} (an optional capability)")
+    return method
+
+
+def _scan_all(
+    scan: Callable[..., Scan], query: EntryQuery, limit: int
+) -> tuple[list[LedgerEntry], str | None, list[LedgerEntry]]:
+    """Scan from the start until the position is None.
+
+    Returns every entry, the last position that was not None, and the
+    entries read after that position.
+    """
+    found: list[LedgerEntry] = []
+    last: str | None = None
+    tail: list[LedgerEntry] = []
+    position: str | None = None
+    for _ in range(100_000):
+        page = scan(query, after=position, limit=limit)
+        assert len(page.entries) <= limit
+        found.extend(page.entries)
+        tail.extend(page.entries)
+        if page.position is None:
+            return found, last, tail
+        assert isinstance(page.position, str)
+        position = last = page.position
+        tail = []
+    raise AssertionError("the scan did not end")
+
+
+_ALL = EntryQuery(None, None, None, None)
 
 
 def _commit(
@@ -394,3 +436,238 @@ class StoreContract:
         """An empty list of writes is an empty list of outcomes, and writes nothing."""
         assert _commit_many(store, []) == []
         assert store.users() == []
+
+    # --- reports: an optional capability (ReportStore); skipped without it ------------
+
+    def test_users_page_pages_ids_in_code_point_order(self, store: BalanceStore) -> None:
+        """Ids greater than ``after``, sorted as Python sorts str, ``limit`` at a time."""
+        users_page = _report(store, "users_page")
+        assert users_page(after=None, limit=5) == []
+        ids = ["a:b", "a", "b", "B", "{x}", "a}b", "'; DROP TABLE x; --", "%", "_", "10", "9"]
+        ids += ["\u00e9", "e\u0301", "\u03a9", "\uff5e", "\U0001f600"]  # accents, wide, astral
+        for user in ids:
+            _commit(store, make_account(user))
+        ordered = sorted(ids)
+        assert users_page(after=None, limit=10_000) == ordered
+        walked: list[str] = []
+        after: str | None = None
+        while True:
+            page = users_page(after=after, limit=3)
+            assert page == sorted(page)
+            walked.extend(page)
+            if len(page) < 3:
+                break
+            after = page[-1]
+        assert walked == ordered
+        assert users_page(after="a", limit=2) == [user for user in ordered if user > "a"][:2]
+        assert users_page(after="b0", limit=100) == [user for user in ordered if user > "b0"]
+        assert users_page(after=ordered[-1], limit=100) == []
+
+    def _scan_workload(self, store: BalanceStore) -> list[LedgerEntry]:
+        """Entries over three users, committed in an order unlike their users' or times'."""
+        hour = timedelta(hours=1)
+        kinds = [EntryKind.OPEN, EntryKind.CHARGE, EntryKind.GRANT, EntryKind.RELEASE]
+        order: list[LedgerEntry] = []
+        versions: dict[str, int] = {}
+        plan = [("b", 2), ("a", 1), ("c", 2), ("b", 1), ("a", 3), ("c", 1), ("b", 1)]
+        for number, (user, count) in enumerate(plan):
+            entries = [
+                make_entry(
+                    user,
+                    balance_after=Decimal(number),
+                    kind=kinds[(number + i) % len(kinds)],
+                    at=_EPOCH + (5 - number) * hour,  # later commits, earlier times
+                )
+                for i in range(count)
+            ]
+            version = versions.get(user)
+            versions[user] = (version or 0) + 1
+            _commit(store, make_account(user, version=versions[user]), entries, version)
+            order.extend(entries)
+        return order
+
+    def test_scan_entries_pages_in_commit_order(self, store: BalanceStore) -> None:
+        """Every entry once, in the order of commits, at most ``limit`` a page."""
+        scan = _report(store, "scan_entries")
+        assert scan(_ALL, after=None, limit=10) == Scan([], None)
+        order = self._scan_workload(store)
+        for limit in (1, 2, 3, len(order), 10_000):
+            assert _scan_all(scan, _ALL, limit)[0] == order, limit
+        for user in ("a", "b", "c", "nobody"):
+            query = EntryQuery(user, None, None, None)
+            assert _scan_all(scan, query, 2)[0] == store.ledger(user), user
+
+    def test_scan_entries_filters(self, store: BalanceStore) -> None:
+        """Only entries of the query's user and kinds, with ``since <= at < until``."""
+        scan = _report(store, "scan_entries")
+        order = self._scan_workload(store)
+        since, until = _EPOCH + timedelta(hours=1), _EPOCH + timedelta(hours=4)
+        charges = frozenset({EntryKind.CHARGE, EntryKind.RELEASE})
+        queries = [
+            EntryQuery(None, since, None, None),
+            EntryQuery(None, None, until, None),
+            EntryQuery(None, since, until, None),
+            EntryQuery(None, None, None, charges),
+            EntryQuery("b", since, until, charges),
+            EntryQuery(None, None, None, frozenset({EntryKind.REFILL})),
+        ]
+        for query in queries:
+            wanted = [
+                entry
+                for entry in order
+                if (query.user_id is None or entry.user_id == query.user_id)
+                and rules.in_range(entry.at, query.since, query.until)
+                and (query.kinds is None or entry.kind in query.kinds)
+            ]
+            for limit in (1, 3, 100):
+                assert _scan_all(scan, query, limit)[0] == wanted, (query, limit)
+
+    def test_scan_entries_resumes_after_later_commits(self, store: BalanceStore) -> None:
+        """From the last position of a finished scan: what followed it, then later commits."""
+        scan = _report(store, "scan_entries")
+        order = self._scan_workload(store)
+        found, last, tail = _scan_all(scan, _ALL, 2)
+        assert found == order
+        assert last is not None
+        later = [
+            make_entry("a", balance_after=Decimal(1)),
+            make_entry("d", balance_after=Decimal(2)),
+        ]
+        _commit(store, make_account("a", version=3), later[:1], 2)
+        _commit(store, make_account("d"), later[1:])
+        assert _scan_resume(scan, _ALL, last) == tail + later
+
+    def test_scan_entries_refuses_a_malformed_position(self, store: BalanceStore) -> None:
+        """A position the store never returned, and could not have, is InvalidInput."""
+        scan = _report(store, "scan_entries")
+        self._scan_workload(store)
+        for position in ("not a position", "\x00"):
+            with _raises(InvalidInput):
+                scan(_ALL, after=position, limit=10)
+
+    def test_sum_usage_sums_as_the_rules_do(self, store: BalanceStore) -> None:
+        """Charges only, grouped and summed exactly as ``rules.Tally`` sums them."""
+        sum_usage = _report(store, "sum_usage")
+        assert sum_usage(UsageQuery(None, None, None, ("model",), None)) == []
+        entries = _usage_workload(store)
+        tally = rules.Tally(UsageQuery(None, None, None, ("model",), None))
+        for entry in entries:
+            tally.add(entry)
+        rows = rules.sort_usage(sum_usage(UsageQuery(None, None, None, ("model",), None)))
+        assert rows == tally.rows()
+        assert [(row.model, row.calls, row.cost, row.charged) for row in rows] == [
+            (None, 1, _TINY, _TINY),
+            ("Zeta", 1, Decimal(3), Decimal(0)),
+            ("gpt-4o", 2, Decimal(14), Decimal(7)),
+            ("house", 2, Decimal(10**15 + 1), _BIG + 1),
+        ]
+        assert rows[3].usage.input == 2 * 10**10  # more than one call may count
+        keys: list[tuple[GroupKey, ...]] = [(), ("user",), ("user", "model")]
+        periods: list[Period] = ["hour", "day", "week", "month"]
+        shapes: list[tuple[tuple[GroupKey, ...], Period | None]] = [(by, None) for by in keys]
+        shapes += [(("period",), period) for period in periods]
+        shapes += [(("user", "model", "period"), "month")]
+        ranges = [(None, None), (_EPOCH, None), (None, _EPOCH), (_EPOCH, _EPOCH + timedelta(31))]
+        for by, period in shapes:
+            for user in (None, "alice", "nobody"):
+                for since, until in ranges:
+                    query = UsageQuery(user, since, until, by, period)
+                    expected = rules.Tally(query)
+                    for entry in entries:
+                        expected.add(entry)
+                    assert rules.sort_usage(sum_usage(query)) == expected.rows(), query
+                    assert all(isinstance(row, UsageRow) for row in sum_usage(query))
+
+
+_TINY = Decimal("0.000000000000000000000000000001")
+_BIG = Decimal("999999999999999.999999999999999999999999999999")
+
+
+def _scan_resume(scan: Callable[..., Scan], query: EntryQuery, after: str) -> list[LedgerEntry]:
+    found: list[LedgerEntry] = []
+    position: str | None = after
+    for _ in range(100_000):
+        page = scan(query, after=position, limit=3)
+        found.extend(page.entries)
+        if page.position is None:
+            return found
+        position = page.position
+    raise AssertionError("the scan did not end")
+
+
+def _usage_workload(store: BalanceStore) -> list[LedgerEntry]:
+    """Charges (clamped, priced, unpriced, tiny, huge) and entries that are not usage."""
+    usage = TokenUsage(input=10**10)
+    charge = EntryKind.CHARGE
+    planned: dict[str, list[LedgerEntry]] = {
+        "alice": [
+            make_entry(
+                "alice",
+                balance_after=Decimal(5),
+                kind=charge,
+                amount=Decimal(-5),
+                cost=Decimal(5),
+                model="gpt-4o",
+                usage=TokenUsage(input=10, output=20),
+                at=_EPOCH - timedelta(microseconds=1),
+            ),
+            make_entry(
+                "alice",
+                balance_after=Decimal(0),
+                kind=charge,
+                amount=Decimal(-2),
+                cost=Decimal(9),  # clamped: cost more than was taken
+                model="gpt-4o",
+                usage=TokenUsage(input=1, output=1, cache_write=1, cache_read=1),
+                at=_EPOCH,
+            ),
+            make_entry(
+                "alice",
+                balance_after=Decimal(0),
+                kind=charge,
+                amount=-_TINY,
+                at=_EPOCH + timedelta(days=5),
+            ),
+        ],
+        "bob": [
+            make_entry("bob", balance_after=_BIG + 2, kind=EntryKind.GRANT, amount=_BIG + 2),
+            make_entry(
+                "bob",
+                balance_after=Decimal(1),
+                kind=charge,
+                amount=-_BIG,
+                cost=Decimal(10**15),
+                model="house",
+                usage=usage,
+                at=_EPOCH + timedelta(days=31),
+            ),
+            make_entry("bob", balance_after=Decimal(1), kind=EntryKind.RELEASE, amount=Decimal(0)),
+            make_entry(
+                "bob",
+                balance_after=Decimal(0),
+                kind=charge,
+                amount=Decimal(-1),
+                cost=Decimal(1),
+                model="house",
+                usage=usage,
+                at=_EPOCH + timedelta(days=31, hours=1),
+            ),
+            make_entry("bob", balance_after=Decimal(7), kind=EntryKind.ADJUST, amount=Decimal(7)),
+        ],
+        "carol": [
+            make_entry(
+                "carol",
+                balance_after=Decimal(0),
+                kind=charge,
+                amount=Decimal("-0.000"),
+                cost=Decimal(3),
+                model="Zeta",
+                at=_EPOCH,
+            )
+        ],
+    }
+    entries: list[LedgerEntry] = []
+    for user, mine in planned.items():
+        _commit(store, make_account(user), mine)
+        entries.extend(mine)
+    return entries

@@ -103,12 +103,16 @@ class ReportMixin(ManagerBase):
     def iter_users(self, *, after: str | None = None, page_size: int = 1000) -> Iterator[str]:
         """Yield every user id greater than ``after``, in order, ``page_size`` ids a read.
 
-        Users added while it runs are yielded if they sort after the last id
-        yielded. Unlike ``users()``, a store with ``users_page`` never loads
-        all ids at once.
+        A user added while it runs is yielded if its id sorts after the last
+        id of the page read before it came. Unlike ``users()``, a store with
+        ``users_page`` never loads all ids at once. The arguments are checked
+        at the call (``InvalidInput``), before anything is read.
         """
         last = None if after is None else _validate.user_id(after)
         size = _query.page_size(page_size, "page_size")
+        return self._users_after(last, size)
+
+    def _users_after(self, last: str | None, size: int) -> Iterator[str]:
         native = getattr(self.store, "users_page", None)
         while True:
             if native is not None:
