@@ -23,7 +23,17 @@ from harness import Section, procs
 from harness.report import machine_lines, page, plot
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("matrix", "peers", "growth", "contention", "metering", "holds", "asgi", "batches")
+SECTIONS = (
+    "matrix",
+    "peers",
+    "growth",
+    "contention",
+    "metering",
+    "holds",
+    "asgi",
+    "batches",
+    "usage",
+)
 PACKAGES = ["redis", "psycopg", "openai", "pydantic", "litellm", "pyrate-limiter", "fastapi"]
 
 

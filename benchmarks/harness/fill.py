@@ -94,6 +94,8 @@ def fill(url: str, store: Any, added: range, start: Decimal) -> None:
                 account, entry = opened(uid(index), start)
                 store._accounts[account.user_id] = account
                 store._ledgers[account.user_id] = [_pack(entry)]
+                store._log.append(store._ledgers[account.user_id][0])
+                store._new_users.append(account.user_id)
     elif kind.startswith("sqlite"):
         with _sqlite(store) as conn:
             for users in _chunks(added):

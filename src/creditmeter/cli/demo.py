@@ -23,6 +23,7 @@ import itertools
 import random
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -195,6 +196,28 @@ def _refusal(shown: str, users: list[str]) -> str:
     )
 
 
+class MonthClock(FakeClock):
+    """The demo month's clock: moved on as calls are done, spread over its first four weeks.
+
+    A day-by-day usage report of the demo then has something to show, and the
+    refill (due a month after the start) stays due only after the calls.
+    """
+
+    SPREAD = timedelta(days=28)
+
+    def __init__(self, start: datetime, calls: int) -> None:
+        super().__init__(start)
+        self.start, self.calls, self.done = start, calls, 0
+        self._moving = threading.Lock()
+
+    def one_done(self) -> None:
+        """Count a call done and move the clock to its share of the four weeks (never back)."""
+        with self._moving:
+            self.done += 1
+            share = self.start + self.SPREAD * min(self.done, self.calls) / self.calls
+            self.set(max(self(), share))
+
+
 def run_demo(
     *,
     store_url: str | None = None,
@@ -217,7 +240,8 @@ def run_demo(
     counts: Counter[tuple[str, str]] = Counter()  # (user, "plain"|"stream"|"cut"|"refused")
     refused: dict[str, tuple[Planned, Decimal]] = {}  # each user's last refused call, its cost
     month = timedelta(days=CONFIG.refill_interval_value + 1)  # the refill is due after it
-    clock = FakeClock(datetime.now(timezone.utc).replace(microsecond=0) - month)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    clock = MonthClock(now - month, calls)
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     sink = console or Console(file=io.StringIO())
     with contextlib.ExitStack() as stack:
@@ -239,6 +263,7 @@ def run_demo(
                 why = f"{call.model} holds {credits_text(cost)}, {money(no.available)} available"
                 progress.console.print(f"[red]refused[/] {call.user}: {why}")
             progress.advance(task)
+            clock.one_done()
 
         def calls_of(user: str) -> None:
             for call in plans[user]:
@@ -253,7 +278,7 @@ def run_demo(
 
         # A month passes. LibreChat refills only a balance that cannot cover the call at
         # hand, so each user is asked with the cost of its last refused call (or none).
-        clock.advance(month)  # back to the real now, never beyond it
+        clock.set(now)  # back to the real now, never beyond it
         progress.update(task, total=calls + len(refused))
         refilled = []
         for user in user_ids:
