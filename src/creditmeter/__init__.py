@@ -15,6 +15,7 @@ from creditmeter.events import (
     ConflictRetried,
     Denied,
     Event,
+    Expired,
     Granted,
     LowBalance,
     Refilled,
@@ -32,7 +33,7 @@ from creditmeter.exceptions import (
 )
 from creditmeter.manager import BalanceManager
 from creditmeter.metering import AsyncMeteredStream, MeteredStream, acting_as, metered
-from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry
+from creditmeter.models import Account, BalanceCheck, CreditBlock, EntryKind, Hold, LedgerEntry
 from creditmeter.pricing import Cost, ModelRate, Pricing, Rates
 from creditmeter.queries import EntryPage, UsageRow
 from creditmeter.reservations import AsyncReservation, Reservation
@@ -79,12 +80,14 @@ __all__ = [
     "ConfigError",
     "ConflictRetried",
     "Cost",
+    "CreditBlock",
     "CreditMeterError",
     "Denied",
     "DuplicateRequest",
     "EntryKind",
     "EntryPage",
     "Event",
+    "Expired",
     "GrantItem",
     "Granted",
     "Hold",

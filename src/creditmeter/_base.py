@@ -195,9 +195,19 @@ class ManagerBase:
         config = self.config
 
         def plan(account: Account | None, now: datetime) -> rules.Change:
-            if account is not None:  # opened by another writer meanwhile
-                return unchanged(account)
+            if account is not None:  # opened meanwhile, or with blocks to expire
+                return rules.expire(account, config=config, now=now, new_id=new_id)
             return rules.open_account(user_id, config=config, now=now, new_id=new_id)
+
+        return Op(user_id, plan, started=self._clock_start())
+
+    def _expire_op(self, user_id: str) -> Op:
+        config = self.config
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            if account is None:
+                return rules.open_account(user_id, config=config, now=now, new_id=new_id)
+            return rules.expire(account, config=config, now=now, new_id=new_id)
 
         return Op(user_id, plan, started=self._clock_start())
 
@@ -209,11 +219,15 @@ class ManagerBase:
         request_id: object,
         reason: object,
         metadata: object,
+        expires_at: object = None,
+        priority: object = None,
     ) -> Op:
         user_id = _validate.user_id(user_id)
         value = _validate.amount(amount, positive=True)
         request = request_id_of(request_id)
         meta = _with_reason(metadata, reason)
+        expiry = None if expires_at is None else _expiry(expires_at)
+        rank = None if priority is None else _priority(priority)
         config = self.config
 
         def plan(account: Account | None, now: datetime) -> rules.Change:
@@ -226,6 +240,8 @@ class ManagerBase:
                 new_id=new_id,
                 request_id=request,
                 metadata=meta,
+                expires_at=expiry,
+                priority=rank,
             )
 
         return Op(user_id, plan, request, started=self._clock_start())
@@ -665,6 +681,20 @@ def _hold(value: object) -> Hold:
     ):
         # take_hold() finds the hold by its expiry among the account's open holds.
         raise InvalidInput(f"hold expires_at must be an aware datetime, got {expires!r}")
+    return value
+
+
+def _expiry(value: object) -> datetime:
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"expires_at must be an aware datetime or None, got {value!r}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(f"expires_at must be an aware datetime (UTC), got naive {value!r}")
+    return value.astimezone(timezone.utc)
+
+
+def _priority(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= rules.MAX_PRIORITY:
+        raise InvalidInput(f"priority must be an int in 0..{rules.MAX_PRIORITY}, got {value!r}")
     return value
 
 

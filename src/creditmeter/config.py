@@ -1,7 +1,8 @@
 """Configuration: LibreChat's ``balance`` section, per-account refill settings, retries.
 
-``BalanceConfig`` has LibreChat's six keys with LibreChat's defaults, plus two
-of creditmeter's own (``refill_mode`` and ``allow_negative_balance``). It
+``BalanceConfig`` has LibreChat's six keys with LibreChat's defaults, plus
+three of creditmeter's own (``refill_mode``, ``allow_negative_balance`` and
+``refill_expires``). It
 reads LibreChat's camelCase keys or snake_case ones, from a mapping or from
 the ``balance:`` section of a ``librechat.yaml``.
 """
@@ -81,13 +82,15 @@ class RefillSettings:
 
 @attrs.frozen(kw_only=True)
 class BalanceConfig:
-    """How balances behave: LibreChat's ``balance`` keys and defaults, plus two of our own.
+    """How balances behave: LibreChat's ``balance`` keys and defaults, plus three of our own.
 
     ``refill_mode`` chooses when a due refill happens: ``"when_depleted"``
     (LibreChat: only when the balance cannot cover the cost), ``"on_interval"``
     (whenever an interval has passed) or ``"top_up"`` (raise the balance to
     ``refill_amount``). ``allow_negative_balance`` lets a charge take the
-    balance below zero instead of clamping it at zero.
+    balance below zero instead of clamping it at zero. ``refill_expires``
+    makes each refill a credit block that expires at the next refill ("use
+    it or lose it"), instead of credits that pile up.
     """
 
     enabled: bool = attrs.field(default=False, validator=_check_bool)
@@ -98,6 +101,7 @@ class BalanceConfig:
     refill_amount: Decimal = _amount_field(10000, "refill_amount")
     refill_mode: RefillMode = attrs.field(default="when_depleted", validator=_check_mode)
     allow_negative_balance: bool = attrs.field(default=False, validator=_check_bool)
+    refill_expires: bool = attrs.field(default=False, validator=_check_bool)
 
     @property
     def refill(self) -> RefillSettings:
@@ -269,6 +273,7 @@ _CAMEL = {
     "refillAmount": "refill_amount",
     "refillMode": "refill_mode",
     "allowNegativeBalance": "allow_negative_balance",
+    "refillExpires": "refill_expires",
 }
 _KEYS = {**_CAMEL, **{snake: snake for snake in _CAMEL.values()}}
 _SNAKE_TO_CAMEL = {snake: camel for camel, snake in _CAMEL.items()}
@@ -277,6 +282,7 @@ _EXPECTED: dict[str, tuple[str, tuple[type, ...]]] = {
     "enabled": ("true or false", (bool,)),
     "auto_refill_enabled": ("true or false", (bool,)),
     "allow_negative_balance": ("true or false", (bool,)),
+    "refill_expires": ("true or false", (bool,)),
     "start_balance": ("a number", (int, float, Decimal)),
     "refill_amount": ("a number", (int, float, Decimal)),
     "refill_interval_value": ("a whole number", (int,)),

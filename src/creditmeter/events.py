@@ -24,6 +24,7 @@ __all__ = [
     "ConflictRetried",
     "Denied",
     "Event",
+    "Expired",
     "Granted",
     "LowBalance",
     "Refilled",
@@ -43,6 +44,18 @@ class Charged:
 @attrs.frozen(kw_only=True)
 class Granted:
     """Credits were granted."""
+
+    user_id: str
+    entry: LedgerEntry
+    duration: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class Expired:
+    """A credit block reached its expiry: its ``EXPIRE`` entry (minus what was left) was written.
+
+    ``entry.drawn`` names the block and the credits it still held.
+    """
 
     user_id: str
     entry: LedgerEntry
@@ -114,5 +127,5 @@ class Unmetered:
 
 
 Event = Union[  # noqa: UP007
-    Charged, Granted, Refilled, Denied, LowBalance, ConflictRetried, Unmetered
+    Charged, Granted, Refilled, Expired, Denied, LowBalance, ConflictRetried, Unmetered
 ]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
@@ -50,7 +50,7 @@ from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
 from creditmeter.events import Event
 from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, VersionConflict
 from creditmeter.metering import OnMissingUsage, OnStoreError, acting_as, metered
-from creditmeter.models import Account, BalanceCheck, Hold, LedgerEntry
+from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry
 from creditmeter.pricing import Pricing
 from creditmeter.reports import ReportMixin
 from creditmeter.reservations import DEFAULT_TTL, Reservation
@@ -117,8 +117,8 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         try:
             with self._lock(op.user_id):
                 account = self.store.load(op.user_id)
-                if account is None:
-                    account = (self._write(op, None, fresh=True, out=out)).account
+                if account is None or (account.blocks and rules.expiry_due(account, self._now())):
+                    account = (self._write(op, account, fresh=True, out=out)).account
                 self._remember(account)
         except BaseException as failed:
             self._tell_after(out, failed)
@@ -151,11 +151,38 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         request_id: str | None = None,
         reason: str | None = None,
         metadata: dict[str, Any] | None = None,
+        expires_at: datetime | None = None,
+        priority: int | None = None,
     ) -> LedgerEntry:
-        """Add credits to the user's balance; return the ``GRANT`` entry."""
+        """Add credits to the user's balance; return the ``GRANT`` entry.
+
+        With ``expires_at`` (an aware time in the future) or ``priority``
+        (0..100, lower drawn first; 50 for an expiring grant given none) the
+        credits form a ``CreditBlock`` (``Account.blocks``, its id the
+        entry's): charges draw from blocks before the plain balance, and what
+        is left of a block when it expires is written off with an ``EXPIRE``
+        entry.
+        """
         return self._apply(
-            self._grant_op(user_id, amount, request_id=request_id, reason=reason, metadata=metadata)
+            self._grant_op(
+                user_id,
+                amount,
+                request_id=request_id,
+                reason=reason,
+                metadata=metadata,
+                expires_at=expires_at,
+                priority=priority,
+            )
         )
+
+    def expire(self, user_id: str) -> list[LedgerEntry]:
+        """Write off the credit blocks whose time came; return their ``EXPIRE`` entries.
+
+        Any other operation on the user does the same first; this is for a
+        job that keeps balances current without waiting for the next call.
+        """
+        change = self._locked(self._expire_op(_validate.user_id(user_id)))
+        return [entry for entry in change.entries if entry.kind is EntryKind.EXPIRE]
 
     def charge(
         self,

@@ -23,6 +23,7 @@ from creditmeter.usage import TokenUsage
 __all__ = [
     "Account",
     "BalanceCheck",
+    "CreditBlock",
     "EntryKind",
     "Hold",
     "LedgerEntry",
@@ -49,6 +50,8 @@ class EntryKind(str, enum.Enum):
     """The balance set to a given value, or account settings changed."""
     RELEASE = "release"
     """A hold released without a charge (amount 0)."""
+    EXPIRE = "expire"
+    """What was left of a credit block when it expired (minus that amount)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -64,13 +67,35 @@ class Hold:
 
 
 @attrs.frozen(kw_only=True)
+class CreditBlock:
+    """Credits granted apart from the plain balance: drawn first, in order, and maybe expiring.
+
+    ``amount`` is what remains of the ``granted`` credits. Charges draw from
+    blocks by ``priority`` (lower first), then the earliest ``expires_at``
+    (a block that never expires after any that do), then the oldest grant;
+    the plain balance pays last. ``id`` is the id of the ``GRANT`` (or
+    ``REFILL``) entry that made the block.
+    """
+
+    id: str
+    amount: Decimal
+    granted: Decimal
+    priority: int
+    expires_at: datetime | None
+    granted_at: datetime
+    request_id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Account:
     """One user's balance and refill state, at one version.
 
     ``version`` grows by one with every committed change; stores use it for
     compare-and-set. ``refill`` is ``None`` when the account follows the
     current config's refill settings. ``holds`` are kept in order of expiry,
-    and ``held`` is their total (worked out when not given).
+    and ``held`` is their total (worked out when not given). ``blocks`` are
+    the open credit blocks, in the order they are drawn; ``balance`` counts
+    them (``unrestricted`` is the balance without them).
     """
 
     user_id: str
@@ -85,6 +110,17 @@ class Account:
         default=attrs.Factory(lambda self: total_held(self.holds), takes_self=True)
     )
     """Credits set aside by the account's holds: the sum of their amounts."""
+    blocks: tuple[CreditBlock, ...] = ()
+
+    @property
+    def unrestricted(self) -> Decimal:
+        """The balance outside credit blocks: what is left when every block is used up."""
+        if not self.blocks:
+            return self.balance
+        total = self.balance
+        for block in self.blocks:
+            total = EXACT.subtract(total, block.amount)
+        return total
 
     @property
     def available(self) -> Decimal:
@@ -125,6 +161,8 @@ class LedgerEntry:
     cost: Decimal | None = None
     rates: Rates | None = None
     metadata: dict[str, Any] | None = None
+    drawn: tuple[tuple[str, Decimal], ...] = ()
+    """The credit blocks the entry took from: (block id, credits, positive) each."""
 
 
 @attrs.frozen(kw_only=True)
@@ -174,9 +212,10 @@ def _setters(cls: type, names: str) -> tuple[Any, ...]:
     _e_cost,
     _e_rates,
     _e_metadata,
+    _e_drawn,
 ) = _setters(
     LedgerEntry,
-    "id user_id kind amount balance_after at request_id model usage cost rates metadata",
+    "id user_id kind amount balance_after at request_id model usage cost rates metadata drawn",
 )
 (
     _a_user_id,
@@ -188,7 +227,10 @@ def _setters(cls: type, names: str) -> tuple[Any, ...]:
     _a_refill,
     _a_holds,
     _a_held,
-) = _setters(Account, "user_id balance version created_at updated_at last_refill refill holds held")
+    _a_blocks,
+) = _setters(
+    Account, "user_id balance version created_at updated_at last_refill refill holds held blocks"
+)
 
 
 def build_entry(  # noqa: PLR0917 - one argument per field, as the class has
@@ -204,6 +246,7 @@ def build_entry(  # noqa: PLR0917 - one argument per field, as the class has
     cost: Decimal | None = None,
     rates: Rates | None = None,
     metadata: dict[str, Any] | None = None,
+    drawn: tuple[tuple[str, Decimal], ...] = (),
 ) -> LedgerEntry:
     """``LedgerEntry(...)`` from checked values, positionally, in half the time."""
     entry: LedgerEntry = _new(LedgerEntry)
@@ -219,6 +262,7 @@ def build_entry(  # noqa: PLR0917 - one argument per field, as the class has
     _e_cost(entry, cost)
     _e_rates(entry, rates)
     _e_metadata(entry, metadata)
+    _e_drawn(entry, drawn)
     return entry
 
 
@@ -232,6 +276,7 @@ def build_account(  # noqa: PLR0917 - one argument per field, as the class has
     refill: RefillSettings | None,
     holds: tuple[Hold, ...],
     held: Decimal,
+    blocks: tuple[CreditBlock, ...] = (),
 ) -> Account:
     """``Account(...)`` from checked values, positionally; ``held`` must be the holds' total."""
     account: Account = _new(Account)
@@ -244,6 +289,7 @@ def build_account(  # noqa: PLR0917 - one argument per field, as the class has
     _a_refill(account, refill)
     _a_holds(account, holds)
     _a_held(account, held)
+    _a_blocks(account, blocks)
     return account
 
 

@@ -25,11 +25,12 @@ import attrs
 
 from creditmeter._exact import EXACT
 from creditmeter.config import BalanceConfig, RefillSettings
-from creditmeter.events import Charged, Event, Granted, LowBalance, Refilled
+from creditmeter.events import Charged, Event, Expired, Granted, LowBalance, Refilled
 from creditmeter.exceptions import IdempotencyConflict, InsufficientBalance, InvalidInput
 from creditmeter.models import (
     Account,
     BalanceCheck,
+    CreditBlock,
     EntryKind,
     Hold,
     LedgerEntry,
@@ -75,6 +76,11 @@ __all__ = [
 IdFactory = Callable[[], str]
 _ZERO = Decimal(0)
 _CHARGE = EntryKind.CHARGE
+DEFAULT_PRIORITY = 50
+"""The priority of an expiring grant given none (Stripe's default): the middle of 0..100."""
+MAX_PRIORITY = 100
+MAX_BLOCKS = 1000
+"""The most open credit blocks one account may hold."""
 HOLD_PREFIX = "hold:"
 """Request ids of the entries that resolve holds: ``hold:<hold id>``."""
 MAX_HOLD_ID_LENGTH = 256 - len(HOLD_PREFIX)
@@ -165,6 +171,7 @@ class _Draft:
     __slots__ = (
         "account",
         "balance",
+        "blocks",
         "entries",
         "expected",
         "held",
@@ -181,6 +188,7 @@ class _Draft:
         config: BalanceConfig,
         now: datetime,
         new_id: IdFactory,
+        expire: bool = True,
     ) -> None:
         if account is None:
             opened = open_account(user_id, config=config, now=now, new_id=new_id)
@@ -198,6 +206,55 @@ class _Draft:
         self.last_refill = account.last_refill
         self.holds = account.holds
         self.held = account.held
+        self.blocks = account.blocks
+        if expire and self.blocks:
+            self.expire_blocks(now, new_id)
+
+    def expire_blocks(self, now: datetime, new_id: IdFactory) -> None:
+        """Write an ``EXPIRE`` entry for each block whose time came, and drop it."""
+        kept: list[CreditBlock] = []
+        for block in self.blocks:
+            if block.expires_at is None or block.expires_at > now:
+                kept.append(block)
+            elif block.amount > _ZERO:
+                self.add(
+                    EntryKind.EXPIRE,
+                    block.amount.copy_negate(),
+                    now=now,
+                    new_id=new_id,
+                    drawn=((block.id, block.amount),),
+                )
+        if len(kept) != len(self.blocks):
+            self.blocks = tuple(kept)
+
+    def put_block(self, block: CreditBlock) -> None:
+        """Add a credit block where it is drawn in turn."""
+        if len(self.blocks) >= MAX_BLOCKS:
+            raise InvalidInput(
+                f"user {self.user_id!r} has {MAX_BLOCKS:,} open credit blocks, the most allowed"
+            )
+        added = list(self.blocks)
+        bisect.insort_right(added, block, key=_draw_order)
+        self.blocks = tuple(added)
+
+    def draw(self, spent: Decimal) -> tuple[tuple[str, Decimal], ...]:
+        """Take ``spent`` from the blocks in turn; what each gave (emptied blocks are dropped)."""
+        if spent <= _ZERO or not self.blocks:
+            return ()
+        drawn: list[tuple[str, Decimal]] = []
+        kept: list[CreditBlock] = []
+        left = spent
+        for block in self.blocks:
+            if left <= _ZERO:
+                kept.append(block)
+                continue
+            taken = min(left, block.amount)
+            left = EXACT.subtract(left, taken)
+            drawn.append((block.id, taken))
+            if taken < block.amount:
+                kept.append(attrs.evolve(block, amount=EXACT.subtract(block.amount, taken)))
+        self.blocks = tuple(kept)
+        return tuple(drawn)
 
     @property
     def available(self) -> Decimal:
@@ -231,7 +288,10 @@ class _Draft:
         cost: Decimal | None = None,
         rates: Rates | None = None,
         metadata: dict[str, Any] | None = None,
+        drawn: tuple[tuple[str, Decimal], ...] | None = None,
     ) -> None:
+        if drawn is None:
+            drawn = self.draw(amount.copy_negate()) if kind is _CHARGE else ()
         self.balance = balance = EXACT.add(self.balance, amount)
         self.entries.append(
             build_entry(
@@ -247,6 +307,7 @@ class _Draft:
                 cost,
                 rates,
                 metadata,
+                drawn,
             )
         )
 
@@ -261,6 +322,7 @@ class _Draft:
                     self.last_refill,
                     holds=self.holds,
                     held=self.held,
+                    blocks=self.blocks,
                 ),
                 tuple(self.entries),
                 self.expected,
@@ -304,6 +366,7 @@ def _next_version(
     *,
     holds: tuple[Hold, ...] | None = None,
     held: Decimal | None = None,
+    blocks: tuple[CreditBlock, ...] | None = None,
 ) -> Account:
     updated = account.updated_at
     return build_account(
@@ -316,6 +379,7 @@ def _next_version(
         account.refill,
         account.holds if holds is None else holds,
         account.held if held is None else held,
+        account.blocks if blocks is None else blocks,
     )
 
 
@@ -368,6 +432,7 @@ def _charged(  # noqa: PLR0917 - positional: this is the hot path's last step
                 account.refill,
                 holds,
                 held,
+                account.blocks,  # none: the fast paths run only without blocks
             ),
             (entry,),
             version,
@@ -387,8 +452,46 @@ def _drop_expired_holds(account: Account, now: datetime) -> Account:
 
 
 def open_holds(account: Account, now: datetime) -> Account:
-    """The account as of ``now``: holds that expired are left out (and so not counted)."""
-    return _drop_expired_holds(account, now) if account.holds else account
+    """The account as of ``now``: expired holds and credit blocks are left out (not counted).
+
+    A block left out takes its remaining credits out of the balance, as the
+    ``EXPIRE`` entry the next write makes will.
+    """
+    if account.holds:
+        account = _drop_expired_holds(account, now)
+    if account.blocks and expiry_due(account, now):
+        kept = tuple(b for b in account.blocks if b.expires_at is None or b.expires_at > now)
+        gone = _ZERO
+        for block in account.blocks:
+            if block.expires_at is not None and block.expires_at <= now:
+                gone = EXACT.add(gone, block.amount)
+        account = attrs.evolve(account, blocks=kept, balance=EXACT.subtract(account.balance, gone))
+    return account
+
+
+def expiry_due(account: Account, now: datetime) -> bool:
+    """Whether a credit block of the account has reached its expiry and is still recorded."""
+    return any(b.expires_at is not None and b.expires_at <= now for b in account.blocks)
+
+
+def _draw_order(block: CreditBlock) -> tuple[int, bool, datetime, datetime, str]:
+    """Blocks are drawn by priority, then earliest expiry (never last), then oldest grant."""
+    expires = block.expires_at
+    return (
+        block.priority,
+        expires is None,
+        block.granted_at if expires is None else expires,
+        block.granted_at,
+        block.id,
+    )
+
+
+def expire(account: Account, *, config: BalanceConfig, now: datetime, new_id: IdFactory) -> Change:
+    """Write the expiry of every credit block whose time came (a no-op change if none)."""
+    if not expiry_due(account, now):
+        return Change(account, (), account.version)
+    draft = _Draft(account, account.user_id, config=config, now=now, new_id=new_id)
+    return draft.finish(now)
 
 
 # --- refills ----------------------------------------------------------------
@@ -446,6 +549,31 @@ def _apply_refill(
     if amount > _ZERO:
         draft.add(EntryKind.REFILL, amount, now=now, new_id=new_id)
         draft.last_refill = max(draft.last_refill, now)
+        if config.refill_expires:
+            _refill_block(draft, current, amount, config=config, now=now)
+
+
+def _refill_block(
+    draft: _Draft, account: Account, amount: Decimal, *, config: BalanceConfig, now: datetime
+) -> None:
+    """Make a refill's credits a block that expires at the next refill (use it or lose it)."""
+    settings = effective_refill(account, config)
+    try:
+        next_refill: datetime | None = add_interval(
+            draft.last_refill, settings.interval_value, settings.interval_unit
+        )
+    except (OverflowError, ValueError):  # an interval past year 9999: the credits stay
+        next_refill = None
+    draft.put_block(
+        CreditBlock(
+            id=draft.entries[-1].id,
+            amount=amount,
+            granted=amount,
+            priority=DEFAULT_PRIORITY,
+            expires_at=next_refill,
+            granted_at=now,
+        )
+    )
 
 
 def refill(
@@ -482,12 +610,34 @@ def grant(
     new_id: IdFactory,
     request_id: str | None = None,
     metadata: dict[str, Any] | None = None,
+    expires_at: datetime | None = None,
+    priority: int | None = None,
 ) -> Change:
-    """Add ``amount`` credits. Grants move credits even when balances are disabled."""
+    """Add ``amount`` credits. Grants move credits even when balances are disabled.
+
+    With ``expires_at`` or ``priority`` the credits form a ``CreditBlock``
+    (its id: the grant entry's), drawn before the plain balance and, if it
+    expires, written off when its time comes; an expiring grant given no
+    priority gets ``DEFAULT_PRIORITY``. ``expires_at`` must be after ``now``.
+    """
+    if expires_at is not None and expires_at <= now:
+        raise InvalidInput(f"expires_at must be in the future, got {expires_at} (now {now})")
     draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
     draft.add(
         EntryKind.GRANT, amount, now=now, new_id=new_id, request_id=request_id, metadata=metadata
     )
+    if expires_at is not None or priority is not None:
+        draft.put_block(
+            CreditBlock(
+                id=draft.entries[-1].id,
+                amount=amount,
+                granted=amount,
+                priority=DEFAULT_PRIORITY if priority is None else priority,
+                expires_at=expires_at,
+                granted_at=now,
+                request_id=request_id,
+            )
+        )
     return draft.finish(now)
 
 
@@ -539,7 +689,12 @@ def charge(
     due refill, then raises ``InsufficientBalance`` (nothing to commit) when
     the available balance cannot pay.
     """
-    if account is not None and not account.holds and not (strict and config.enabled):
+    if (
+        account is not None
+        and not account.holds
+        and not account.blocks
+        and not (strict and config.enabled)
+    ):
         # The common case, without a draft: one entry on an existing account.
         applied = _applied(cost, account.balance, config)
         return _charged(
@@ -634,6 +789,7 @@ def hold(
     if (
         account is not None
         and request_id is None
+        and not account.blocks
         and (not account.holds or account.holds[0].expires_at > now)
         and not refill_due(account, config=config, now=now, cost=amount)
     ):
@@ -732,7 +888,12 @@ def settle(
     the same (the work was done). The charge is clamped like any charge. Its
     entry's request id, ``hold:<id>``, makes a hold resolvable only once.
     """
-    if account is not None and account.holds and account.holds[0].expires_at > now:
+    if (
+        account is not None
+        and account.holds
+        and account.holds[0].expires_at > now
+        and not account.blocks
+    ):
         # The common case, without a draft: the hold is open and none has expired.
         holds = account.holds
         index = _hold_index(holds, hold)
@@ -791,7 +952,7 @@ def release(
 
 def drop_hold(account: Account, hold: Hold, *, config: BalanceConfig, now: datetime) -> Change:
     """Remove a hold without an entry (it was resolved already); a no-op change if absent."""
-    draft = _Draft(account, account.user_id, config=config, now=now, new_id=_no_ids)
+    draft = _Draft(account, account.user_id, config=config, now=now, new_id=_no_ids, expire=False)
     if draft.take_hold(hold) is None:
         return Change(account, (), account.version)
     return draft.finish(now)
@@ -842,6 +1003,8 @@ def events_for(change: Change, *, duration: float, low_balance: Decimal | None) 
             found.append(Granted(user_id=user_id, entry=entry, duration=duration))
         elif kind is EntryKind.REFILL:
             found.append(Refilled(user_id=user_id, entry=entry, duration=duration))
+        elif kind is EntryKind.EXPIRE:
+            found.append(Expired(user_id=user_id, entry=entry, duration=duration))
     if low_balance is not None and change.entries:
         first = change.entries[0]
         before = (

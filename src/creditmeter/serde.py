@@ -94,7 +94,7 @@ def _from_json(text: str | bytes, cls: type[_T], user_id: str | None) -> _T:
 
 def account_to_json(account: Account) -> str:
     """Serialize an account."""
-    if account.refill is not None or account.holds:
+    if account.refill is not None or account.holds or account.blocks:
         return _dumps(to_plain(account))
     # The common shape, written by hand: it is on every commit's path, and the
     # result is the same text the converter writes (a test holds them equal).
@@ -113,7 +113,12 @@ def account_from_json(text: str | bytes, *, user_id: str | None = None) -> Accou
 
 def entry_to_json(entry: LedgerEntry) -> str:
     """Serialize a ledger entry."""
-    if entry.usage is not None or entry.rates is not None or entry.metadata is not None:
+    if (
+        entry.usage is not None
+        or entry.rates is not None
+        or entry.metadata is not None
+        or entry.drawn
+    ):
         return _dumps(to_plain(entry))
     optional = ""
     if entry.request_id is not None:

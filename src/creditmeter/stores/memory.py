@@ -37,7 +37,7 @@ Packed = tuple[Any, ...]
 
 def _pack(entry: LedgerEntry) -> Packed:
     usage, rates, metadata = entry.usage, entry.rates, entry.metadata
-    return (
+    packed = (
         entry.id,
         entry.user_id,
         entry.kind._value_,  # the enum's value, without its descriptor's call
@@ -53,10 +53,13 @@ def _pack(entry: LedgerEntry) -> Packed:
         else (rates.prompt, rates.completion, rates.cache_write, rates.cache_read),
         None if metadata is None else tuple(metadata.items()),
     )
+    return (*packed, entry.drawn) if entry.drawn else packed
 
 
 def _unpack(packed: Packed) -> LedgerEntry:
-    (id_, user_id, kind, amount, after, at, request_id, model, usage, cost, rates, meta) = packed
+    (id_, user_id, kind, amount, after, at, request_id, model, usage, cost, rates, meta) = packed[
+        :12
+    ]
     return LedgerEntry(
         id=id_,
         user_id=user_id,
@@ -74,6 +77,7 @@ def _unpack(packed: Packed) -> LedgerEntry:
         if rates is None
         else Rates(prompt=rates[0], completion=rates[1], cache_write=rates[2], cache_read=rates[3]),
         metadata=None if meta is None else dict(meta),
+        drawn=packed[12] if len(packed) > 12 else (),  # the 13th field: only when drawn
     )
 
 
