@@ -227,6 +227,8 @@ class ManagerBase:
         request = request_id_of(request_id)
         meta = _with_reason(metadata, reason)
         expiry = None if expires_at is None else _expiry(expires_at)
+        if expiry is not None and expiry <= self._now():  # checked again when it is written
+            raise InvalidInput(f"expires_at must be in the future, got {expiry}")
         rank = None if priority is None else _priority(priority)
         config = self.config
 

@@ -366,3 +366,34 @@ def test_a_store_without_commit_many_gives_the_same_results(backend, clock):
     clock.advance(timedelta(days=1))
     assert _batched(without.charge_many(SECOND), SECOND) == expected_late
     assert _ledgers(without, "abcd") == _ledgers(with_batches, "abcd")
+
+
+def test_grant_many_makes_credit_blocks_as_grant_does(backend, clock):
+    """Block grants in a batch: the same blocks and draws as grant(); a past expiry is refused.
+
+    Inputs tried: an expiring grant, a ranked grant, a plain grant, an expiry
+    already past (refused for the whole batch, naming the item, nothing
+    written).
+    """
+    later = clock() + timedelta(days=3)
+    items = [
+        GrantItem("blk", 30, expires_at=later),
+        GrantItem("blk", 20, priority=5),
+        GrantItem("blk", 10),
+    ]
+    single = backend.manager(LOUD, clock=clock)
+    for item in items:
+        single.grant("one", item.amount, expires_at=item.expires_at, priority=item.priority)
+    batch = backend.manager(LOUD, clock=clock)
+    assert all(result.ok for result in batch.grant_many(items))
+    made = batch.account("blk").blocks
+    expected = single.account("one").blocks
+    assert [(b.amount, b.priority, b.expires_at) for b in made] == [
+        (b.amount, b.priority, b.expires_at) for b in expected
+    ]
+    assert [b.priority for b in made] == [5, 50]  # ranked first, then the expiring one
+    assert batch.charge("blk", 25).drawn == ((made[0].id, Decimal(20)), (made[1].id, Decimal(5)))
+    with pytest.raises(InvalidInput, match="item 1: expires_at must be in the future"):
+        batch.grant_many([GrantItem("new", 1), GrantItem("new", 1, expires_at=clock())])
+    assert "new" not in batch.users()
+    _check_invariant(batch, ["blk"])

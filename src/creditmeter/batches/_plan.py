@@ -93,6 +93,8 @@ def grant_ops(manager: ManagerBase, items: object) -> tuple[list[GrantItem], lis
             request_id=item.request_id,
             reason=item.reason,
             metadata=item.metadata,
+            expires_at=item.expires_at,
+            priority=item.priority,
         ),
     )
 
@@ -205,6 +207,9 @@ def plan_user(ops: list[Op], state: UserState, now: datetime) -> UserPlan:
                 stale = True
             elif request is not None and op.lenient is not None and request not in state.missing:
                 look_up.add(request)
+            settled[index] = refused
+            continue
+        except InvalidInput as refused:  # a rule's own refusal: an expiry passed, too many blocks
             settled[index] = refused
             continue
         account = change.account

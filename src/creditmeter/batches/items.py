@@ -7,6 +7,7 @@ and name the index of the first bad one.
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -48,6 +49,8 @@ class GrantItem:
     request_id: str | None = attrs.field(default=None, kw_only=True)
     reason: str | None = attrs.field(default=None, kw_only=True)
     metadata: dict[str, Any] | None = attrs.field(default=None, kw_only=True)
+    expires_at: datetime | None = attrs.field(default=None, kw_only=True)
+    priority: int | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.frozen
