@@ -56,6 +56,8 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert "True" in printed  # the holds example: nothing left held
     assert "[True, True, False] InsufficientBalance" in printed  # the batches example
     assert "23800" in printed  # ...and its replay charged nothing twice
+    assert "3000 ['charge', 'expire']" in printed  # the credit blocks example
+    assert "1000 [(Decimal('2000'), Decimal('2000'))]" in printed
     # One plain call, eleven async ones (a retried call runs; it is not charged twice),
     # two streams and the reserved call.
     assert len(provider.requests) == 1 + 11 + 2 + 1
