@@ -35,11 +35,16 @@ from typing import Any
 
 from creditmeter import Account, BalanceConfig, BalanceManager, EntryKind, LedgerEntry, open_store
 from creditmeter._ids import new_id
+from creditmeter.stores import sqlite as _sqlite_store
 from harness.fill import ACCOUNT, ENTRY, entry
 from harness.stores import base_url, kind_of, option, sqlite_path
 
 USER = "user-1"
 STAMP = datetime(2026, 1, 1, tzinfo=timezone.utc)  # the time in the raw rows
+
+
+_SQLITE_INSERT: str = _sqlite_store._INSERT_ENTRY  # the raw floor writes the store's own row
+_SQLITE_TYPED = _sqlite_store._typed(entry(USER, Decimal(-1), Decimal(0)))
 
 
 def seed(url: str, config: BalanceConfig) -> None:
@@ -131,7 +136,8 @@ class _SQLite(Raw):
     UPDATE = (
         "UPDATE creditmeter_accounts SET version = ?, data = ? WHERE user_id = ? AND version = ?"
     )
-    INSERT = "INSERT INTO creditmeter_ledger (user_id, request_id, data) VALUES (?, ?, ?)"
+    # The store's own insert: its typed columns too (issue 15), filled with a charge of 1's.
+    INSERT = _SQLITE_INSERT
 
     def __init__(self, url: str, variant: str, tag: str) -> None:
         super().__init__(variant, tag)
@@ -152,7 +158,7 @@ class _SQLite(Raw):
         execute = self.conn.execute
         if execute(self.UPDATE, (version, account, USER, self.version)).rowcount != 1:
             return False
-        execute(self.INSERT, (USER, None, entry))
+        execute(self.INSERT, (USER, None, entry, *_SQLITE_TYPED))
         execute("COMMIT")
         self.version, self.balance = version, balance
         return True
@@ -281,6 +287,7 @@ class _Postgres(Raw):
         params = [
             version, Decimal(balance), STAMP, STAMP, account, USER, self.version, self.key,
             entry_id, "charge", Decimal(-1), Decimal(balance), Decimal(1), STAMP, None, None,
+            None, None, None, None,  # no usage: the token columns
             entry, USER, *([self.key] if unlock else []),
         ]  # fmt: skip
         row = self.conn.execute(self.update_unlock if unlock else self.update, params).fetchone()
