@@ -202,14 +202,9 @@ def plan_user(ops: list[Op], state: UserState, now: datetime) -> UserPlan:
             continue
         try:
             change = op.plan(account, now)
-        except InsufficientBalance as refused:
-            if not state.fresh:
-                stale = True
-            elif request is not None and op.lenient is not None and request not in state.missing:
-                look_up.add(request)
-            settled[index] = refused
-            continue
-        except InvalidInput as refused:  # a rule's own refusal: an expiry passed, too many blocks
+        except (InsufficientBalance, InvalidInput) as refused:
+            # InvalidInput: a rule's own refusal (an expiry passed since the check, too many blocks)
+            stale = _refused(refused, op, state, look_up) or stale
             settled[index] = refused
             continue
         account = change.account
@@ -223,6 +218,18 @@ def plan_user(ops: list[Op], state: UserState, now: datetime) -> UserPlan:
         base = state.base
         write = Write(account, tuple(entries), None if base is None else base.version)
     return UserPlan(write, changes, settled, stale, look_up)
+
+
+def _refused(refused: CreditMeterError, op: Op, state: UserState, look_up: set[str]) -> bool:
+    """Note what a refused item needs; whether the plan was made from a stale account."""
+    if not isinstance(refused, InsufficientBalance):
+        return False
+    if not state.fresh:
+        return True
+    request = op.request_id
+    if request is not None and op.lenient is not None and request not in state.missing:
+        look_up.add(request)
+    return False
 
 
 def group(ops: list[Op], seen: Callable[[str], Account | None]) -> dict[str, UserState]:
