@@ -5,8 +5,11 @@ two users, a charge priced by model, a charge by amount that crosses the
 low-balance threshold, a refused strict charge, a hold settled, a charge
 clamped at zero, a refill after a day on a fake clock; a conflict between
 two managers; an async manager; user ids left off and opted in; a custom
-prefix and bad ones; ``fan_out`` with a raising callback, ``None`` and a
-non-callable; importing creditmeter without touching OpenTelemetry.
+prefix and bad ones; credit blocks that expire (one partly spent, one whole,
+one used up before its time, one never expiring), written off by
+``expire()`` and lazily by a charge, on a sync and an async manager;
+``fan_out`` with a raising callback, ``None`` and a non-callable; importing
+creditmeter without touching OpenTelemetry.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from creditmeter import (
     BalanceConfig,
     BalanceManager,
     Charged,
+    EntryKind,
+    Expired,
     Granted,
     InsufficientBalance,
     InvalidInput,
@@ -59,11 +64,15 @@ UNITS = {
     "creditmeter.credits.granted": "{credit}",
     "creditmeter.credits.refilled": "{credit}",
     "creditmeter.refills": "{refill}",
+    "creditmeter.credits.expired": "{credit}",
+    "creditmeter.blocks.expired": "{block}",
     "creditmeter.denials": "{denial}",
     "creditmeter.conflict.retries": "{retry}",
     "creditmeter.low_balance.crossings": "{crossing}",
     "creditmeter.operation.duration": "s",
 }
+
+EXPIRY = ("creditmeter.credits.expired", "creditmeter.blocks.expired")
 
 Points = dict[frozenset[tuple[str, object]], object]
 
@@ -155,7 +164,7 @@ def test_a_run_is_counted_exactly(provider, reader, clock):
     )
     drive(manager, clock)
     found = exported(reader)
-    assert set(found) == set(UNITS) - {"creditmeter.conflict.retries"}
+    assert set(found) == set(UNITS) - {"creditmeter.conflict.retries", *EXPIRY}
     for name, metric in found.items():
         assert metric.unit == UNITS[name]
         assert metric.description
@@ -354,3 +363,94 @@ def test_unmetered_calls_are_counted_by_operation_and_model(provider, reader):
         attrs(operation="charge", model="gpt-4o"): 2,
         attrs(operation="settle"): 1,
     }
+
+
+# --- credit blocks that expire ----------------------------------------------------
+
+
+def blocks(manager: BalanceManager, clock: FakeClock, user: str = "ann") -> None:
+    """Four blocks: 30 (10 of it spent), 12.5 whole, 5 used up, and 7 that never expires."""
+    hour = timedelta(hours=1)
+    manager.grant(user, 100)
+    manager.grant(user, 5, expires_at=clock() + hour, priority=0)
+    manager.grant(user, 30, expires_at=clock() + hour, priority=1)
+    manager.grant(user, Decimal("12.5"), expires_at=clock() + 2 * hour)
+    manager.grant(user, 7, priority=100)
+    drew = manager.charge(user, 15)  # all of the 5, then 10 of the 30
+    assert [amount for _, amount in drew.drawn] == [5, 10]
+
+
+def test_expired_credits_and_blocks_are_counted(provider, reader, clock):
+    heard: list[object] = []
+    manager = BalanceManager(
+        MemoryStore(),
+        BalanceConfig(enabled=True, start_balance=0),
+        clock=clock,
+        on_event=fan_out(OTelMetrics(provider), heard.append),
+    )
+    blocks(manager, clock)
+    assert not any(name in exported(reader) for name in EXPIRY)  # nothing expired yet
+    clock.advance(timedelta(hours=3))
+    written = manager.expire("ann")
+    assert sorted(-entry.amount for entry in written) == [Decimal("12.5"), 20]
+    assert manager.expire("ann") == []  # once only
+    expired = [event for event in heard if isinstance(event, Expired)]
+    assert [event.entry for event in expired] == written
+    found = exported(reader)
+    assert found["creditmeter.credits.expired"].unit == "{credit}"
+    assert found["creditmeter.blocks.expired"].unit == "{block}"
+    for name in EXPIRY:
+        assert found[name].description
+        assert found[name].data.is_monotonic
+    assert values(found["creditmeter.credits.expired"]) == {NONE: 32.5}
+    assert values(found["creditmeter.blocks.expired"]) == {NONE: 2}
+    # Expiries are not timed on their own: the histogram has grants and the charge only.
+    latency = histogram(found["creditmeter.operation.duration"])
+    assert {dict(key)["operation"] for key in latency} == {"grant", "charge"}
+    assert manager.balance("ann") == 100 + 7
+    assert sum(entry.amount for entry in manager.ledger("ann")) == manager.balance("ann")
+
+
+def test_an_expiry_written_by_a_charge_is_counted_per_user(provider, reader, clock):
+    manager = BalanceManager(
+        MemoryStore(),
+        BalanceConfig(enabled=True, start_balance=0),
+        clock=clock,
+        on_event=OTelMetrics(provider, include_user_id=True),
+    )
+    blocks(manager, clock, "ann")
+    blocks(manager, clock, "ben")
+    clock.advance(timedelta(minutes=90))  # the 30 block is due; the 12.5 one is not
+    charged = manager.charge("ann", 1)  # writes ann's expiry first, then draws 12.5's block
+    kinds = [entry.kind for entry in manager.ledger("ann")[-2:]]
+    assert kinds == [EntryKind.EXPIRE, EntryKind.CHARGE]
+    assert charged.amount == -1
+    found = exported(reader)
+    ann = frozenset({("user.id", "ann")})
+    assert values(found["creditmeter.credits.expired"]) == {ann: 20.0}
+    assert values(found["creditmeter.blocks.expired"]) == {ann: 1}
+    clock.advance(timedelta(hours=1))
+    manager.expire("ben")  # both of ben's dated blocks with credits left
+    found = exported(reader)
+    ben = frozenset({("user.id", "ben")})
+    assert values(found["creditmeter.credits.expired"]) == {ann: 20.0, ben: 32.5}
+    assert values(found["creditmeter.blocks.expired"]) == {ann: 1, ben: 2}
+
+
+def test_async_expiry_is_counted(provider, reader, clock):
+    async def main() -> None:
+        meter = AsyncBalanceManager(
+            AsyncMemoryStore(),
+            BalanceConfig(enabled=True, start_balance=0),
+            clock=clock,
+            on_event=OTelMetrics(provider),
+        )
+        await meter.grant("u", Decimal("0.25"), expires_at=clock() + timedelta(seconds=1))
+        clock.advance(timedelta(seconds=1))  # due at its expires_at, not after
+        assert [entry.amount for entry in await meter.expire("u")] == [Decimal("-0.25")]
+        await meter.aclose()
+
+    asyncio.run(main())
+    found = exported(reader)
+    assert values(found["creditmeter.credits.expired"]) == {NONE: 0.25}
+    assert values(found["creditmeter.blocks.expired"]) == {NONE: 1}

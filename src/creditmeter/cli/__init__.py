@@ -2,8 +2,8 @@
 
 ``creditmeter [--store URL] [--config PATH] [--json] COMMAND ...`` with the
 commands ``balance``, ``list``, ``grant``, ``set``, ``refill``,
-``refill-settings``, ``ledger``, ``export``, ``usage``, ``price`` and
-``demo``. The store
+``refill-settings``, ``expire``, ``ledger``, ``export``, ``usage``,
+``price`` and ``demo``. The store
 is opened with ``open_store`` and the config built with ``load_config`` (the
 legacy environment variables, then the YAML file's ``balance:`` section), as
 LibreChat builds it. Output is a rich table for people, or JSON with

@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from creditmeter import _validate, rules
+from creditmeter._exact import EXACT
 from creditmeter._version import __version__
 from creditmeter.cli import format as fmt
 from creditmeter.cli import plot as plotting
@@ -85,11 +86,11 @@ def cli(ctx: click.Context, store_url: str, config_path: str | None) -> None:
 @json_option
 @pass_session
 def balance(session: Session, user: str) -> None:
-    """Show USER's balance, holds, refill settings and when the next refill is due."""
+    """Show USER's balance, holds, credit blocks, refill settings and the next refill."""
     account = session.account(user)
     config, now = session.config, session.now()
     session.show(
-        fmt.account_plain(account, config, now), lambda: fmt.account_table(account, config, now)
+        fmt.account_plain(account, config, now), lambda: fmt.account_view(account, config, now)
     )
 
 
@@ -142,13 +143,21 @@ def _replayed(session: Session, user: str, request_id: str | None) -> bool:
     return session.manager.store.find_request(_validate.user_id(user), request_id) is not None
 
 
-def _changed(session: Session, entry: LedgerEntry, *, replayed: bool, verb: str) -> None:
+def _changed(
+    session: Session,
+    entry: LedgerEntry,
+    *,
+    replayed: bool,
+    verb: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
     account = session.account(entry.user_id)
     plain = {
         "user": entry.user_id,
         "balance": fmt.plain(account.balance),
         "replayed": replayed,
         "entry": fmt.record_plain(entry),
+        **(extra or {}),
     }
     reason = (entry.metadata or {}).get("reason")
     text = verb + ("" if reason is None else f" (reason: {reason})")
@@ -165,16 +174,54 @@ def _changed(session: Session, entry: LedgerEntry, *, replayed: bool, verb: str)
 @click.argument("amount", type=fmt.Amount("AMOUNT", positive=True))
 @click.option("--reason", help="Why, kept on the ledger entry.")
 @click.option("--request-id", help="Make the grant idempotent: a repeat changes nothing.")
+@click.option(
+    "--expires",
+    type=fmt.Expiry(),
+    metavar="TIME",
+    help="Make the credits a block that expires at TIME: what is left of it then is "
+    f"written off. {fmt.EXPIRY_HELP}",
+)
+@click.option(
+    "--priority",
+    type=click.IntRange(0, rules.MAX_PRIORITY),
+    metavar="N",
+    help=f"Make the credits a block drawn in order of priority, 0 to {rules.MAX_PRIORITY}, "
+    f"lowest first (an expiring block given none gets {rules.DEFAULT_PRIORITY}).",
+)
 @json_option
 @pass_session
 def grant(
-    session: Session, *, user: str, amount: Decimal, reason: str | None, request_id: str | None
+    session: Session,
+    *,
+    user: str,
+    amount: Decimal,
+    reason: str | None,
+    request_id: str | None,
+    expires: datetime | None,
+    priority: int | None,
 ) -> None:
-    """Add AMOUNT credits to USER's balance (opening the account if new)."""
+    """Add AMOUNT credits to USER's balance (opening the account if new).
+
+    With --expires or --priority the credits form a credit block: charges draw
+    blocks first (by priority, then the earliest expiry, then the oldest
+    grant) and the plain balance last. 'creditmeter balance' lists the blocks.
+    """
+    user = _validate.user_id(user)
     replayed = _replayed(session, user, request_id)
-    entry = session.manager.grant(user, amount, reason=reason, request_id=request_id)
+    entry = session.manager.grant(
+        user, amount, reason=reason, request_id=request_id, expires_at=expires, priority=priority
+    )
     verb = f"Granted {fmt.credits_text(amount)} to {entry.user_id}"
-    _changed(session, entry, replayed=replayed, verb=verb)
+    extra: dict[str, Any] = {}
+    if expires is not None or priority is not None:
+        found = [b for b in session.account(user).blocks if b.id == entry.id]
+        block = found[0] if found else None
+        extra["block"] = None if block is None else fmt.block_plain(block)
+        if block is not None:
+            at = block.expires_at
+            ends = "never expires" if at is None else f"expires {fmt.when(at)}"
+            verb += f" as credit block {block.id} (priority {block.priority}; {ends})"
+    _changed(session, entry, replayed=replayed, verb=verb, extra=extra)
 
 
 @cli.command("set", context_settings=_AMOUNT_CONTEXT)
@@ -222,6 +269,44 @@ def refill(session: Session, user: str) -> None:
         text += " " + fmt.next_refill_text(status, now)
     else:
         text = f"No refill for {user}: {reason}. Balance: {fmt.money(account.balance)}."
+    session.show(plain, lambda: text)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("user")
+@json_option
+@pass_session
+def expire(session: Session, user: str) -> None:
+    """Write off what is left of USER's credit blocks that have expired.
+
+    One expire entry per block, of minus what it still held. Any other
+    operation on USER does the same first; this keeps the ledger current
+    without waiting for one.
+    """
+    user = session.account(user).user_id
+    entries = session.manager.expire(user)
+    account = session.account(user)
+    gone = Decimal(0)
+    for entry in entries:
+        gone = EXACT.add(gone, entry.amount)
+    dated = [b.expires_at for b in account.blocks if b.expires_at is not None]
+    upcoming = min(dated) if dated else None
+    plain = {
+        "user": user,
+        "expired": len(entries),
+        "amount": fmt.plain(gone),
+        "balance": fmt.plain(account.balance),
+        "next_expiry": None if upcoming is None else upcoming.isoformat(),
+        "entries": [fmt.record_plain(entry) for entry in entries],
+    }
+    if entries:
+        count = fmt.plural(len(entries), "credit block")
+        text = f"Expired {count} of {user}: {fmt.credits_text(gone.copy_negate())} written off."
+    else:
+        text = f"Nothing to expire for {user}: no credit block has reached its expiry."
+    text += f" Balance: {fmt.money(account.balance)}."
+    if upcoming is not None:
+        text += f" Next expiry {fmt.when(upcoming)}."
     session.show(plain, lambda: text)
 
 

@@ -11,8 +11,8 @@ field (``plain``); people's tables and sentences add thousands separators
 (``19,982.9``, ``money``). Output that is not a terminal is neither wrapped
 at 80 columns nor padded with trailing spaces (``console``).
 
-The argument types (credits, refill intervals, times, report groupings) live
-here too, and so do the
+The argument types (credits, refill intervals, times, expiries, report
+groupings) live here too, and so do the
 refill questions ("which settings apply?", "when is the next refill due, and
 if none applies now, why not?"), worked out with ``rules`` so ``balance``,
 ``refill`` and ``refill-settings`` answer alike.
@@ -42,7 +42,7 @@ from creditmeter import _validate, rules
 from creditmeter._exact import EXACT
 from creditmeter.config import BalanceConfig, IntervalUnit, RefillSettings
 from creditmeter.exceptions import InvalidInput
-from creditmeter.models import Account, LedgerEntry
+from creditmeter.models import Account, CreditBlock, EntryKind, LedgerEntry
 from creditmeter.pricing import Cost
 from creditmeter.queries import GROUP_KEYS, GroupKey, Period, UsageRow
 from creditmeter.serde import to_plain
@@ -50,18 +50,25 @@ from creditmeter.usage import TokenUsage
 
 __all__ = [
     "CSV_HEADER",
+    "EXPIRY_HELP",
     "MAX_INTERVAL",
     "USAGE_FIELDS",
     "Amount",
     "Every",
+    "Expiry",
     "GroupBy",
     "Moment",
     "RefillStatus",
     "account_plain",
     "account_table",
+    "account_view",
+    "block_plain",
+    "blocks_table",
     "console",
     "credits_text",
     "csv_row",
+    "drawn_plain",
+    "drawn_text",
     "dumps",
     "entry_line",
     "every",
@@ -70,6 +77,7 @@ __all__ = [
     "next_refill_text",
     "parse_by",
     "parse_every",
+    "parse_expiry",
     "parse_moment",
     "period_label",
     "plain",
@@ -159,9 +167,11 @@ def _plain_decimals(record: Any, data: dict[str, Any]) -> dict[str, Any]:
         elif attrs.has(type(value)) and isinstance(written, dict):
             _plain_decimals(value, written)
         elif isinstance(value, (tuple, list)) and isinstance(written, list):
-            for item, item_data in zip(value, written, strict=False):
+            for index, (item, item_data) in enumerate(zip(value, written, strict=False)):
                 if attrs.has(type(item)) and isinstance(item_data, dict):
                     _plain_decimals(item, item_data)
+                elif isinstance(item, tuple):  # LedgerEntry.drawn: (block id, credits) pairs
+                    written[index] = [plain(v) if isinstance(v, Decimal) else v for v in item]
     return data
 
 
@@ -349,6 +359,62 @@ class Moment(_MomentParam):
             self.fail(str(exc), param, ctx)
 
 
+EXPIRY_HELP = (
+    "TIME is a span from now (30d, 12h, 2w, 90min, 1mo: calendar months), an ISO date "
+    "(2027-01-01: gone from 00:00 UTC that day) or date and time (2027-01-01T13:30; "
+    "without an offset it is UTC), and must be in the future."
+)
+
+
+def parse_expiry(text: str, *, now: datetime) -> datetime:
+    """Read an expiry as UTC: a span after ``now`` such as ``30d``, or an ISO date or datetime.
+
+    Unlike ``parse_moment`` (which looks back), a span counts forward: an
+    expiry is always ahead. A date means 00:00 UTC, a datetime without an
+    offset is UTC. A bad value, or a time not after ``now``, is ``InvalidInput``.
+    """
+    raw = text.strip()
+    now = now.astimezone(timezone.utc)
+    if _SPAN.fullmatch(raw.lower()):
+        value, unit = parse_every(raw, label="a span from now")
+        try:
+            return rules.add_interval(now, value, unit)
+        except (OverflowError, ValueError):
+            raise InvalidInput(f"{text!r} from now reaches past the year 9999") from None
+    try:
+        moment = parse_moment(raw, now=now)
+    except InvalidInput:
+        raise InvalidInput(
+            "expected a span from now (30d, 12h, 2w, 1mo), an ISO date (2027-01-01) or "
+            f"an ISO date and time (2027-01-01T13:30, 2027-01-01T13:30+02:00), got {text!r}"
+        ) from None
+    if moment <= now:
+        raise InvalidInput(
+            f"{when(moment)} is not in the future (now {when(now)}): an expiry must come after now"
+        )
+    return moment
+
+
+class Expiry(_MomentParam):
+    """``grant --expires`` (see ``parse_expiry``); a bad one is a usage error naming the option."""
+
+    name = "time"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        """Parse ``value``; a span counts forward from one clock reading per command line."""
+        if isinstance(value, datetime):
+            return value
+        now = datetime.now(timezone.utc)
+        if ctx is not None:
+            now = ctx.meta.setdefault(_NOW_KEY, now)
+        try:
+            return parse_expiry(str(value), now=now)
+        except InvalidInput as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def parse_by(text: str) -> tuple[GroupKey, ...]:
     """Read ``--by``: a comma list of user, model and period, in the order of ``GROUP_KEYS``."""
     words = [word.strip().lower() for word in text.split(",")]
@@ -483,13 +549,36 @@ def settings_text(status: RefillStatus) -> str:
 # --- accounts -----------------------------------------------------------------
 
 
+def block_plain(block: CreditBlock) -> dict[str, Any]:
+    """A credit block as a JSON-ready dict.
+
+    ``amount`` is what remains of ``granted``; ``expires_at`` is null for a
+    block that never expires.
+    """
+    return {
+        "id": block.id,
+        "amount": plain(block.amount),
+        "granted": plain(block.granted),
+        "priority": block.priority,
+        "expires_at": None if block.expires_at is None else block.expires_at.isoformat(),
+        "granted_at": block.granted_at.isoformat(),
+        "request_id": block.request_id,
+    }
+
+
 def account_plain(account: Account, config: BalanceConfig, now: datetime) -> dict[str, Any]:
-    """Everything ``creditmeter balance --json`` reports about one account."""
+    """Everything ``creditmeter balance --json`` reports about one account.
+
+    ``blocks`` are the open credit blocks in the order charges draw them;
+    ``unrestricted`` is the plain balance, drawn after them (``balance`` counts both).
+    """
     status = refill_status(account, config, now)
     return {
         "user": account.user_id,
         "balance": plain(account.balance),
         "available": plain(account.available),
+        "unrestricted": plain(account.unrestricted),
+        "blocks": [block_plain(block) for block in account.blocks],
         "held": plain(account.held),
         "holds": [record_plain(hold) for hold in account.holds],
         "balances_enabled": config.enabled,
@@ -515,6 +604,13 @@ def account_table(account: Account, config: BalanceConfig, now: datetime) -> Tab
     status = refill_status(account, config, now)
     table = _facts(f"Account {account.user_id}")
     table.add_row("Balance", Text(money(account.balance)))
+    if account.blocks:
+        in_blocks = _ZERO
+        for block in account.blocks:
+            in_blocks = EXACT.add(in_blocks, block.amount)
+        blocks = plural(len(account.blocks), "open credit block")
+        table.add_row("In blocks", Text(f"{money(in_blocks)} in {blocks} (drawn first)"))
+        table.add_row("Plain balance", Text(f"{money(account.unrestricted)} (drawn last)"))
     held = account.held
     count = len(account.holds)
     available = money(account.available)
@@ -538,6 +634,45 @@ def account_table(account: Account, config: BalanceConfig, now: datetime) -> Tab
         upcoming = f"{when(status.next_at)} (in {_span(status.next_at - now)})"
     table.add_row("Next refill", Text(upcoming))
     return table
+
+
+def _expiry_text(block: CreditBlock, now: datetime) -> str:
+    if block.expires_at is None:
+        return "never"
+    if block.expires_at <= now:
+        return f"{when(block.expires_at)} (expired)"
+    return f"{when(block.expires_at)} (in {_span(block.expires_at - now)})"
+
+
+def blocks_table(account: Account, now: datetime) -> Table:
+    """An account's open credit blocks, in the order charges draw them."""
+    table = Table(
+        title=f"Credit blocks of {account.user_id}, in the order charges draw them",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+    )
+    table.add_column("Block")
+    table.add_column("Remaining", justify="right")
+    table.add_column("Granted", justify="right")
+    table.add_column("Priority", justify="right")
+    table.add_column("Expires (UTC)", no_wrap=True)
+    for block in account.blocks:
+        table.add_row(
+            Text(block.id),
+            money(block.amount),
+            money(block.granted),
+            str(block.priority),
+            _expiry_text(block, now),
+        )
+    return table
+
+
+def account_view(account: Account, config: BalanceConfig, now: datetime) -> list[object]:
+    """The ``creditmeter balance`` view: the account, then its credit blocks if it has any."""
+    shown: list[object] = [account_table(account, config, now)]
+    if account.blocks:
+        shown.append(blocks_table(account, now))
+    return shown
 
 
 def users_plain(
@@ -608,7 +743,10 @@ CSV_HEADER = (
     "rate_cache_write",
     "rate_cache_read",
     "metadata",
+    "drawn",
 )
+"""The CSV columns of an entry. ``metadata`` and ``drawn`` are JSON text (or empty):
+``drawn`` is ``[["<block id>","30"],...]``, the credit blocks the entry took from."""
 
 
 def _text(value: object) -> str:
@@ -646,7 +784,31 @@ def csv_row(entry: LedgerEntry) -> list[str]:
         _text(entry.cost),
         *priced,
         "" if entry.metadata is None else dumps(entry.metadata, indent=None),
+        dumps(drawn_plain(entry), indent=None) if entry.drawn else "",
     ]
+
+
+def drawn_plain(entry: LedgerEntry) -> list[list[str]]:
+    """``entry.drawn`` as JSON-ready pairs: ``[["<block id>", "30"], ...]``."""
+    return [[block_id, plain(amount)] for block_id, amount in entry.drawn]
+
+
+def drawn_text(entry: LedgerEntry) -> str:
+    """What an entry took from credit blocks, for people: ``blocks: 30 + 10, plain: 5``.
+
+    An ``EXPIRE`` entry names the block it wrote off; a charge says what each
+    block gave, in the order drawn, and what the plain balance paid after them.
+    """
+    if not entry.drawn:
+        return ""
+    if entry.kind is EntryKind.EXPIRE:
+        return ", ".join(f"block {block_id}" for block_id, _ in entry.drawn)
+    from_blocks = _ZERO
+    for _, amount in entry.drawn:
+        from_blocks = EXACT.add(from_blocks, amount)
+    text = "blocks: " + " + ".join(money(amount) for _, amount in entry.drawn)
+    rest = EXACT.subtract(entry.amount.copy_negate(), from_blocks)
+    return text + (f", plain: {money(rest)}" if rest > _ZERO else "")
 
 
 def entry_line(entry: LedgerEntry) -> str:
@@ -713,7 +875,7 @@ def _detail(entry: LedgerEntry) -> str:
         parts.append(entry.model)
     if entry.usage is not None:
         parts.append(_tokens(entry.usage))
-    if entry.cost is not None and entry.cost != -entry.amount:
+    if entry.cost is not None and entry.cost != entry.amount.copy_negate():  # -x would round
         parts.append(f"cost {money(entry.cost)}")
     metadata: Mapping[str, Any] = entry.metadata or {}
     parts.extend(f"{key}: {value}" for key, value in metadata.items())
@@ -725,23 +887,33 @@ def _detail(entry: LedgerEntry) -> str:
 def ledger_table(
     user_id: str, entries: Iterable[LedgerEntry], *, title: str | None = None
 ) -> Table:
-    """A user's ledger entries, oldest first, under ``title`` (``Ledger of USER``)."""
+    """A user's ledger entries, oldest first, under ``title`` (``Ledger of USER``).
+
+    A ``Drawn`` column (``drawn_text``) is added when an entry shown took
+    from a credit block, so a ledger without blocks looks as it always did.
+    """
     title = f"Ledger of {user_id}" if title is None else title
+    shown = list(entries)
+    drawn = any(entry.drawn for entry in shown)
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     table.add_column("When (UTC)", no_wrap=True)
     table.add_column("Kind")
     table.add_column("Amount", justify="right")
     table.add_column("Balance", justify="right")
+    if drawn:
+        table.add_column("Drawn")
     table.add_column("Detail")
-    for entry in entries:
+    for entry in shown:
         sign = "+" if entry.amount > _ZERO else ""
-        table.add_row(
+        cells = [
             entry.at.strftime("%Y-%m-%d %H:%M:%S"),
             entry.kind.value,
             Text(sign + money(entry.amount)),
             Text(money(entry.balance_after)),
-            Text(_detail(entry)),
-        )
+        ]
+        if drawn:
+            cells.append(Text(drawn_text(entry)))
+        table.add_row(*cells, Text(_detail(entry)))
     return table
 
 

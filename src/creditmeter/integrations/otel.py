@@ -21,6 +21,8 @@ name                                      unit         attributes
 ``creditmeter.credits.granted``           ``{credit}``
 ``creditmeter.credits.refilled``          ``{credit}``
 ``creditmeter.refills``                   ``{refill}``
+``creditmeter.credits.expired``           ``{credit}``
+``creditmeter.blocks.expired``            ``{block}``
 ``creditmeter.denials``                   ``{denial}``
 ``creditmeter.conflict.retries``          ``{retry}``
 ``creditmeter.low_balance.crossings``     ``{crossing}``
@@ -33,7 +35,14 @@ name                                      unit         attributes
 All but the last are counters; the last is a histogram, of the seconds from
 the call to its commit (or refusal). ``require()`` does not time its
 refusals (their ``Denied.duration`` is 0), so they are counted as denials but
-left out of the histogram.
+left out of the histogram. Expiries are not timed either: a credit block is
+written off by whichever operation comes first after its expiry (or
+``meter.expire()``), and that operation is timed as itself.
+
+The two expiry counters follow the ``Expired`` events: ``credits.expired``
+adds what was left of each credit block when it expired (what its ``EXPIRE``
+entry took off the balance), ``blocks.expired`` counts those blocks (one per
+event; a block used up before its expiry writes nothing and is not counted).
 
 Credits are counted as floats: what left (or entered) the balance, so a
 charge clamped at zero counts only what was taken, and a charge with
@@ -61,6 +70,7 @@ from creditmeter.events import (
     ConflictRetried,
     Denied,
     Event,
+    Expired,
     Granted,
     LowBalance,
     Refilled,
@@ -149,6 +159,16 @@ class OTelMetrics:
             unit="{refill}",
             description="Automatic refills applied.",
         )
+        self.expired: Counter = meter.create_counter(
+            f"{prefix}.credits.expired",
+            unit="{credit}",
+            description="Credits written off when the credit blocks holding them expired.",
+        )
+        self.expiries: Counter = meter.create_counter(
+            f"{prefix}.blocks.expired",
+            unit="{block}",
+            description="Credit blocks that expired with credits left (Expired events).",
+        )
         self.denials: Counter = meter.create_counter(
             f"{prefix}.denials",
             unit="{denial}",
@@ -192,7 +212,16 @@ class OTelMetrics:
             self.refilled.add(_credits(event.entry.amount), attributes)
             self.refills.add(1, attributes)
             self._took("refill", event.duration)
-        elif isinstance(event, Denied):
+        elif isinstance(event, Expired):
+            attributes = self._user(event.user_id)
+            self.expired.add(_credits(-event.entry.amount), attributes)
+            self.expiries.add(1, attributes)
+        else:
+            self._count(event)
+
+    def _count(self, event: Event) -> None:
+        """Record an event that moves no credits: a refusal, a retry, a crossing, a lost charge."""
+        if isinstance(event, Denied):
             self.denials.add(1, self._user(event.user_id))
             self._took("denied", event.duration)
         elif isinstance(event, ConflictRetried):
