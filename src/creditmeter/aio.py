@@ -45,6 +45,7 @@ from creditmeter._base import (
     Op,
     Outbox,
     Replayed,
+    request_id_of,
 )
 
 # sync-only: from creditmeter._base import utc_now
@@ -54,7 +55,12 @@ from creditmeter._retry import async_retrying
 from creditmeter.batches import AsyncBatchMixin
 from creditmeter.config import BalanceConfig, RefillSettings, RetryPolicy
 from creditmeter.events import Event
-from creditmeter.exceptions import DuplicateRequest, InsufficientBalance, VersionConflict
+from creditmeter.exceptions import (
+    DuplicateRequest,
+    InsufficientBalance,
+    InvalidInput,
+    VersionConflict,
+)
 from creditmeter.metering import OnMissingUsage, OnStoreError, acting_as, metered
 from creditmeter.models import Account, BalanceCheck, EntryKind, Hold, LedgerEntry
 from creditmeter.pricing import Pricing
@@ -192,17 +198,40 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         is left of a block when it expires is written off with an ``EXPIRE``
         entry.
         """
-        return await self._apply(
-            self._grant_op(
-                user_id,
-                amount,
-                request_id=request_id,
-                reason=reason,
-                metadata=metadata,
-                expires_at=expires_at,
-                priority=priority,
+        try:
+            return await self._apply(
+                self._grant_op(
+                    user_id,
+                    amount,
+                    request_id=request_id,
+                    reason=reason,
+                    metadata=metadata,
+                    expires_at=expires_at,
+                    priority=priority,
+                )
             )
-        )
+        except InvalidInput as refused:
+            if request_id is None or expires_at is None:
+                raise
+            # An expiry that has passed since the first try: a retry is answered as one.
+            first = await self._granted_before(user_id, amount, request_id)
+            if first is None:
+                raise refused from None
+            return first
+
+    async def _granted_before(
+        self, user_id: object, amount: object, request_id: object
+    ) -> LedgerEntry | None:
+        """The grant applied under ``request_id``, if it was one of ``amount``; else ``None``."""
+        try:
+            user, value = _validate.user_id(user_id), _validate.amount(amount, positive=True)
+            request = request_id_of(request_id)
+        except InvalidInput:
+            return None
+        found = await self.store.find_request(user, request) if request is not None else None
+        if found is None or found.kind is not EntryKind.GRANT or found.amount != value:
+            return None
+        return found
 
     async def expire(self, user_id: str) -> list[LedgerEntry]:
         """Write off the credit blocks whose time came; return their ``EXPIRE`` entries.
@@ -210,7 +239,8 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         Any other operation on the user does the same first; this is for a
         job that keeps balances current without waiting for the next call.
         """
-        change = await self._locked(self._expire_op(_validate.user_id(user_id)))
+        # From the stored account: a remembered one may predate a block another writer made.
+        change = await self._fresh(self._expire_op(_validate.user_id(user_id)))
         return [entry for entry in change.entries if entry.kind is EntryKind.EXPIRE]
 
     async def charge(

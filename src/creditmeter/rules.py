@@ -81,6 +81,7 @@ DEFAULT_PRIORITY = 50
 MAX_PRIORITY = 100
 MAX_BLOCKS = 1000
 """The most open credit blocks one account may hold."""
+_DRAWING = frozenset({EntryKind.CHARGE, EntryKind.ADJUST})
 HOLD_PREFIX = "hold:"
 """Request ids of the entries that resolve holds: ``hold:<hold id>``."""
 MAX_HOLD_ID_LENGTH = 256 - len(HOLD_PREFIX)
@@ -291,7 +292,9 @@ class _Draft:
         drawn: tuple[tuple[str, Decimal], ...] | None = None,
     ) -> None:
         if drawn is None:
-            drawn = self.draw(amount.copy_negate()) if kind is _CHARGE else ()
+            # What leaves the balance leaves the blocks first: a charge's credits, and a
+            # lowering set_balance's (else the balance would go below zero when they expire).
+            drawn = self.draw(amount.copy_negate()) if kind in _DRAWING else ()
         self.balance = balance = EXACT.add(self.balance, amount)
         self.entries.append(
             build_entry(
@@ -652,7 +655,12 @@ def set_balance(
     request_id: str | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Change:
-    """Set the balance to ``target`` with one ``ADJUST`` entry of the difference."""
+    """Set the balance to ``target`` with one ``ADJUST`` entry of the difference.
+
+    Lowering it takes from the credit blocks first, as a charge does (so the
+    balance cannot fall below ``target`` when they expire); raising it adds to
+    the plain balance.
+    """
     draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
     draft.add(
         EntryKind.ADJUST,

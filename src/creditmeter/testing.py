@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from creditmeter import _validate, rules
 from creditmeter.config import RefillSettings
 from creditmeter.exceptions import DuplicateRequest, InvalidInput, VersionConflict
-from creditmeter.models import Account, EntryKind, Hold, LedgerEntry
+from creditmeter.models import Account, CreditBlock, EntryKind, Hold, LedgerEntry
 from creditmeter.queries import EntryQuery, GroupKey, Period, Scan, UsageQuery, UsageRow
 from creditmeter.stores.base import Write
 from creditmeter.usage import TokenUsage
@@ -265,6 +265,57 @@ class StoreContract:
         assert store.load("alice") == account
         assert store.ledger("alice") == [entry]
         assert store.find_request("alice", "r-1") == entry
+
+    def test_credit_blocks_and_what_entries_drew_round_trip_exactly(
+        self, store: BalanceStore
+    ) -> None:
+        """Blocks, an entry's ``drawn`` and an ``EXPIRE`` entry come back equal, to the digit."""
+        tiny = Decimal("0.000000000000000000000000000001")
+        later = _EPOCH + timedelta(days=400, microseconds=7)
+        blocks = (
+            CreditBlock(
+                id="g1",
+                amount=tiny,
+                granted=Decimal(10**15),
+                priority=0,
+                expires_at=later,
+                granted_at=_EPOCH,
+                request_id="grant-1",
+            ),
+            CreditBlock(
+                id="g2",
+                amount=Decimal("999999999999999.999999999999999999999999999999"),
+                granted=Decimal("999999999999999.999999999999999999999999999999"),
+                priority=100,
+                expires_at=None,
+                granted_at=later,
+            ),
+        )
+        account = make_account(balance=Decimal(10**15) + 5, blocks=blocks)
+        charge = make_entry(
+            balance_after=account.balance,
+            kind=EntryKind.CHARGE,
+            amount=Decimal(-3) - tiny,
+            cost=Decimal(3) + tiny,
+            request_id="c-1",
+            drawn=(("g1", Decimal(2)), ("g0", Decimal(1) + tiny)),
+        )
+        expired = make_entry(
+            balance_after=account.balance,
+            kind=EntryKind.EXPIRE,
+            amount=Decimal("-7.5"),
+            drawn=(("g0", Decimal("7.5")),),
+        )
+        _commit(store, account, [charge, expired])
+        assert store.load("alice") == account
+        assert store.ledger("alice") == [charge, expired]
+        assert store.find_request("alice", "c-1") == charge
+        emptied = make_account(version=2, balance=Decimal(5))  # the blocks gone again
+        _commit(store, emptied, [], expected=1)
+        loaded = store.load("alice")
+        assert loaded == emptied
+        assert loaded is not None
+        assert loaded.blocks == ()
 
     def test_commit_with_expected_version(self, store: BalanceStore) -> None:
         """A commit applies when the stored version is the expected one."""

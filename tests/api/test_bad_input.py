@@ -26,6 +26,10 @@ Inputs tried:
   a Decimal value, a lone surrogate; reason: 5, "", "a\\x00b".
 - charge: no amount and no usage, usage that is not a TokenUsage, model 5,
   strict "yes", incomplete "no", incomplete=True with an amount.
+- grant (credit blocks): expires_at naive, with a tzinfo without offset, now,
+  a microsecond ago, a day ago, an ISO str, a date, a timestamp; priority -1,
+  101, True, 1.5, 5.0, "5", None with a past expiry; priorities 0 and 100
+  and an expiry a microsecond ahead are accepted.
 - check: a cost together with a model; ledger: limit -1, True, "5", and 10**20
   (which must return every entry).
 - clocks returning a naive datetime, a datetime whose tzinfo has no offset,
@@ -476,6 +480,45 @@ def test_aware_non_utc_clock_is_stored_as_utc(seeded: BalanceManager):
     entry = manager.grant(NEW, 1)
     assert entry.at == datetime(2025, 1, 1, 20, tzinfo=timezone.utc)
     assert entry.at.utcoffset() == timedelta(0)
+
+
+# --- grant's credit-block arguments -----------------------------------------------------
+
+_NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)  # where the fixture's FakeClock stands
+
+
+@pytest.mark.parametrize("user", TARGETS)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"expires_at": datetime(2026, 1, 1)}, id="expires-naive"),  # noqa: DTZ001
+        pytest.param({"expires_at": datetime(2026, 1, 1, tzinfo=_NoOffset())}, id="no-offset"),
+        pytest.param({"expires_at": _NOW}, id="expires-now"),
+        pytest.param({"expires_at": _NOW - timedelta(microseconds=1)}, id="expires-1us-ago"),
+        pytest.param({"expires_at": _NOW - timedelta(days=1)}, id="expires-past"),
+        pytest.param({"expires_at": "2026-01-01T00:00:00+00:00"}, id="expires-iso-str"),
+        pytest.param({"expires_at": date(2026, 1, 1)}, id="expires-date"),
+        pytest.param({"expires_at": 1_800_000_000.0}, id="expires-timestamp"),
+        pytest.param({"priority": -1}, id="priority-minus-1"),
+        pytest.param({"priority": 101}, id="priority-101"),
+        pytest.param({"priority": True}, id="priority-True"),
+        pytest.param({"priority": 1.5}, id="priority-1.5"),
+        pytest.param({"priority": 5.0}, id="priority-5.0"),
+        pytest.param({"priority": "5"}, id="priority-str"),
+        pytest.param({"priority": 5, "expires_at": _NOW}, id="good-priority-bad-expiry"),
+    ],
+)
+def test_bad_grant_arguments_are_invalid_input(
+    seeded: BalanceManager, kwargs: dict[str, Any], user: str
+):
+    invalid(seeded.store, lambda: seeded.grant(user, 1, **kwargs))
+
+
+def test_grant_argument_bounds_are_accepted(seeded: BalanceManager):
+    seeded.grant(EXISTING, 1, priority=0)
+    seeded.grant(EXISTING, 1, priority=100)
+    seeded.grant(EXISTING, 1, expires_at=_NOW + timedelta(microseconds=1))
+    assert [b.priority for b in seeded.account(EXISTING).blocks] == [0, 50, 100]
 
 
 # --- idempotency --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ CAMEL = {
     "refillAmount": 750,
     "refillMode": "on_interval",
     "allowNegativeBalance": True,
+    "refillExpires": True,
 }
 SNAKE = {
     "enabled": True,
@@ -37,6 +38,7 @@ SNAKE = {
     "refill_amount": 750,
     "refill_mode": "on_interval",
     "allow_negative_balance": True,
+    "refill_expires": True,
 }
 
 # A librechat.yaml as LibreChat's docs show one, trimmed: the balance section
@@ -124,6 +126,7 @@ def test_balance_config_defaults_are_librechats() -> None:
     assert config.refill_amount == Decimal(10000)
     assert config.refill_mode == "when_depleted"
     assert config.allow_negative_balance is False
+    assert config.refill_expires is False  # refills pile up, as LibreChat's do
 
 
 def test_amounts_are_decimals() -> None:
@@ -238,6 +241,11 @@ BAD_MAPPINGS = [
     pytest.param({"refillAmount": Decimal("1e16")}, "refillAmount", id="refillAmount-1e16"),
     pytest.param({"refillMode": "sometimes"}, "refillMode", id="refillMode-unknown"),
     pytest.param({"allowNegativeBalance": "no"}, "allowNegativeBalance", id="allowNegative-str"),
+    pytest.param({"refillExpires": "true"}, "refillExpires", id="refillExpires-str"),
+    pytest.param({"refillExpires": 1}, "refillExpires", id="refillExpires-int-1"),
+    pytest.param({"refillExpires": None}, "refillExpires", id="refillExpires-none"),
+    pytest.param({"refill_expires": 0}, "refill_expires", id="refill_expires-int-0"),
+    pytest.param({"refillexpires": True}, "refillexpires", id="refillexpires-unknown-case"),
 ]
 
 
@@ -326,6 +334,8 @@ def test_config_error_is_a_value_error() -> None:
         pytest.param({"refill_amount": float("nan")}, "refill_amount", id="amount-nan"),
         pytest.param({"refill_mode": "never"}, "refill_mode", id="mode"),
         pytest.param({"allow_negative_balance": 0}, "allow_negative_balance", id="neg-int"),
+        pytest.param({"refill_expires": "yes"}, "refill_expires", id="refill-expires-str"),
+        pytest.param({"refill_expires": 1}, "refill_expires", id="refill-expires-int"),
     ],
 )
 def test_direct_construction_validates(kwargs: dict[str, Any], name: str) -> None:
@@ -370,6 +380,24 @@ def test_from_yaml_file_holding_only_the_balance_keys(tmp_path: Path) -> None:
         refill_interval_unit="hours",
         refill_amount=Decimal("10.5"),
     )
+
+
+def test_refill_expires_is_read_in_either_spelling_and_from_yaml(tmp_path: Path) -> None:
+    assert BalanceConfig.from_mapping({"refillExpires": True}).refill_expires is True
+    assert BalanceConfig.from_mapping({"refill_expires": True}).refill_expires is True
+    assert BalanceConfig.from_mapping({"refillExpires": False}) == BalanceConfig()
+    with pytest.raises(ConfigError, match="given twice"):
+        BalanceConfig.from_mapping({"refillExpires": True, "refill_expires": True})
+    text = LIBRECHAT_YAML.replace(
+        "  refillAmount: 25000\n", "  refillAmount: 25000\n  refillExpires: true\n"
+    )
+    assert "refillExpires" in text
+    assert BalanceConfig.from_yaml(write(tmp_path, text)).refill_expires is True
+    path = write(tmp_path, "balance:\n  refill_expires: true\n", name="snake.yaml")
+    assert BalanceConfig.from_yaml(path) == BalanceConfig(refill_expires=True)
+    path = write(tmp_path, "balance:\n  refillExpires: 'true'\n", name="quoted.yaml")
+    with pytest.raises(ConfigError, match="'refillExpires'"):
+        BalanceConfig.from_yaml(path)
 
 
 def test_from_yaml_empty_balance_section_gives_defaults(tmp_path: Path) -> None:

@@ -1,7 +1,14 @@
-"""Stored text: the hand-written fast path writes exactly what the cattrs converter writes."""
+"""Stored text: the hand-written fast path writes exactly what the cattrs converter writes.
+
+Accounts are drawn with and without credit blocks, entries with and without
+``drawn``: the text of those without is the fast path's (and has no
+``blocks`` or ``drawn`` key, as before blocks existed); every one reads back
+equal.
+"""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -10,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from creditmeter import EntryKind, StoreError
-from creditmeter.models import Account, LedgerEntry
+from creditmeter.models import Account, CreditBlock, LedgerEntry
 from creditmeter.serde import (
     _dumps,
     account_from_json,
@@ -31,6 +38,23 @@ TIMES = st.datetimes(  # hypothesis wants naive bounds and adds the zone itself
     max_value=datetime(2100, 1, 1),  # noqa: DTZ001
     timezones=st.just(timezone.utc),
 )
+POSITIVE = st.decimals(
+    min_value=Decimal("1e-30"), max_value=10**15, places=30, allow_nan=False, allow_infinity=False
+)
+BLOCKS = st.lists(
+    st.builds(
+        CreditBlock,
+        id=TEXT,
+        amount=POSITIVE,
+        granted=POSITIVE,
+        priority=st.integers(0, 100),
+        expires_at=st.none() | TIMES,
+        granted_at=TIMES,
+        request_id=st.none() | TEXT,
+    ),
+    max_size=3,
+).map(tuple)
+DRAWN = st.lists(st.tuples(TEXT, POSITIVE), max_size=3).map(tuple)
 ZONES = st.sampled_from(
     [timezone.utc, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
 )
@@ -42,8 +66,9 @@ ZONES = st.sampled_from(
     version=st.integers(1, 2**40),
     times=st.lists(TIMES, min_size=3, max_size=3),
     zone=ZONES,
+    blocks=st.just(()) | BLOCKS,
 )
-def test_account_fast_path_matches_the_converter(user, balance, version, times, zone):
+def test_account_fast_path_matches_the_converter(user, balance, version, times, zone, blocks):
     created, updated, refilled = (t.astimezone(zone) for t in times)
     account = Account(
         user_id=user,
@@ -52,9 +77,11 @@ def test_account_fast_path_matches_the_converter(user, balance, version, times, 
         created_at=created,
         updated_at=updated,
         last_refill=refilled,
+        blocks=blocks,
     )
     text = account_to_json(account)
     assert text == _dumps(to_plain(account))
+    assert ("blocks" in json.loads(text)) == bool(blocks)
     assert account_from_json(text) == account
 
 
@@ -68,9 +95,10 @@ def test_account_fast_path_matches_the_converter(user, balance, version, times, 
     request_id=st.none() | TEXT,
     model=st.none() | TEXT,
     cost=st.none() | AMOUNTS,
+    drawn=st.just(()) | DRAWN,
 )
 def test_entry_fast_path_matches_the_converter(
-    entry_id, user, kind, amount, after, at, request_id, model, cost
+    entry_id, user, kind, amount, after, at, request_id, model, cost, drawn
 ):
     entry = LedgerEntry(
         id=entry_id,
@@ -82,9 +110,11 @@ def test_entry_fast_path_matches_the_converter(
         request_id=request_id,
         model=model,
         cost=cost,
+        drawn=drawn,
     )
     text = entry_to_json(entry)
     assert text == _dumps(to_plain(entry))
+    assert ("drawn" in json.loads(text)) == bool(drawn)
     assert entry_from_json(text) == entry
 
 
