@@ -43,7 +43,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from backends import BACKENDS
+from fallback import ForwardOnly, open_meter, variants
 
 from creditmeter import BalanceManager, InvalidInput, MemoryStore, SQLiteStore, TokenUsage
 
@@ -51,69 +51,14 @@ UTC = timezone.utc
 AT = datetime(2024, 2, 29, 12, tzinfo=UTC)
 
 
-class ForwardOnly:
-    """Forwards only ``BalanceStore``'s methods, so the manager must use its report fallback."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def load(self, user_id):
-        return self._inner.load(user_id)
-
-    def commit(self, *args, **kwargs):
-        return self._inner.commit(*args, **kwargs)
-
-    def find_request(self, user_id, request_id):
-        return self._inner.find_request(user_id, request_id)
-
-    def ledger(self, user_id, *, limit=None):
-        return self._inner.ledger(user_id, limit=limit)
-
-    def users(self):
-        return self._inner.users()
-
-    def close(self):
-        self._inner.close()
-
-
-class AsyncForwardOnly:
-    """The async twin of ``ForwardOnly``."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def load(self, user_id):
-        return await self._inner.load(user_id)
-
-    async def commit(self, *args, **kwargs):
-        return await self._inner.commit(*args, **kwargs)
-
-    async def find_request(self, user_id, request_id):
-        return await self._inner.find_request(user_id, request_id)
-
-    async def ledger(self, user_id, *, limit=None):
-        return await self._inner.ledger(user_id, limit=limit)
-
-    async def users(self):
-        return await self._inner.users()
-
-    async def aclose(self):
-        """The backend closes the store it opened."""
-
-
-VARIANTS = [pytest.param(name, "native", id=name) for name in BACKENDS] + [
-    pytest.param(name, "fallback", id=f"{name}-fallback") for name in ("memory", "async-memory")
-]
+VARIANTS = variants(("memory", "async-memory"))
 pytestmark = pytest.mark.parametrize(("backend", "variant"), VARIANTS, indirect=["backend"])
 
 
 @pytest.fixture
 def seeded(backend, variant, clock):
     """A manager with two users, charges of two models, a grant and a release."""
-    store = backend.store()
-    if variant == "fallback":
-        store = AsyncForwardOnly(store) if backend.is_async else ForwardOnly(store)
-    meter = backend.manager(store=store, clock=clock)
+    meter = open_meter(backend, variant, clock)
     clock.set(AT)
     meter.charge("alice", model="gpt-4o", usage=TokenUsage(input=10))
     meter.charge("alice", 3)

@@ -28,7 +28,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from backends import BACKENDS
+from fallback import open_meter, variants
 
 from creditmeter import EntryKind, EntryPage, InvalidInput, TokenUsage
 
@@ -39,72 +39,8 @@ def at(*parts: int) -> datetime:
     return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
 
 
-# --- the fallback: a store with nothing but BalanceStore's methods ---------------------------
-
-
-class ForwardOnly:
-    """Forwards only ``BalanceStore``'s methods, so the manager must use its report fallback."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def load(self, user_id):
-        return self._inner.load(user_id)
-
-    def commit(self, *args, **kwargs):
-        return self._inner.commit(*args, **kwargs)
-
-    def find_request(self, user_id, request_id):
-        return self._inner.find_request(user_id, request_id)
-
-    def ledger(self, user_id, *, limit=None):
-        return self._inner.ledger(user_id, limit=limit)
-
-    def users(self):
-        return self._inner.users()
-
-    def close(self):
-        """The backend closes the store it opened."""
-
-
-class AsyncForwardOnly:
-    """The async twin of ``ForwardOnly``."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def load(self, user_id):
-        return await self._inner.load(user_id)
-
-    async def commit(self, *args, **kwargs):
-        return await self._inner.commit(*args, **kwargs)
-
-    async def find_request(self, user_id, request_id):
-        return await self._inner.find_request(user_id, request_id)
-
-    async def ledger(self, user_id, *, limit=None):
-        return await self._inner.ledger(user_id, limit=limit)
-
-    async def users(self):
-        return await self._inner.users()
-
-    async def aclose(self):
-        """The backend closes the store it opened."""
-
-
-VARIANTS = [pytest.param(name, "native", id=name) for name in BACKENDS] + [
-    pytest.param(name, "fallback", id=f"{name}-fallback")
-    for name in ("memory", "async-memory", "sqlite")
-]
+VARIANTS = variants()
 pytestmark = pytest.mark.parametrize(("backend", "variant"), VARIANTS, indirect=["backend"])
-
-
-def open_meter(backend, variant, clock, place=None):
-    """A manager on ``place`` (the test's by default); the fallback hides the store's reports."""
-    store = backend.store(place)
-    if variant == "fallback":
-        store = AsyncForwardOnly(store) if backend.is_async else ForwardOnly(store)
-    return backend.manager(store=store, clock=clock)
 
 
 @pytest.fixture
@@ -351,14 +287,18 @@ def test_paging_while_writers_commit_misses_and_repeats_nothing(meter, clock):
     writers_done = threading.Event()
     errors: list[BaseException] = []
     turn = threading.Condition()
-    reads = [0]
+    reads, writes = [0], [0]
+    waiting, live = [0], [WRITERS]  # writers waiting for a read; writers still writing
 
     def write(number: int) -> None:
         try:
             for i in range(WRITES):
                 with turn:  # let the reader read at least once between two writes of a thread
                     mark = reads[0]
+                    waiting[0] += 1
+                    turn.notify_all()
                     turn.wait_for(lambda mark=mark: reads[0] > mark or stop.is_set(), 30)
+                    waiting[0] -= 1
                 if stop.is_set():
                     return
                 user = ("w0", "w1", "shared", f"new-{number}-{i % 3}")[i % 4]
@@ -366,8 +306,15 @@ def test_paging_while_writers_commit_misses_and_repeats_nothing(meter, clock):
                     meter.charge(user, Decimal("0.5"), model="m")
                 else:
                     meter.grant(user, 1)
+                with turn:
+                    writes[0] += 1
+                    turn.notify_all()
         except BaseException as exc:  # reported below
             errors.append(exc)
+        finally:
+            with turn:
+                live[0] -= 1
+                turn.notify_all()
 
     def run_writers() -> None:
         threads = [threading.Thread(target=write, args=(n,), daemon=True) for n in range(WRITERS)]
@@ -375,7 +322,9 @@ def test_paging_while_writers_commit_misses_and_repeats_nothing(meter, clock):
             thread.start()
         for thread in threads:
             thread.join(60)
-        writers_done.set()
+        with turn:
+            writers_done.set()
+            turn.notify_all()
 
     runner = threading.Thread(target=run_writers, daemon=True)
     runner.start()
@@ -385,10 +334,15 @@ def test_paging_while_writers_commit_misses_and_repeats_nothing(meter, clock):
     try:
         while True:
             finished = writers_done.is_set()  # before the read: the last read sees every write
+            seen = writes[0]
             page = meter.entries(after=cursor, limit=3)
             with turn:
                 reads[0] += 1
                 turn.notify_all()
+                if page.next is None and not finished:
+                    # At the end: wait for a write (or for every writer to wait for a read),
+                    # so the reads cannot starve the writers.
+                    turn.wait_for(lambda seen=seen: writes[0] > seen or waiting[0] >= live[0], 30)
             assert reads[0] < 100_000, "paging did not end"
             if page.next is not None:
                 kept.extend(page.entries)
