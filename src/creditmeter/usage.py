@@ -260,7 +260,59 @@ def _from_usage(usage: Any) -> TokenUsage:
     raise InvalidInput(f"usage has no token counts this library knows: {usage!r:.200}")
 
 
-def _read_response(response: Any) -> TokenUsage | None:  # noqa: PLR0911 - one return per shape
+def _pydantic_fields(obj: Any) -> dict[str, Any] | None:
+    """A pydantic model's declared fields (``__dict__``), if ``obj`` is one with no extras."""
+    kind = _KINDS.get(type(obj))
+    if kind is None:
+        kind = _kind_of(type(obj))
+    if kind is not _PYDANTIC or getattr(obj, "__pydantic_extra__", None):
+        return None
+    fields: dict[str, Any] = obj.__dict__
+    return fields
+
+
+def _chat_completion_usage(response: Any) -> TokenUsage | None:
+    """An OpenAI ``ChatCompletion``'s usage read straight from its fields; ``None`` otherwise.
+
+    The common response of a metered call, read in half the time of the
+    general path. Anything unusual (another shape, a count that is not a plain
+    whole number in range, extra fields) gives ``None``: the general path then
+    reads it, or raises its error.
+    """
+    fields = _pydantic_fields(response)
+    if fields is None or fields.get("type") is not None:
+        return None
+    usage = _pydantic_fields(fields.get("usage"))
+    if usage is None:
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not (_plain_count(prompt) and _plain_count(completion)):
+        return None
+    cached = written = 0
+    holder = usage.get("prompt_tokens_details")
+    if holder is not None:
+        details = _pydantic_fields(holder)
+        if details is None:
+            return None
+        cached, written = details.get("cached_tokens"), details.get("cache_write_tokens")
+        cached, written = 0 if cached is None else cached, 0 if written is None else written
+        if not (_plain_count(cached) and _plain_count(written)) or cached + written > prompt:
+            return None
+    return counted_usage(prompt - cached - written, completion, written, cached)
+
+
+def _plain_count(value: object) -> bool:
+    """A token count the fast path takes as it is: an ``int`` (not a bool) in range."""
+    return type(value) is int and 0 <= value <= MAX_TOKENS
+
+
+def _read_response(response: Any) -> TokenUsage | None:
+    """The usage a response reports: the common ``ChatCompletion`` first, then any shape."""
+    found = _chat_completion_usage(response)
+    return found if found is not None else _read_any(response)
+
+
+def _read_any(response: Any) -> TokenUsage | None:  # noqa: PLR0911 - one return per shape
     if response is None:
         return None
     if isinstance(response, TokenUsage):

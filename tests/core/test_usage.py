@@ -83,7 +83,7 @@ from anthropic.types import (
     Usage,
 )
 from anthropic.types.raw_message_delta_event import Delta as AnthropicDelta
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
@@ -104,7 +104,7 @@ from openai.types.responses import (
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
 from creditmeter import InvalidInput, StreamUsage, TokenUsage, usage_from_stream
-from creditmeter.usage import MAX_TOKENS
+from creditmeter.usage import MAX_TOKENS, _chat_completion_usage, _read_any, _read_response
 
 # --- builders of SDK objects --------------------------------------------------------
 
@@ -1211,3 +1211,74 @@ def test_counts_read_from_responses_build_the_same_usage() -> None:
     assert hash(built) == hash(made)
     assert repr(built) == repr(made)
     assert built.prompt_total == 1530
+
+
+# The ChatCompletion fast path must give what the general reader gives, or step aside.
+# Tried: counts that are ints, None, floats (whole and not), bools, strings, negative and
+# above 10**10; details absent, None, or with cached/cache-write counts exceeding the prompt;
+# extra (undeclared) fields on the response and on the usage; a "type" field set.
+_ODD_COUNTS = st.one_of(
+    st.integers(min_value=-2, max_value=3),
+    st.integers(min_value=10**10 - 1, max_value=10**10 + 1),
+    st.none(),
+    st.sampled_from([True, False, 2.0, 2.5, "3", float("nan")]),
+)
+
+
+def _outcome(read, response):
+    try:
+        return read(response)
+    except InvalidInput as exc:
+        return ("InvalidInput", str(exc))
+
+
+@example(prompt=5, completion=1, details=(False, None), usage_extra=False, response_extra=None)
+@example(prompt=5, completion=1, details=(3, 3), usage_extra=False, response_extra=None)
+@example(prompt=5, completion=1, details=(2, None), usage_extra=False, response_extra=None)
+@given(
+    prompt=_ODD_COUNTS,
+    completion=_ODD_COUNTS,
+    details=st.one_of(st.none(), st.tuples(_ODD_COUNTS, _ODD_COUNTS)),
+    usage_extra=st.booleans(),
+    response_extra=st.sampled_from([None, "type", "other"]),
+)
+def test_chat_completion_fast_path_agrees_with_the_general_reader(
+    prompt, completion, details, usage_extra, response_extra
+):
+    # openai's model_construct coerces some values: set the fields as a careless caller could.
+    usage = CompletionUsage.model_construct(prompt_tokens=0, completion_tokens=0)
+    usage.__dict__.update(prompt_tokens=prompt, completion_tokens=completion)
+    if details is not None:
+        holder = PromptTokensDetails.model_construct()
+        holder.__dict__.update(cached_tokens=details[0], cache_write_tokens=details[1])
+        usage.__dict__["prompt_tokens_details"] = holder
+    if usage_extra:
+        usage.__pydantic_extra__ = {"surprise": 1}
+    response = ChatCompletion.model_construct(
+        id="x", object="chat.completion", created=0, model="gpt-4o", choices=[], usage=usage
+    )
+    if response_extra is not None:
+        response.__pydantic_extra__ = {response_extra: "message_delta"}
+    fast = _chat_completion_usage(response)
+    general = _outcome(_read_any, response)
+    if fast is not None:
+        assert fast == general
+    assert _outcome(_read_response, response) == general
+
+
+def test_chat_completion_fast_path_reads_a_real_response():
+    response = ChatCompletion(
+        id="x",
+        object="chat.completion",
+        created=0,
+        model="gpt-4o",
+        choices=[],
+        usage=CompletionUsage(
+            prompt_tokens=1500,
+            completion_tokens=200,
+            total_tokens=1700,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=500),
+        ),
+    )
+    assert _chat_completion_usage(response) == TokenUsage(input=1000, output=200, cache_read=500)
+    assert _read_any(response) == _chat_completion_usage(response)
