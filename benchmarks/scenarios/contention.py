@@ -30,8 +30,8 @@ CONFIG = BalanceConfig(enabled=True, start_balance=START, allow_negative_balance
 VARIANTS = {
     "sqlite-full": ("store", "store-1", "busy", "flock"),
     "sqlite-normal": ("store", "store-1", "busy", "flock"),
-    "redis": ("store", "store-1", "store-retry-only", "cas", "turn"),
-    "postgres": ("store", "store-1", "cas", "turn"),
+    "redis": ("store", "store-1", "store-retry-only", "cas", "turn", "cas-1"),
+    "postgres": ("store", "store-1", "cas", "turn", "cas-1"),
 }
 MEANING = {
     "store": "the store through `BalanceManager` (default `RetryPolicy`; in turn after a lost CAS)",
@@ -41,6 +41,7 @@ MEANING = {
     "flock": "raw SQLite behind a blocking `fcntl.flock` of a lock file",
     "cas": "the store's commit by hand, retried at once from the reported row, without limit",
     "turn": "by hand, every charge in turn (Redis: lock script, BLPOP; PostgreSQL: advisory lock)",
+    "cas-1": "the raw cas floor, one process alone: what the floor itself keeps with four",
 }
 P99_MS = 50.0
 FLOOR_RATIO = 1.5
@@ -88,7 +89,7 @@ def _writer(index: int, barrier: Any, url: str, variant: str, sizes: Sizes) -> d
             return 0
 
     else:
-        floor = raw(url, variant, tag=f"p{index}")
+        floor = raw(url, variant.removesuffix("-1"), tag=f"p{index}")
         charge, close = floor.charge, floor.close
     barrier.wait(timeout=120)
     latencies, ends, failed, error = [], [], 0, ""
@@ -114,7 +115,7 @@ def one_run(places: Places, kind: str, variant: str, sizes: Sizes) -> dict[str, 
     url = places.url(kind, f"contention-{variant}")
     seed(url, CONFIG)
     args = (url, variant, sizes)
-    writers = 1 if variant == "store-1" else sizes.writers
+    writers = 1 if variant.endswith("-1") else sizes.writers
     reports = procs.run(_writer, writers, args, preload=("creditmeter", "redis", "psycopg"))
     first_done = min(r["ends"][-1] if r["ends"] else 0 for r in reports)
     begun = min(r["ends"][0] - r["lat"][0] for r in reports if r["ends"])
@@ -216,6 +217,15 @@ def run(*, quick: bool, workdir: Path) -> Section:
             None if kind.startswith("sqlite") else rate >= KEPT * alone and worst <= P99_MS,
             kept + (" (figure)" if kind.startswith("sqlite") else ""),
         )
+        if "cas-1" in variants:
+            floor_alone = statistics.median(r["ops_per_s"] for r in variants["cas-1"])
+            floor_four = statistics.median(r["ops_per_s"] for r in variants["cas"])
+            section.check(
+                f"{name} share of one process the raw cas floor itself keeps (figure: a bound)",
+                None,
+                f"{floor_four / floor_alone:.0%} ({fmt(floor_four, 0)} vs "
+                f"{fmt(floor_alone, 0)} ops/s alone)",
+            )
         for variant in ("turn", "cas"):
             if variant in variants:
                 floor = statistics.median(r["ops_per_s"] for r in variants[variant])
