@@ -69,7 +69,7 @@ pytestmark = pytest.mark.filterwarnings(
     ":UserWarning:pydantic._internal._generate_schema"
 )
 
-DOCS = Path(__file__).parents[2] / "docs" / "litellm.md"
+DOCS = Path(__file__).parents[2] / "docs" / "guides" / "litellm.md"
 MODEL = "gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "Say hello in five words"}]
 START = Decimal(20000)  # LibreChat's start balance
