@@ -9,7 +9,7 @@ events of a stream.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 
@@ -288,7 +288,8 @@ def _chat_completion_usage(response: Any) -> TokenUsage | None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not (_plain_count(prompt) and _plain_count(completion)):
         return None
-    cached = written = 0
+    cached: object = 0
+    written: object = 0
     holder = usage.get("prompt_tokens_details")
     if holder is not None:
         details = _pydantic_fields(holder)
@@ -296,12 +297,12 @@ def _chat_completion_usage(response: Any) -> TokenUsage | None:
             return None
         cached, written = details.get("cached_tokens"), details.get("cache_write_tokens")
         cached, written = 0 if cached is None else cached, 0 if written is None else written
-        if not (_plain_count(cached) and _plain_count(written)) or cached + written > prompt:
-            return None
+    if not (_plain_count(cached) and _plain_count(written)) or cached + written > prompt:
+        return None
     return counted_usage(prompt - cached - written, completion, written, cached)
 
 
-def _plain_count(value: object) -> bool:
+def _plain_count(value: object) -> TypeGuard[int]:
     """A token count the fast path takes as it is: an ``int`` (not a bool) in range."""
     return type(value) is int and 0 <= value <= MAX_TOKENS
 
