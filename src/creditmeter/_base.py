@@ -301,12 +301,18 @@ class ManagerBase:
         return Op(user_id, plan, request, lenient, started)
 
     def _set_balance_op(
-        self, user_id: str, amount: object, *, request_id: object, reason: object
+        self,
+        user_id: str,
+        amount: object,
+        *,
+        request_id: object,
+        reason: object,
+        metadata: object = None,
     ) -> Op:
         user_id = _validate.user_id(user_id)
         target = _validate.amount(amount)
         request = request_id_of(request_id)
-        meta = _with_reason(None, reason)
+        meta = _with_reason(metadata, reason)
         config = self.config
 
         def plan(account: Account | None, now: datetime) -> rules.Change:
@@ -323,12 +329,20 @@ class ManagerBase:
 
         return Op(user_id, plan, request, started=self._clock_start())
 
-    def _refill_op(self, user_id: str, cost: Decimal) -> Op:
+    def _refill_op(
+        self, user_id: str, cost: Decimal, *, metadata: dict[str, Any] | None = None
+    ) -> Op:
         config = self.config
 
         def plan(account: Account | None, now: datetime) -> rules.Change:
             change = rules.refill(
-                account, user_id, config=config, now=now, new_id=new_id, cost=cost
+                account,
+                user_id,
+                config=config,
+                now=now,
+                new_id=new_id,
+                cost=cost,
+                metadata=metadata,
             )
             if change is None:
                 assert account is not None  # refill opens a missing account
@@ -461,17 +475,20 @@ class ManagerBase:
                 return held
         raise AssertionError("a committed hold is in its account")  # pragma: no cover
 
-    def _configure_refill_op(self, user_id: str, settings: object) -> Op:
+    def _configure_refill_op(
+        self, user_id: str, settings: object, *, reason: object = None, metadata: object = None
+    ) -> Op:
         user_id = _validate.user_id(user_id)
         if settings is not None and not isinstance(settings, RefillSettings):
             raise InvalidInput(
                 f"settings must be RefillSettings or None, got {type(settings).__name__}"
             )
+        meta = _with_reason(metadata, reason)
         config = self.config
 
         def plan(account: Account | None, now: datetime) -> rules.Change:
             return rules.configure_refill(
-                account, user_id, settings, config=config, now=now, new_id=new_id
+                account, user_id, settings, config=config, now=now, new_id=new_id, metadata=meta
             )
 
         return Op(user_id, plan, started=self._clock_start())

@@ -45,6 +45,7 @@ from creditmeter._base import (
     Op,
     Outbox,
     Replayed,
+    _with_reason,
     request_id_of,
 )
 
@@ -283,16 +284,31 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         *,
         request_id: str | None = None,
         reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> LedgerEntry:
         """Set the user's balance to ``amount``; return the ``ADJUST`` entry of the difference."""
         return await self._apply(
-            self._set_balance_op(user_id, amount, request_id=request_id, reason=reason)
+            self._set_balance_op(
+                user_id, amount, request_id=request_id, reason=reason, metadata=metadata
+            )
         )
 
-    async def maybe_refill(self, user_id: str, *, cost: Decimal | float = 0) -> LedgerEntry | None:
-        """Apply a refill if one is due (see ``rules.refill_due``); return its entry or ``None``."""
+    async def maybe_refill(
+        self,
+        user_id: str,
+        *,
+        cost: Decimal | float = 0,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> LedgerEntry | None:
+        """Apply a refill if one is due (see ``rules.refill_due``); return its entry or ``None``.
+
+        ``reason`` and ``metadata`` go on the ``REFILL`` entry, if one is written.
+        """
         user_id = _validate.user_id(user_id)
-        op = self._refill_op(user_id, _validate.amount(cost, name="cost"))
+        cost_value = _validate.amount(cost, name="cost")
+        meta = _with_reason(metadata, reason)
+        op = self._refill_op(user_id, cost_value, metadata=meta)
         return self._refill_entry(await self._fresh(op))
 
     async def check(
@@ -419,13 +435,22 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         await self._tidy(hold)
         return entry
 
-    async def configure_refill(self, user_id: str, settings: RefillSettings | None) -> Account:
+    async def configure_refill(
+        self,
+        user_id: str,
+        settings: RefillSettings | None,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Account:
         """Give one user their own refill settings (``None``: follow the config again).
 
         Written like any change, with an ``ADJUST`` entry of amount 0 that
-        records what the settings became; returns the account.
+        records what the settings became (under ``"refill"`` in its metadata,
+        beside ``reason`` and ``metadata``); returns the account.
         """
-        return (await self._locked(self._configure_refill_op(user_id, settings))).account
+        op = self._configure_refill_op(user_id, settings, reason=reason, metadata=metadata)
+        return (await self._locked(op)).account
 
     def reserve(
         self,

@@ -40,6 +40,7 @@ from creditmeter._base import (
     Op,
     Outbox,
     Replayed,
+    _with_reason,
     request_id_of,
     utc_now,
 )
@@ -254,16 +255,31 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         *,
         request_id: str | None = None,
         reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> LedgerEntry:
         """Set the user's balance to ``amount``; return the ``ADJUST`` entry of the difference."""
         return self._apply(
-            self._set_balance_op(user_id, amount, request_id=request_id, reason=reason)
+            self._set_balance_op(
+                user_id, amount, request_id=request_id, reason=reason, metadata=metadata
+            )
         )
 
-    def maybe_refill(self, user_id: str, *, cost: Decimal | float = 0) -> LedgerEntry | None:
-        """Apply a refill if one is due (see ``rules.refill_due``); return its entry or ``None``."""
+    def maybe_refill(
+        self,
+        user_id: str,
+        *,
+        cost: Decimal | float = 0,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> LedgerEntry | None:
+        """Apply a refill if one is due (see ``rules.refill_due``); return its entry or ``None``.
+
+        ``reason`` and ``metadata`` go on the ``REFILL`` entry, if one is written.
+        """
         user_id = _validate.user_id(user_id)
-        op = self._refill_op(user_id, _validate.amount(cost, name="cost"))
+        cost_value = _validate.amount(cost, name="cost")
+        meta = _with_reason(metadata, reason)
+        op = self._refill_op(user_id, cost_value, metadata=meta)
         return self._refill_entry(self._fresh(op))
 
     def check(
@@ -383,13 +399,22 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         self._tidy(hold)
         return entry
 
-    def configure_refill(self, user_id: str, settings: RefillSettings | None) -> Account:
+    def configure_refill(
+        self,
+        user_id: str,
+        settings: RefillSettings | None,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Account:
         """Give one user their own refill settings (``None``: follow the config again).
 
         Written like any change, with an ``ADJUST`` entry of amount 0 that
-        records what the settings became; returns the account.
+        records what the settings became (under ``"refill"`` in its metadata,
+        beside ``reason`` and ``metadata``); returns the account.
         """
-        return (self._locked(self._configure_refill_op(user_id, settings))).account
+        op = self._configure_refill_op(user_id, settings, reason=reason, metadata=metadata)
+        return (self._locked(op)).account
 
     def reserve(
         self,

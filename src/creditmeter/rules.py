@@ -543,14 +543,20 @@ def refill_due(  # noqa: PLR0911 - one return per reason a refill is not due
 
 
 def _apply_refill(
-    draft: _Draft, *, config: BalanceConfig, now: datetime, new_id: IdFactory, cost: Decimal
+    draft: _Draft,
+    *,
+    config: BalanceConfig,
+    now: datetime,
+    new_id: IdFactory,
+    cost: Decimal,
+    metadata: dict[str, Any] | None = None,
 ) -> None:
     current = draft.account
     if draft.balance != current.balance:
         current = attrs.evolve(current, balance=draft.balance)
     amount = refill_due(current, config=config, now=now, cost=cost)
     if amount > _ZERO:
-        draft.add(EntryKind.REFILL, amount, now=now, new_id=new_id)
+        draft.add(EntryKind.REFILL, amount, now=now, new_id=new_id, metadata=metadata)
         draft.last_refill = max(draft.last_refill, now)
         if config.refill_expires:
             _refill_block(draft, current, amount, config=config, now=now)
@@ -587,14 +593,16 @@ def refill(
     now: datetime,
     new_id: IdFactory,
     cost: Decimal = _ZERO,
+    metadata: dict[str, Any] | None = None,
 ) -> Change | None:
     """Apply a due refill; ``None`` when the account exists and no refill is due.
 
     A missing account is opened (and, if a refill is then due, refilled).
-    ``last_refill`` becomes ``now`` and never moves backwards.
+    ``last_refill`` becomes ``now`` and never moves backwards. ``metadata``
+    goes on the ``REFILL`` entry.
     """
     draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
-    _apply_refill(draft, config=config, now=now, new_id=new_id, cost=cost)
+    _apply_refill(draft, config=config, now=now, new_id=new_id, cost=cost, metadata=metadata)
     if not draft.entries:
         return None
     return draft.finish(now)
@@ -974,11 +982,12 @@ def configure_refill(
     config: BalanceConfig,
     now: datetime,
     new_id: IdFactory,
+    metadata: dict[str, Any] | None = None,
 ) -> Change:
     """Give the account its own refill settings (``None``: follow the config again).
 
-    The change is audited with an ``ADJUST`` entry of amount 0 that says what
-    the settings became.
+    The change is audited with an ``ADJUST`` entry of amount 0 whose metadata
+    (``metadata``, and ``"refill"``) says what the settings became.
     """
     draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
     if settings is None:
@@ -988,7 +997,8 @@ def configure_refill(
             f"{'enabled' if settings.enabled else 'disabled'}, {settings.amount} every "
             f"{settings.interval_value} {settings.interval_unit}"
         )
-    draft.add(EntryKind.ADJUST, _ZERO, now=now, new_id=new_id, metadata={"refill": described})
+    audit = {**(metadata or {}), "refill": described}
+    draft.add(EntryKind.ADJUST, _ZERO, now=now, new_id=new_id, metadata=audit)
     change = draft.finish(now)
     return Change(
         attrs.evolve(change.account, refill=settings), change.entries, change.expected_version

@@ -157,6 +157,42 @@ def test_configure_refill_overrides_and_resets(meter, clock):
     assert sum(e.amount for e in meter.ledger("u")) == meter.balance("u")
 
 
+def test_admin_writes_keep_their_reason_and_metadata(meter, clock):
+    """set_balance, maybe_refill and configure_refill record who and why, as grant does."""
+    who = {"actor": "admin", "via": "console"}
+    meter.set_balance("u", 0, reason="reset for the trial", metadata=who)
+    assert meter.ledger("u")[-1].metadata == {**who, "reason": "reset for the trial"}
+    own = RefillSettings(enabled=True, interval_value=1, interval_unit="hours", amount=Decimal(7))
+    meter.configure_refill("u", own, reason="trial plan", metadata={**who, "refill": "mine"})
+    assert meter.ledger("u")[-1].metadata == {  # the settings' description wins its key
+        **who,
+        "reason": "trial plan",
+        "refill": "enabled, 7 every 1 hours",
+    }
+    assert meter.maybe_refill("u", reason="early", metadata=who) is None  # not due: nothing
+    clock.advance(timedelta(hours=1))
+    entry = meter.maybe_refill("u", reason="monthly", metadata=who)
+    assert entry.kind is EntryKind.REFILL
+    assert entry.metadata == {**who, "reason": "monthly"}
+    assert meter.ledger("u")[-1] == entry
+
+
+def test_admin_writes_refuse_bad_reason_or_metadata_and_write_nothing(meter, clock):
+    """Tried: a reason that is not text or over 1,000 characters; metadata not a dict."""
+    meter.set_balance("u", 5)
+    before = meter.ledger("u")
+    clock.advance(timedelta(hours=1))
+    own = RefillSettings(enabled=True, interval_value=1, interval_unit="hours", amount=Decimal(7))
+    for bad in ({"reason": 5}, {"reason": "x" * 1001}, {"metadata": ["not", "a", "dict"]}):
+        with pytest.raises(InvalidInput):
+            meter.set_balance("u", 9, **bad)
+        with pytest.raises(InvalidInput):
+            meter.maybe_refill("u", **bad)
+        with pytest.raises(InvalidInput):
+            meter.configure_refill("u", own, **bad)
+    assert meter.ledger("u") == before
+
+
 def test_configure_refill_refuses_other_things(meter):
     with pytest.raises(InvalidInput):
         meter.configure_refill("u", {"enabled": True})
