@@ -33,6 +33,7 @@ SECTIONS = (
     "asgi",
     "batches",
     "usage",
+    "cluster",
 )
 PACKAGES = ["redis", "psycopg", "openai", "pydantic", "litellm", "pyrate-limiter", "fastapi"]
 

@@ -223,6 +223,11 @@ class Place:
         elif kind == "redis":
             need("redis", reach_redis)
             self.prefix = unique("cmtest:") + ":"
+        elif kind == "redis-cluster":  # not in KINDS: tests/stores/test_redis_cluster*.py use it
+            from cluster import reach_cluster  # noqa: PLC0415
+
+            need("redis-cluster", reach_cluster)
+            self.prefix = unique("cmtest:") + ":"
         else:
             need("postgres", reach_postgres)
             self.prefix = unique("cm_") + "_"
@@ -240,6 +245,13 @@ class Place:
 
             cls = AsyncRedisStore if is_async else RedisStore
             return functools.partial(cls, REDIS_URL, prefix=self.prefix)
+        if kind == "redis-cluster":
+            from cluster import CLUSTER_URL  # noqa: PLC0415
+
+            from creditmeter.stores.redis import AsyncRedisStore, RedisStore  # noqa: PLC0415
+
+            cls = AsyncRedisStore if is_async else RedisStore
+            return functools.partial(cls, CLUSTER_URL, prefix=self.prefix)
         from creditmeter.stores.postgres import AsyncPostgresStore, PostgresStore  # noqa: PLC0415
 
         if is_async and first:  # opened at once, so the tables exist for the stores after it
@@ -257,6 +269,10 @@ class Place:
         """Remove what a server holds under this place."""
         if self.kind == "redis":
             drop_redis_keys(self.prefix)
+        elif self.kind == "redis-cluster":
+            from cluster import drop_cluster_keys  # noqa: PLC0415
+
+            drop_cluster_keys(self.prefix)
         elif self.kind == "postgres":
             drop_postgres_tables(self.prefix)
 

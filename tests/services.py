@@ -24,6 +24,10 @@ HOW = {
         "start one with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 "
         '--save "" --appendonly no (or set CREDITMETER_TEST_REDIS)'
     ),
+    "redis-cluster": (
+        "start one with: tools/redis-cluster (six nodes on 127.0.0.1:7000-7005; or set "
+        "CREDITMETER_TEST_CLUSTER)"
+    ),
     "postgres": (
         "start one with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start "
         "(or set CREDITMETER_TEST_POSTGRES to a DSN)"

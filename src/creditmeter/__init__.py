@@ -28,6 +28,7 @@ from creditmeter.exceptions import (
     IdempotencyConflict,
     InsufficientBalance,
     InvalidInput,
+    ReplicationTimeout,
     StoreError,
     VersionConflict,
 )
@@ -105,6 +106,7 @@ __all__ = [
     "RedisStore",
     "RefillSettings",
     "Refilled",
+    "ReplicationTimeout",
     "Reservation",
     "RetryPolicy",
     "SQLiteStore",

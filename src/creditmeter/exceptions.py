@@ -11,6 +11,8 @@ CreditMeterError
  ├── VersionConflict                     a store's compare-and-set lost (retried)
  ├── DuplicateRequest                    a store found the request_id already applied
  └── StoreError                          a backend failed or its data is corrupt
+      └── ReplicationTimeout              written, but fewer replicas than asked confirmed
+                                          it in time: it may be lost in a failover
 ```
 
 Errors carry their facts as attributes, read well as ``str()``, and survive
@@ -32,6 +34,7 @@ __all__ = [
     "IdempotencyConflict",
     "InsufficientBalance",
     "InvalidInput",
+    "ReplicationTimeout",
     "StoreError",
     "VersionConflict",
 ]
@@ -172,6 +175,32 @@ class DuplicateRequest(CreditMeterError):
 
 class StoreError(CreditMeterError):
     """A storage backend failed, or the data it holds is corrupt."""
+
+
+class ReplicationTimeout(StoreError):
+    """A commit was written, but fewer replicas than asked confirmed it within the timeout.
+
+    Raised by a Redis Cluster store with ``min_replicas`` set: the master
+    applied the commit, and it stays applied unless that master fails before a
+    replica copies it, so the write may not be durable. Repeating the
+    operation with the same ``request_id`` is safe (it is applied at most
+    once). ``wanted`` replicas were asked for, ``confirmed`` answered.
+    """
+
+    def __init__(self, user_id: str, *, wanted: int, confirmed: int) -> None:
+        self.user_id = user_id
+        self.wanted = wanted
+        self.confirmed = confirmed
+        super().__init__(
+            f"the write of user {user_id!r} was applied, but only {confirmed} of {wanted} "
+            "replicas confirmed it in time: it may not be durable (a failover can lose it)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (type(self), (self.user_id,), {"wanted": self.wanted, "confirmed": self.confirmed}),
+        )
 
 
 def _rebuild(cls: type[Exception], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:

@@ -22,6 +22,7 @@ from creditmeter import (
     InvalidInput,
     LedgerEntry,
     RefillSettings,
+    ReplicationTimeout,
     StoreError,
     TokenUsage,
     VersionConflict,
@@ -58,6 +59,11 @@ ERRORS: list[Any] = [
     pytest.param(InvalidInput("amount must be finite"), (), id="InvalidInput"),
     pytest.param(ConfigError("balance config key 'x' unknown"), (), id="ConfigError"),
     pytest.param(StoreError("database disk image is malformed"), (), id="StoreError"),
+    pytest.param(
+        ReplicationTimeout("alice", wanted=2, confirmed=1),
+        ("user_id", "wanted", "confirmed"),
+        id="ReplicationTimeout",
+    ),
     pytest.param(
         InsufficientBalance(
             "alice",

@@ -61,8 +61,9 @@ _AMOUNT_CONTEXT: dict[str, Any] = {**_CONTEXT, "ignore_unknown_options": True}
     show_envvar=True,
     metavar="URL",
     help="The store: memory://, sqlite:///relative.db, sqlite:////absolute.db, "
-    "redis://host:6379/0, rediss://host:6380/0 (TLS), or postgresql://user@host/db "
-    "(postgres:// too).",
+    "redis://host:6379/0, rediss://host:6380/0 (TLS), redis+cluster://host:7000 "
+    "(rediss+cluster:// with TLS), postgresql://user@host/db (postgres:// too), "
+    "or a scheme registered with register_store.",
 )
 @click.option(
     "--config",

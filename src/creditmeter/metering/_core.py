@@ -17,7 +17,13 @@ import attrs
 
 from creditmeter import _validate, rules
 from creditmeter.events import Event, Unmetered
-from creditmeter.exceptions import ConfigError, InsufficientBalance, InvalidInput, StoreError
+from creditmeter.exceptions import (
+    ConfigError,
+    InsufficientBalance,
+    InvalidInput,
+    ReplicationTimeout,
+    StoreError,
+)
 from creditmeter.usage import StreamUsage, TokenUsage
 
 if TYPE_CHECKING:
@@ -349,6 +355,15 @@ def _unmetered(
     exc: StoreError,
     incomplete: bool,
 ) -> None:
+    if isinstance(exc, ReplicationTimeout):  # written: reporting it unmetered invites a repeat
+        logger.warning(
+            "the %s of %s for user %r was written but not confirmed by enough replicas (%s)",
+            "charge" if held is None else "settle",
+            meter.name,
+            call.user,
+            exc,
+        )
+        return
     event = Unmetered(
         user_id=call.user,
         operation="charge" if held is None else "settle",
@@ -362,6 +377,9 @@ def _unmetered(
 
 
 def _unreleased(meter: _Meter, held: Hold, exc: StoreError) -> None:
+    if isinstance(exc, ReplicationTimeout):
+        logger.warning("the release of hold %s was written; %s", held.id, exc)
+        return
     logger.warning(
         "the store failed to release the hold %s of %s for user %r (%s); it lapses at %s",
         held.id,

@@ -3,7 +3,8 @@
 ``memory://``, ``sqlite:///relative.db`` / ``sqlite:////absolute.db``
 (SQLAlchemy's convention; ``?durability=normal``; the path is percent-decoded,
 so ``#``, ``?`` and ``%`` in a file name are ``%23``, ``%3F``, ``%25``),
-``redis://host:6379/0[?prefix=...]`` (``rediss://`` with TLS) and
+``redis://host:6379/0[?prefix=...]`` (``rediss://`` with TLS;
+``redis+cluster://host:7000[?min_replicas=1]`` for Redis Cluster) and
 ``postgresql://user@host/db[?prefix=...&schema=...]`` (``postgres://`` too).
 An unknown scheme is a ``ConfigError`` naming the known ones, with any
 password in the URL hidden. The Redis and PostgreSQL classes are imported
@@ -188,6 +189,8 @@ register_store("memory", _open_memory, _open_async_memory)
 register_store("sqlite", _open_sqlite, _open_async_sqlite)
 register_store("redis", _open_redis, _open_async_redis)
 register_store("rediss", _open_redis, _open_async_redis)
+register_store("redis+cluster", _open_redis, _open_async_redis)  # Redis Cluster: the same stores
+register_store("rediss+cluster", _open_redis, _open_async_redis)
 register_store("postgresql", _open_postgres, _open_async_postgres)
 register_store("postgres", _open_postgres, _open_async_postgres)
 

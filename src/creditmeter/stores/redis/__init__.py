@@ -58,10 +58,11 @@ ever), a queued writer at most ``lock_wait``, and a ``BLPOP`` well under the
 socket timeout. Both stores follow a fork (see their docstrings), and every
 await of ``AsyncRedisStore`` may be cancelled.
 
-The global keys (the users set, the sorted ids, the log and its clock skew;
-``layout.GlobalKeys``) are outside the user's slot, and every commit touches
-the log: the store runs on one Redis server (or a primary with replicas), not
-yet on Redis Cluster. Entries committed before the log existed (an upgrade
+On one Redis server the global keys (the users set, the sorted ids, the log
+and its clock skew; ``layout.GlobalKeys``) are one set, outside the users'
+slots. On Redis Cluster (``redis+cluster://``, ``cluster``) they are split
+into shards, a user's keys share the slot of the user's shard, and readers
+merge the shards. Entries committed before the log existed (an upgrade
 from 0.1) are not in it: reports over all users start at the upgrade, while a
 report of one user reads that user's whole ledger. It needs Redis 6.0 or later
 (``BLPOP`` with a fractional timeout, ``SET ... PX`` with ``NX`` or ``XX``).

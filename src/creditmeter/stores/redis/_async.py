@@ -23,13 +23,20 @@ from types import TracebackType
 from typing import Any
 
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import AskError, MovedError, NoScriptError
 
 from creditmeter._compat import async_sleep
 from creditmeter._ids import new_id
-from creditmeter.exceptions import ConfigError, DuplicateRequest, StoreError, VersionConflict
+from creditmeter.exceptions import (
+    ConfigError,
+    DuplicateRequest,
+    ReplicationTimeout,
+    StoreError,
+    VersionConflict,
+)
 from creditmeter.models import Account, LedgerEntry
 from creditmeter.queries import EntryQuery, Scan, UsageQuery, UsageRow
 from creditmeter.rules import Tally
@@ -45,9 +52,18 @@ from creditmeter.stores.redis._shared import (
     failed,
     made_before_fork,
 )
+from creditmeter.stores.redis.cluster import (
+    ClusterOptions,
+    LogCursor,
+    is_cluster_url,
+    node_options,
+    not_applied,
+    split_cluster_options,
+)
 from creditmeter.stores.redis.layout import (
     DATA,
     NO_TOKEN,
+    GlobalKeys,
     Held,
     Keys,
     Layout,
@@ -64,6 +80,8 @@ from creditmeter.stores.redis.options import (
 )
 from creditmeter.stores.redis.scripts import (
     ACQUIRE_SCRIPT,
+    CLUSTER_COMMIT_SCRIPT,
+    CLUSTER_LOG_PAGE_SCRIPT,
     COMMIT_SCRIPT,
     LOG_PAGE_SCRIPT,
     RECHECK_SCRIPT,
@@ -77,6 +95,8 @@ _FILTERED_BATCH = 1000  # log items or ledger entries a filtered scan reads at a
 _SUM_BATCH = 2000  # the most log items or ledger entries read at a time (a log read of 2,000
 # items takes Redis about 3 ms; sum_usage reads this many)
 _SUM_FETCH = 10_000  # log items whose entries sum_usage fetches at a time (one LRANGE per user)
+_FIRST_RETRY_NAP = 0.01  # seconds a cluster commit first waits for a slot that moves
+_LONGEST_RETRY_NAP = 0.2
 _FIRST_NAP = 0.0002  # seconds a commit held off by another writer's lock first waits
 _LONGEST_NAP = 0.004
 
@@ -115,6 +135,19 @@ class AsyncRedisStore:
     commit that meets another writer's lock waits for it (at most
     ``lock_wait``) and is sent again, so a manager retries a lost
     compare-and-set at once ``contention_retries`` times before it queues.
+
+    On Redis Cluster: a ``redis+cluster://host:port`` (``rediss+cluster://``)
+    URL or a ``redis.asyncio.cluster.RedisCluster`` client. The keys of the
+    whole store are sharded (see ``creditmeter.stores.redis.cluster``), each
+    commit runs on a connection of the store's own to the user's master and
+    is sent again (for at most ``retry_timeout`` seconds, 10 by default)
+    while the cluster answers MOVED, ASK, TRYAGAIN or CLUSTERDOWN, or the
+    master cannot be reached; NOSCRIPT (a replica promoted) loads the script
+    there. ``min_replicas=N`` (in the URL or as a keyword; 0 by default)
+    follows each commit with ``WAIT N`` on the same connection and raises
+    ``ReplicationTimeout`` when fewer replicas confirm within
+    ``replica_timeout`` seconds (1 by default): the commit was applied, but a
+    failover may lose it.
     """
 
     contention_retries = 4
@@ -132,10 +165,15 @@ class AsyncRedisStore:
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigError("give AsyncRedisStore either a URL or a client, not both or neither")
+        cluster = isinstance(client, redis.asyncio.cluster.RedisCluster) or is_cluster_url(url)
+        self._cluster = ClusterOptions()
+        if cluster:
+            url, self._cluster = split_cluster_options(url, options)
         if client is not None:
-            if not isinstance(client, redis.asyncio.Redis):
+            if not isinstance(client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)):
                 raise ConfigError(
-                    f"client must be a redis.asyncio.Redis, got {type(client).__name__}"
+                    "client must be a redis.asyncio.Redis or redis.asyncio.cluster.RedisCluster, "
+                    f"got {type(client).__name__}"
                 )
             if options:
                 raise ConfigError(
@@ -145,13 +183,17 @@ class AsyncRedisStore:
             self._connect: Callable[[], redis.asyncio.Redis] | None = None
         else:
             url, chosen = split_url(url, prefix)
-            # A commit whose connection fails is never sent again (see the package docstring).
-            options.setdefault("retry", redis.asyncio.retry.Retry(NoBackoff(), 0))
+            # A commit whose connection fails is never sent again (see the package docstring);
+            # on a cluster, commits go through connections of the store's own (_node).
+            if not cluster:
+                options.setdefault("retry", redis.asyncio.retry.Retry(NoBackoff(), 0))
             options.setdefault("socket_timeout", SOCKET_TIMEOUT)
             options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
             single = bool(options.pop("single_connection_client", False))
 
-            def connect() -> redis.asyncio.Redis:
+            def connect() -> Any:
+                if cluster:
+                    return _cluster_client(url, options)
                 # As redis.asyncio.Redis.from_url, on a _ConnectionPool (which checks connections).
                 try:
                     pool = _ConnectionPool.from_url(url, **options)
@@ -166,21 +208,29 @@ class AsyncRedisStore:
             client = connect()
             self._connect = connect
         self._owned = self._connect is not None
-        self._layout = Layout(chosen, lock_lease, lock_wait)
-        self._layout.fit_poll(socket_timeout(client.connection_pool))
+        self._layout = Layout(chosen, lock_lease, lock_wait, cluster=cluster)
+        self._layout.fit_poll(socket_timeout(getattr(client, "connection_pool", None)))
+        self._nodes: dict[tuple[str, int], redis.asyncio.Redis] = {}
+        self._ready_lock = asyncio.Lock()  # async-only
+        self._ready = not cluster  # async-only
         self.prefix = chosen
         self._use(client)
         self._holds = TaskHolds()
         self._pid = os.getpid()
         self._closed = False
 
-    def _use(self, client: redis.asyncio.Redis) -> None:
+    def _use(self, client: Any) -> None:
         self.client = client
-        self._commit_script = client.register_script(COMMIT_SCRIPT)
+        self._nodes = {}
+        cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
+        self._commit_text = CLUSTER_COMMIT_SCRIPT if cluster else COMMIT_SCRIPT
+        self._commit_script = client.register_script(self._commit_text)
         self._acquire_script = client.register_script(ACQUIRE_SCRIPT)
         self._recheck_script = client.register_script(RECHECK_SCRIPT)
         self._release_script = client.register_script(RELEASE_SCRIPT)
-        self._log_page_script = client.register_script(LOG_PAGE_SCRIPT)
+        self._log_page_script = client.register_script(
+            CLUSTER_LOG_PAGE_SCRIPT if cluster else LOG_PAGE_SCRIPT
+        )
 
     # --- the contract -------------------------------------------------------
 
@@ -191,6 +241,7 @@ class AsyncRedisStore:
         if held is not None and not held.released:
             return held.account  # read with the lock, which no other writer can pass
         key = layout.keys(user_id).account
+        await self._start()  # async-only
         cancels = _cancel_requests()  # async-only
         try:
             data = await self.client.hget(key, DATA)
@@ -211,16 +262,13 @@ class AsyncRedisStore:
         held = self._holds.get(account.user_id)
         token = NO_TOKEN if held is None or held.released else held.token
         keys, args = layout.commit_call(account, entries, expected_version, token)
-        script = self._commit_script
+        await self._start()  # async-only
         cancels = _cancel_requests()  # async-only
         try:
-            try:  # EVALSHA by hand: calling the script object costs more (sync: 4 µs a commit)
-                reply = await self.client.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:  # flushed, or another server: redis-py loads it and runs it
-                reply = await script(keys, args)
+            reply = await self._send_commit(keys, args, account.user_id)
             await _honour_cancel(cancels)  # async-only
             if Layout.held_off(reply):
-                reply = await self._send_again(layout, keys, args)
+                reply = await self._send_again(layout, keys, args, account.user_id)
         except ERRORS as exc:
             raise failed("commit", exc) from exc
         if reply != 0:
@@ -228,7 +276,119 @@ class AsyncRedisStore:
         if held is not None:
             held.released = True  # the script passed the lock on with the new account
 
-    async def _send_again(self, layout: Layout, keys: list[bytes], args: list[bytes]) -> Any:
+    async def _send_commit(self, keys: list[bytes], args: list[bytes], user_id: str) -> Any:
+        """Run the commit script once; its reply."""
+        if self._layout.cluster:
+            return await self._send_to_master(keys, args, user_id)
+        script = self._commit_script
+        try:  # EVALSHA by hand: calling the script object costs more (sync: 4 µs a commit)
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:  # flushed, or another server: redis-py loads it and runs it
+            return await script(keys, args)
+
+    async def _send_to_master(self, keys: list[bytes], args: list[bytes], user_id: str) -> Any:
+        """Run the commit script on the user's master (Redis Cluster), then WAIT if asked.
+
+        On a connection of the store's own to that master, as a pipeline
+        (not a transaction: WAIT returns 0 inside MULTI) of EVALSHA and, with
+        ``min_replicas``, WAIT, which then counts the replicas that have the
+        commit. Sent again while an answer proves it was not run (see
+        ``cluster.not_applied``), with naps from 10 ms doubling to 200 ms, for
+        at most ``retry_timeout`` seconds: MOVED and a node that cannot be
+        reached refresh the client's map of the slots first, ASK sends it to
+        the importing node after ASKING, NOSCRIPT loads the script on that
+        node (scripts are not replicated: a promoted replica lacks it).
+        """
+        options = self._cluster
+        deadline = time.monotonic() + options.retry_timeout
+        nap = _FIRST_RETRY_NAP
+        asking: tuple[str, int] | None = None
+        while True:
+            try:
+                replies = await self._commit_on_node(keys, args, asking)
+                if replies is None:
+                    continue  # the script was loaded there: send it again
+                reply = replies[0]
+            except ERRORS as exc:
+                if not not_applied(exc) or time.monotonic() > deadline:
+                    raise
+                asking = None
+                if isinstance(exc, MovedError) or not isinstance(exc, AskError):
+                    if not isinstance(exc, MovedError):
+                        await async_sleep(nap)
+                        nap = min(nap * 2, _LONGEST_RETRY_NAP)
+                    await self._refresh_slots()
+                else:
+                    asking = (str(exc.host), int(exc.port))
+                continue
+            if options.min_replicas and reply == 0:
+                confirmed = replies[-1]
+                if isinstance(confirmed, Exception):
+                    raise confirmed
+                if int(confirmed) < options.min_replicas:
+                    raise ReplicationTimeout(
+                        user_id, wanted=options.min_replicas, confirmed=int(confirmed)
+                    )
+            return reply
+
+    async def _commit_on_node(
+        self, keys: list[bytes], args: list[bytes], asking: tuple[str, int] | None
+    ) -> list[Any] | None:
+        """EVALSHA (after ASKING when redirected) and WAIT if asked, in one pipeline.
+
+        Its replies from EVALSHA on; None when the node lacked the script and
+        has now loaded it. An error reply of EVALSHA is raised.
+        """
+        if asking is None:
+            node = self.client.get_node_from_key(keys[0])
+            asking_none = True
+            address = (str(node.host), int(node.port))
+        else:
+            asking_none = False
+            address = asking
+        client = self._node(address)
+        options = self._cluster
+        async with client.pipeline(transaction=False) as pipe:
+            command: Any = pipe.execute_command  # the sync pipeline's is not annotated
+            if not asking_none:
+                command("ASKING")
+            pipe.evalsha(self._commit_script.sha, len(keys), *keys, *args)
+            if options.min_replicas:
+                command("WAIT", options.min_replicas, options.wait_ms)
+            replies = list(await pipe.execute(raise_on_error=False))
+        if not asking_none:
+            replies = replies[1:]
+        if isinstance(replies[0], NoScriptError):
+            await client.script_load(self._commit_text)
+            return None
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        return replies
+
+    def _node(self, address: tuple[str, int]) -> redis.asyncio.Redis:
+        """The store's own client of one node of the cluster (made on first use)."""
+        client = self._nodes.get(address)
+        if client is None:
+            given = getattr(self.client, "connection_kwargs", None)
+            if given is None:  # the sync RedisCluster keeps them with its nodes
+                given = self.client.nodes_manager.connection_kwargs
+            client = redis.asyncio.Redis(
+                host=address[0],
+                port=address[1],
+                retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+                **node_options(given),
+            )
+            self._nodes[address] = client
+        return client
+
+    async def _refresh_slots(self) -> None:
+        """Have the cluster client read which node serves which slot again (best effort)."""
+        with contextlib.suppress(*ERRORS):
+            await self.client.nodes_manager.initialize()
+
+    async def _send_again(
+        self, layout: Layout, keys: list[bytes], args: list[bytes], user_id: str
+    ) -> Any:
         """Send a commit held off by another writer's lock again until that writer is done.
 
         The commit is still good while the version it expects stays stored,
@@ -245,10 +405,7 @@ class AsyncRedisStore:
                 raise StoreError(f"waited over {layout.wait:g} s for a user's writer lock")
             await async_sleep(nap)
             nap = min(nap * 2, _LONGEST_NAP)
-            try:
-                reply = await self.client.evalsha(self._commit_script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                reply = await self._commit_script(keys, args)
+            reply = await self._send_commit(keys, args, user_id)
             await _honour_cancel(cancels)  # async-only
             if not Layout.held_off(reply):
                 return reply
@@ -265,6 +422,15 @@ class AsyncRedisStore:
         layout = self._open_layout()
         if not writes:
             return []
+        if layout.cluster:  # a pipeline would not wait for replicas nor retry a moved slot
+            outcomes: list[WriteOutcome] = []
+            for account, entries, expected_version in writes:
+                try:
+                    await self.commit(account, entries, expected_version=expected_version)
+                    outcomes.append(None)
+                except (VersionConflict, DuplicateRequest) as met:  # noqa: PERF203
+                    outcomes.append(met)
+            return outcomes
         calls = []
         holds = []
         for account, entries, expected_version in writes:
@@ -318,6 +484,7 @@ class AsyncRedisStore:
     async def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""
         key = self._open_layout().keys(user_id).requests
+        await self._start()  # async-only
         cancels = _cancel_requests()  # async-only
         try:
             data = await self.client.hget(key, request_id.encode())
@@ -332,6 +499,7 @@ class AsyncRedisStore:
         bounds = Layout.tail(limit)
         if bounds is None:
             return []
+        await self._start()  # async-only
         cancels = _cancel_requests()  # async-only
         try:
             rows = await self.client.lrange(key, *bounds)
@@ -343,11 +511,14 @@ class AsyncRedisStore:
     async def users(self) -> list[str]:
         """Return every user id, sorted (read with SSCAN, never KEYS)."""
         layout = self._open_layout()
+        await self._start()  # async-only
         cancels = _cancel_requests()  # async-only
+        members: set[bytes | str] = set()
         try:
-            scan = self.client.sscan_iter(layout.users_key, count=_SCAN_COUNT)
-            members = {member async for member in scan}  # async-only
-            # sync-only: members = set(scan)
+            for shard in layout.shards:  # one on a single server
+                scan = self.client.sscan_iter(shard.users, count=_SCAN_COUNT)
+                members.update({member async for member in scan})  # async-only
+                # sync-only: members.update(scan)
             await _honour_cancel(cancels)  # async-only
         except ERRORS as exc:
             raise failed("read", exc) from exc
@@ -366,18 +537,24 @@ class AsyncRedisStore:
         """
         layout = self._open_layout()
         check_limit(limit)
+        await self._start()  # async-only
         if query.user_id is not None:
             return await self._scan_ledger(layout, query, after, limit)
+        if layout.cluster:
+            try:
+                return await self._scan_shards(layout, query, LogCursor.parse(after), limit)
+            except ERRORS as exc:
+                raise failed("read", exc) from exc
         first = Layout.log_start(after)
         batch = min(limit if query.kinds is None else max(limit, _FILTERED_BATCH), _SUM_BATCH)
         found: list[LedgerEntry] = []
         cancels = _cancel_requests()  # async-only
         try:
-            span = await self._log_range(layout, first, query.since, query.until)
+            span = await self._log_range(layout, first, query.since, query.until, layout.globals)
             await _honour_cancel(cancels)  # async-only
             while span is not None:
                 page = LogPage()
-                page.add(await self._log_page(layout, span, batch))
+                page.add((await self._log_page(span, batch, layout.globals))[1])
                 await _honour_cancel(cancels)  # async-only
                 texts = await self._entry_texts(layout, page)
                 await _honour_cancel(cancels)  # async-only
@@ -432,9 +609,11 @@ class AsyncRedisStore:
         """
         layout = self._open_layout()
         tally = Tally(query)
+        await self._start()  # async-only
         try:
             if query.user_id is None:
-                await self._sum_log(layout, tally)
+                for shard in layout.shards:  # one on a single server
+                    await self._sum_log(layout, tally, shard)
             else:
                 await self._sum_ledger(layout, query.user_id, tally)
         except ERRORS as exc:
@@ -457,18 +636,18 @@ class AsyncRedisStore:
                 return
             index += _SUM_BATCH
 
-    async def _sum_log(self, layout: Layout, tally: Tally) -> None:
+    async def _sum_log(self, layout: Layout, tally: Tally, shard: GlobalKeys) -> None:
         add = tally.add_values
         query = tally.query
         cancels = _cancel_requests()  # async-only
-        span = await self._log_range(layout, (0, 0), query.since, query.until)
+        span = await self._log_range(layout, (0, 0), query.since, query.until, shard)
         await _honour_cancel(cancels)  # async-only
         while span is not None:
             # Several reads of the log, then their entries at once: a user then has
             # more entries per LRANGE (each command costs redis-py some 10 µs).
             page = LogPage()
             while span is not None and len(page.ids) < _SUM_FETCH:
-                read = page.add(await self._log_page(layout, span, _SUM_BATCH))
+                read = page.add((await self._log_page(span, _SUM_BATCH, shard))[1])
                 await _honour_cancel(cancels)  # async-only
                 span = None if read < _SUM_BATCH else span.after(page.ids[-1])
             texts = await self._entry_texts(layout, page)
@@ -484,16 +663,23 @@ class AsyncRedisStore:
         first: tuple[int, int] | None,
         since: datetime | None,
         until: datetime | None,
+        shard: GlobalKeys,
     ) -> LogRange | None:
-        """The log's ids to read from ``first`` for ``[since, until)`` (the skew read if needed)."""
+        """The ids of a log to read from ``first`` for ``[since, until)`` (skew read if needed)."""
+        del layout  # the shard names the keys
         skew = None
         if first is not None and (since is not None or until is not None):
-            skew = await self.client.hmget(layout.globals.skew, [b"ahead", b"behind"])
+            skew = await self.client.hmget(shard.skew, [b"ahead", b"behind"])
         return Layout.log_range(first, since, until, skew)
 
-    async def _log_page(self, layout: Layout, span: LogRange, count: int) -> bytes | str:
-        """Up to ``count`` items of the log in ``span``, read with ``log_page.lua`` (its reply)."""
-        keys = [layout.globals.log]
+    async def _log_page(
+        self, span: LogRange, count: int, shard: GlobalKeys
+    ) -> tuple[bytes | None, bytes | str]:
+        """Up to ``count`` items of a log in ``span``, read with ``log_page.lua`` (its reply).
+
+        On Redis Cluster, also the stream id of the server's time at the read.
+        """
+        keys = [shard.log]
         args = [span.start(), span.end(), b"%d" % count]
         script = self._log_page_script
         try:
@@ -502,7 +688,87 @@ class AsyncRedisStore:
             reply = await script(keys, args)
         if not isinstance(reply, (bytes, str)):
             raise StoreError(f"unexpected reply from the Redis log script: {reply!r}")
-        return reply
+        if not self._layout.cluster:
+            return None, reply
+        text = reply.encode() if isinstance(reply, str) else reply
+        head, _, items = text.partition(b" ")
+        return head, items
+
+    async def _scan_shards(
+        self, layout: Layout, query: EntryQuery, cursor: LogCursor | None, limit: int
+    ) -> Scan:
+        """``scan_entries`` of every user on Redis Cluster: the shards' logs merged.
+
+        Merged order is (stream id, shard). Each round reads up to a batch of
+        each shard's log and passes on only the items that no unread one can
+        precede: before the last item of each shard read in full, and older
+        than the earliest of the shards' times at the read (a commit made
+        after a shard was read gets a later id; see ``cluster``). A page may
+        so end early, with a position to go on from.
+        """
+        batch = min(limit if query.kinds is None else max(limit, _FILTERED_BATCH), _SUM_BATCH)
+        spans: list[LogRange | None] = []
+        for number, shard in enumerate(layout.shards):
+            first = (0, 0) if cursor is None else cursor.start(number)
+            spans.append(await self._log_range(layout, first, query.since, query.until, shard))
+        found: list[LedgerEntry] = []
+        cancels = _cancel_requests()  # async-only
+        while True:
+            items, safe, bound = await self._read_shards(layout, spans, batch)
+            await _honour_cancel(cancels)  # async-only
+            ready = _ready(items, safe, bound)
+            if ready:
+                page = LogPage()
+                for _, stream_id, user, index in ready:
+                    page.append(stream_id, user, index)
+                texts = await self._entry_texts(layout, page)
+                await _honour_cancel(cancels)  # async-only
+                for number, text in enumerate(texts):
+                    entry = entry_from_json(text, user_id=page.users[number])
+                    if covers(query, entry):
+                        found.append(entry)
+                        if len(found) == limit:
+                            more = (
+                                number + 1 < len(ready)
+                                or len(items) > len(ready)
+                                or bound is not None
+                            )
+                            return Scan(found, ready[number][0].text() if more else None)
+                cursor = ready[-1][0]
+            held = len(ready) < len(items)  # items newer than a shard's read wait
+            if bound is None or (held and not ready):  # else: the next round
+                return Scan(found, (cursor or LogCursor(0, 0, 0)).text() if held else None)
+            spans = _spans_after(spans, cursor)
+
+    async def _read_shards(
+        self, layout: Layout, spans: list[LogRange | None], batch: int
+    ) -> tuple[list[_Item], tuple[int, int] | None, LogCursor | None]:
+        """A batch of each shard's log in its span, merged, and what bounds what may pass.
+
+        Also the earliest of the shards' times at their reads, and the first
+        of the last items of the shards that had more than a batch (None if
+        none had).
+        """
+        safe: tuple[int, int] | None = None
+        bound: LogCursor | None = None
+        items: list[_Item] = []
+        for number, shard in enumerate(layout.shards):
+            span = spans[number]
+            if span is None:
+                continue
+            head, reply = await self._log_page(span, batch, shard)
+            now = _id_of(head)
+            safe = now if safe is None else min(safe, now)
+            page = LogPage()
+            page.add(reply)
+            for stream_id, user, index in zip(page.ids, page.users, page.indexes, strict=True):
+                ms, seq = _id_of(stream_id)
+                items.append((LogCursor(ms, seq, number), stream_id, user, index))
+            if len(page.ids) == batch:
+                last = items[-1][0]
+                bound = last if bound is None else min(bound, last)
+        items.sort()
+        return items, safe, bound
 
     async def _entry_texts(self, layout: Layout, page: LogPage) -> list[bytes | str]:
         """The JSON of each entry a page of the log refers to: one LRANGE per user, pipelined."""
@@ -527,7 +793,19 @@ class AsyncRedisStore:
         check_limit(limit)
         start = Layout.lex_after(after)
         found = layout.globals
+        await self._start()  # async-only
         cancels = _cancel_requests()  # async-only
+        if layout.cluster:  # each shard's first ids, merged
+            try:
+                merged: list[bytes | str] = []
+                for shard in layout.shards:
+                    merged += await self.client.zrangebylex(
+                        shard.sorted_users, start, b"+", 0, limit
+                    )
+                await _honour_cancel(cancels)  # async-only
+            except ERRORS as exc:
+                raise failed("read", exc) from exc
+            return sorted(Layout.user_page(merged))[:limit]
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.zrangebylex(found.sorted_users, start, b"+", 0, limit)
@@ -572,6 +850,7 @@ class AsyncRedisStore:
             yield
             return
         keys = layout.keys(user_id)
+        await self._start()  # async-only
         held = await self._acquire(layout, keys)
         body_failed = True
         try:
@@ -613,6 +892,24 @@ class AsyncRedisStore:
         return held
 
     # async-only: begin
+    async def _start(self) -> None:
+        """Initialise a cluster client once, under a lock, before its first command.
+
+        Concurrent first commands on a ``redis.asyncio.cluster.RedisCluster``
+        each start initialising it and race (redis-py 8.1 then raises
+        ``AttributeError``). A single server's client needs no start.
+        """
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if self._ready:
+                return
+            try:
+                await self.client.initialize()
+            except ERRORS as exc:
+                raise failed("connect", exc) from exc
+            self._ready = True
+
     async def _let_go(self, layout: Layout, keys: Keys, token: bytes) -> None:
         """Release the lock or leave its queue before returning, even if cancelled meanwhile.
 
@@ -650,9 +947,14 @@ class AsyncRedisStore:
         self._closed = True
         if self._owned and self._pid != os.getpid():
             LEFT_TO_PARENT.append(self.client)  # made before a fork: the parent's to close
-        elif self._owned:
+        elif self._pid != os.getpid():
+            LEFT_TO_PARENT.extend(self._nodes.values())
+        else:
             try:
-                await self.client.aclose()
+                for node in self._nodes.values():
+                    await node.aclose()
+                if self._owned:
+                    await self.client.aclose()
             except ERRORS as exc:
                 raise failed("close", exc) from exc
 
@@ -682,7 +984,10 @@ class AsyncRedisStore:
         with FORK_LOCK[0]:
             if self._pid == os.getpid():
                 return  # another thread switched
+            LEFT_TO_PARENT.extend(self._nodes.values())
             if self._connect is not None:
+                self._ready = not self._layout.cluster  # async-only
+                self._ready_lock = asyncio.Lock()  # async-only
                 LEFT_TO_PARENT.append(self.client)
                 self._use(self._connect())
             # sync-only: elif getattr(self.client, "connection", None) is not None:
@@ -690,6 +995,55 @@ class AsyncRedisStore:
                 raise made_before_fork("AsyncRedisStore", self._pid)
             self._holds = TaskHolds()  # the parent's locks are not this process's
             self._pid = os.getpid()
+
+
+_Item = tuple[LogCursor, str, str, int]  # a merged log item: position, stream id, user, index
+
+
+def _ready(
+    items: list[_Item], safe: tuple[int, int] | None, bound: LogCursor | None
+) -> list[_Item]:
+    """The merged items no unread one can precede: older than ``safe``, up to ``bound``."""
+    return [
+        item
+        for item in items
+        if (safe is None or (item[0].ms, item[0].seq) < safe)
+        and (bound is None or item[0] <= bound)
+    ]
+
+
+def _spans_after(spans: list[LogRange | None], cursor: LogCursor | None) -> list[LogRange | None]:
+    """The shards' spans left to read past ``cursor``."""
+    if cursor is None:
+        return spans
+    left: list[LogRange | None] = []
+    for number, span in enumerate(spans):
+        first = None if span is None else max(span.first, cursor.start(number))
+        if span is None or first is None or (span.last is not None and first[0] > span.last):
+            left.append(None)
+        else:
+            left.append(LogRange(first, span.last))
+    return left
+
+
+def _id_of(stream_id: bytes | str | None) -> tuple[int, int]:
+    """A stream id ``<ms>-<seq>`` as two ints."""
+    text = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+    ms, _, seq = text.partition("-")
+    try:
+        return int(ms), int(seq)
+    except ValueError as exc:
+        raise StoreError(f"bad stream id from a Redis log script: {text!r}") from exc
+
+
+def _cluster_client(url: str, options: dict[str, Any]) -> redis.asyncio.cluster.RedisCluster:
+    """A cluster client from a ``redis://`` URL (the store's options already taken out)."""
+    try:
+        return redis.asyncio.cluster.RedisCluster.from_url(url, **options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"bad Redis URL or option: {exc}") from exc
+    except ERRORS as exc:  # the sync client connects at once
+        raise failed("connect", exc) from exc
 
 
 # async-only: begin

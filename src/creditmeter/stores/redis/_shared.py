@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from creditmeter import rules
 from creditmeter._ids import new_id
@@ -34,7 +34,9 @@ __all__ = [
     "made_before_fork",
 ]
 
-ERRORS = (RedisError, OSError)  # what a Redis call raises when the server or the link fails
+# What a Redis call raises when the server or the link fails (a cluster client raises
+# RedisClusterException, which is not a RedisError, when no node can serve it).
+ERRORS = (RedisError, RedisClusterException, OSError)
 
 
 def failed(what: str, exc: BaseException) -> StoreError:

@@ -56,8 +56,10 @@ it: reports of every user start at the upgrade, while reports of one user
 read that user's ledger and see them all. ``Pusers-sorted`` is built once from
 ``Pusers`` when the set holds more ids (data from before it existed).
 
-The global keys are outside every user's slot, so the commit script cannot
-run on Redis Cluster as it is (see ``GlobalKeys``).
+On Redis Cluster (``Layout(..., cluster=True)``; see ``cluster``) each of the
+``cluster.SHARDS`` shards has its own global keys, ``P{<shard tag>}:users`` and
+so on, and a user's keys are ``P{<tag of the user's shard>}:u<hex>:account``
+and so on: a commit writes one slot.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ from creditmeter.serde import (
     entry_from_json,
     entry_to_json,
 )
+from creditmeter.stores.redis.cluster import shard_of, shard_tags
 from creditmeter.stores.redis.options import check_lock_times
 
 __all__ = [
@@ -125,10 +128,8 @@ UsageValues = tuple[
 class GlobalKeys(NamedTuple):
     """The keys of the whole store (not of one user): the one place that names them.
 
-    Each hashes to a slot of its own, which a Redis Cluster cannot serve in a
-    script that also writes a user's keys. To run there, the log and the
-    sorted ids would be kept per slot (one key per user slot, named with a
-    hash tag chosen to land in it) and merged by readers.
+    On one server, one set for the whole store; on Redis Cluster, one set
+    per shard, under the shard's hash tag (``Layout.shards``).
     """
 
     users: bytes  # set of user ids
@@ -214,15 +215,25 @@ def _text(value: bytes | str) -> str:
 class Layout:
     """The keys, script arguments and replies of one store (one prefix, one lock lease)."""
 
-    def __init__(self, prefix: str, lock_lease: float, lock_wait: float) -> None:
+    def __init__(
+        self, prefix: str, lock_lease: float, lock_wait: float, *, cluster: bool = False
+    ) -> None:
         self.prefix = prefix
         self._prefix = prefix.encode()
-        self.globals = GlobalKeys(
-            self._prefix + b"users",
-            self._prefix + b"users-sorted",
-            self._prefix + b"log",
-            self._prefix + b"log-skew",
-        )
+        self.cluster = cluster
+        # On Redis Cluster, one set of global keys per shard, under the shard's hash tag,
+        # and each user's keys under the tag of the user's shard (see ``cluster``).
+        self._tags = [b"{%s}:" % tag for tag in shard_tags()] if cluster else [b""]
+        self.shards = [
+            GlobalKeys(
+                self._prefix + tag + b"users",
+                self._prefix + tag + b"users-sorted",
+                self._prefix + tag + b"log",
+                self._prefix + tag + b"log-skew",
+            )
+            for tag in self._tags
+        ]
+        self.globals = self.shards[0]  # the only one, on one Redis server
         self.users_key = self.globals.users
         self.lease_ms, self.poll, self.wait = check_lock_times(lock_lease, lock_wait)
         self._lease = b"%d" % self.lease_ms
@@ -247,7 +258,14 @@ class Layout:
             encoded = user_id.encode()
         except (UnicodeEncodeError, AttributeError) as exc:
             raise InvalidInput(f"user id {user_id!r} is not a str of valid Unicode") from exc
-        base = b"%s{u%s}:" % (self._prefix, encoded.hex().encode())
+        if self.cluster:
+            base = b"%s%su%s:" % (
+                self._prefix,
+                self._tags[shard_of(user_id)],
+                encoded.hex().encode(),
+            )
+        else:
+            base = b"%s{u%s}:" % (self._prefix, encoded.hex().encode())
         keys = Keys(
             base + b"account",
             base + b"ledger",
@@ -262,6 +280,10 @@ class Layout:
         self._keys[user_id] = keys
         return keys
 
+    def globals_of(self, user_id: str) -> GlobalKeys:
+        """The global keys a commit of ``user_id`` writes (its shard's, on Redis Cluster)."""
+        return self.shards[shard_of(user_id)] if self.cluster else self.globals
+
     def commit_call(
         self,
         account: Account,
@@ -271,7 +293,7 @@ class Layout:
     ) -> tuple[list[bytes], list[bytes]]:
         """KEYS and ARGV of the commit script."""
         user_id = account.user_id
-        found = self.globals
+        found = self.globals_of(user_id)
         keys = [*self.keys(user_id), found.log, found.skew]
         if expected_version is None:
             keys.append(found.users)
@@ -509,6 +531,17 @@ class LogPage:
         except ValueError as exc:  # UnicodeDecodeError is one
             raise StoreError(f"the Redis log holds a malformed item: {exc}") from exc
         return len(ids) - before
+
+    def append(self, stream_id: str, user_id: str, index: int) -> None:
+        """Add one item (the next one of a merged read of the shards' logs)."""
+        self.ids.append(stream_id)
+        self.users.append(user_id)
+        self.indexes.append(index)
+        span = self.spans.get(user_id)
+        if span is None:
+            self.spans[user_id] = [index, index]
+        else:
+            span[0], span[1] = min(span[0], index), max(span[1], index)
 
     def reads(self, layout: Layout) -> list[tuple[bytes, int, int]]:
         """The LRANGEs (ledger key, first, last) that read the page's entries, one per user."""

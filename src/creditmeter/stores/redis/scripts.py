@@ -13,6 +13,8 @@ from importlib import resources
 
 __all__ = [
     "ACQUIRE_SCRIPT",
+    "CLUSTER_COMMIT_SCRIPT",
+    "CLUSTER_LOG_PAGE_SCRIPT",
     "COMMIT_SCRIPT",
     "LOG_PAGE_SCRIPT",
     "RECHECK_SCRIPT",
@@ -42,3 +44,23 @@ ACQUIRE_SCRIPT = _script("acquire.lua")
 RECHECK_SCRIPT = _script("recheck.lua")
 RELEASE_SCRIPT = _script("release.lua")
 LOG_PAGE_SCRIPT = _script("log_page.lua")  # read-only: reports read the log with it
+
+
+def _replaced(text: str, old: str, new: str) -> str:
+    if text.count(old) != 1:  # pragma: no cover - a script edited out of step with this
+        raise AssertionError(f"expected {old!r} once in a Redis script")
+    return text.replace(old, new)
+
+
+# On Redis Cluster (see ``cluster``): log ids from the server's clock in microseconds, and
+# log pages that start with the server's time.
+CLUSTER_COMMIT_SCRIPT = _replaced(
+    _included("cluster_id.lua") + COMMIT_SCRIPT,
+    "redis.call('XADD', KEYS[8], '*',",
+    "redis.call('XADD', KEYS[8], next_id(KEYS[8]),",
+)
+CLUSTER_LOG_PAGE_SCRIPT = _replaced(
+    _script("cluster_log_page.lua"),
+    "return table.concat(out)",
+    "return head .. table.concat(out)",
+)
