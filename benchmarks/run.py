@@ -34,6 +34,7 @@ SECTIONS = (
     "batches",
     "usage",
     "cluster",
+    "api",
 )
 PACKAGES = ["redis", "psycopg", "openai", "pydantic", "litellm", "pyrate-limiter", "fastapi"]
 

@@ -52,6 +52,9 @@ EXPECTED: dict[str, list[str]] = {
     "concepts/idempotency.md": ["True 19880", "IdempotencyConflict"],
     "concepts/refills.md": ["None", "10000 10000"],
     "guides/metering.md": ["11", "[5, 1]"],
+    "guides/console.md": [
+        "200 20500 {'actor': 'admin', 'via': 'api', 'reason': 'welcome credits'}"
+    ],
 }
 
 

@@ -3,7 +3,7 @@
 ``creditmeter [--store URL] [--config PATH] [--json] COMMAND ...`` with the
 commands ``balance``, ``list``, ``grant``, ``set``, ``refill``,
 ``refill-settings``, ``expire``, ``ledger``, ``export``, ``usage``,
-``price`` and ``demo``. The store
+``price``, ``demo`` and ``serve``. The store
 is opened with ``open_store`` and the config built with ``load_config`` (the
 legacy environment variables, then the YAML file's ``balance:`` section), as
 LibreChat builds it. Output is a rich table for people, or JSON with
@@ -18,7 +18,8 @@ Needs the ``[cli]`` extra (click and rich). The parts:
 - ``run``: ``main()``, the exit statuses and the one-line errors;
 - ``format``: argument types and every way of showing what was found;
 - ``plot``: ``usage --plot``, drawn with matplotlib (the ``[plot]`` extra), imported lazily;
-- ``demo``: ``creditmeter demo``, a simulated gateway end to end.
+- ``demo``: ``creditmeter demo``, a simulated gateway end to end;
+- ``serve``: ``creditmeter serve``, the web console and JSON API (the ``[server]`` extra).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from creditmeter._version import __version__
 from creditmeter.cli import format as fmt
 from creditmeter.cli import plot as plotting
 from creditmeter.cli.demo import run_demo
+from creditmeter.cli.serve import serve
 from creditmeter.cli.session import (
     DEFAULT_STORE,
     Session,
@@ -667,3 +668,6 @@ def demo(session: Session, *, users: int | None, calls: int | None) -> None:
     session.show(summary, lambda: f"Every user's ledger sums to their balance: {verdict}")
     if not balanced:
         raise click.ClickException("the demo's ledger does not balance")
+
+
+cli.add_command(serve)
