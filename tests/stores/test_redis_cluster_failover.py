@@ -36,8 +36,8 @@ WRITERS = 4
 USERS = [f"user-{n}" for n in range(24)]
 
 
-def _charge(url, prefix, number, users, stop, results):
-    """One writer process: charge until ``stop``; put (acknowledged ids, errors met)."""
+def _charge(url, prefix, number, users, stop, done, results):
+    """One writer process: charge until ``stop``; count in ``done[number]``; put what it saw."""
     store = RedisStore(url, prefix=prefix, retry_timeout=20)
     meter = BalanceManager(store, CONFIG)
     acked, errors, count = [], collections.Counter(), 0
@@ -57,25 +57,41 @@ def _charge(url, prefix, number, users, stop, results):
                     time.sleep(0.02)
             acked.append((user, request_id))
             count += 1
+            done[number] = count
     finally:
         store.close()
         results.put((acked, dict(errors)))
 
 
-def _under_load(prefix, disturb, url=CLUSTER_URL):
-    """Run the writers, call ``disturb()`` while they charge; their acknowledged charges."""
+def _wait_for(done, least, what):
+    """Wait until every writer has acknowledged ``least`` charges (60 s at most)."""
+    end = time.monotonic() + 60
+    while min(done) < least:
+        if time.monotonic() > end:
+            raise AssertionError(f"writers stalled {what}: acknowledged {list(done)}")
+        time.sleep(0.01)
+
+
+def _under_load(prefix, disturb, url=CLUSTER_URL, *, each=20):
+    """Run the writers; ``disturb()`` once each has charged ``each`` times; their charges.
+
+    The writers stop once each has charged ``each`` times more after the
+    disturbance, so every run has charges before, during and after it,
+    however slow the machine.
+    """
     context = multiprocessing.get_context("fork")
     stop, results = context.Event(), context.Queue()
+    done = context.Array("i", WRITERS)
     workers = [
-        context.Process(target=_charge, args=(url, prefix, n, USERS, stop, results))
+        context.Process(target=_charge, args=(url, prefix, n, USERS, stop, done, results))
         for n in range(WRITERS)
     ]
     for worker in workers:
         worker.start()
     try:
-        time.sleep(0.5)
+        _wait_for(done, each, "before the disturbance")
         disturb()
-        time.sleep(0.5)
+        _wait_for(done, max(done) + each, "after the disturbance")
     finally:
         stop.set()
         found = [results.get(timeout=60) for _ in workers]
