@@ -13,15 +13,17 @@ the ledger by cursor; and the app mounted under ``/admin``.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 from broken import BrokenSQLite
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from server_helpers import ADMIN, READ, START, Server
+from server_helpers import ADMIN, READ, START, Server, open_meter
 
 from creditmeter import (
     AsyncBalanceManager,
@@ -33,6 +35,7 @@ from creditmeter import (
     TokenUsage,
 )
 from creditmeter.server import create_app
+from creditmeter.server.security import LoginThrottle
 
 ALICE = "alice"
 
@@ -540,3 +543,51 @@ def test_mounted_under_a_prefix(memory_server):
         assert 'href="/admin/usage"' in page.text
         missing = client.get("/admin/api/nothing", headers={"Authorization": f"Bearer {READ}"})
         assert missing.json()["error"]["code"] == "not_found"
+
+
+def test_bad_api_tokens_are_slowed_per_address(alice):
+    """A wrong bearer token waits longer each time; no token, or a good one, waits nothing."""
+    state = alice.client.app.state.creditmeter  # type: ignore[attr-defined]
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    state.throttle = LoginThrottle(sleep=sleep)
+    for _ in range(3):
+        assert_error_shape(alice.api("GET", "/api/users", token="guess-0123456789abcdef"), 401)
+    assert slept == [0.25, 0.5]  # the first failure is answered at once
+    assert_error_shape(alice.api("GET", "/api/users", token=None), 401)
+    assert alice.api("GET", "/api/users", token=READ).status_code == 200
+    assert slept == [0.25, 0.5]
+
+
+def test_a_slowed_guess_holds_up_no_other_request(tmp_path, clock):
+    """While a wrong token waits out its delay, a good request is answered."""
+
+    async def main() -> list[int]:
+        meter, _ = open_meter("memory", tmp_path, clock)
+        app = create_app(meter, admin_token=ADMIN, read_token=READ)
+        waiting, release = asyncio.Event(), asyncio.Event()
+
+        async def sleep(seconds: float) -> None:
+            waiting.set()
+            await release.wait()
+
+        app.state.creditmeter.throttle = LoginThrottle(sleep=sleep)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
+            guess = {"Authorization": "Bearer guess-0123456789abcdef"}
+            first = await client.get("/api/users", headers=guess)  # answered at once
+            slowed = asyncio.create_task(client.get("/api/users", headers=guess))
+            await asyncio.wait_for(waiting.wait(), 10)
+            good = await asyncio.wait_for(
+                client.get("/api/users", headers={"Authorization": f"Bearer {READ}"}), 10
+            )
+            assert not slowed.done()
+            release.set()
+            answered = await asyncio.wait_for(slowed, 10)
+        await meter.aclose()
+        return [first.status_code, good.status_code, answered.status_code]
+
+    assert asyncio.run(main()) == [401, 200, 401]

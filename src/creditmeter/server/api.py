@@ -219,8 +219,10 @@ async def _role(
 ) -> Role:
     if credentials is None:
         raise ApiError(401, "a bearer token is required", "unauthorized", headers=_UNAUTHORIZED)
-    role = _state(request).tokens.role_of(credentials.credentials)
-    if role is None:
+    state = _state(request)
+    role = state.tokens.role_of(credentials.credentials)
+    if role is None:  # a guess: slowed like a failed console login, per address
+        await state.throttle.failed(request.client.host if request.client else "unknown")
         raise ApiError(401, "the token is not valid", "unauthorized", headers=_UNAUTHORIZED)
     return role
 
