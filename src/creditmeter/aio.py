@@ -355,6 +355,17 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
             raise
         return result
 
+    async def _admit(self, user_id: str) -> None:
+        """``require(user_id)`` without building its answer: the check before a metered call.
+
+        Most calls are answered by ``rules.admits`` from one read; the rest
+        (a refill due, a refusal) go through ``require``.
+        """
+        account = await self.store.load(_validate.user_id(user_id))
+        if account is not None and rules.admits(account, self._now(), config=self.config):
+            return
+        await self.require(user_id)
+
     async def hold(
         self,
         user_id: str,

@@ -326,6 +326,17 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
             raise
         return result
 
+    def _admit(self, user_id: str) -> None:
+        """``require(user_id)`` without building its answer: the check before a metered call.
+
+        Most calls are answered by ``rules.admits`` from one read; the rest
+        (a refill due, a refusal) go through ``require``.
+        """
+        account = self.store.load(_validate.user_id(user_id))
+        if account is not None and rules.admits(account, self._now(), config=self.config):
+            return
+        self.require(user_id)
+
     def hold(
         self,
         user_id: str,

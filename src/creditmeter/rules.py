@@ -48,6 +48,7 @@ __all__ = [
     "Change",
     "Tally",
     "add_interval",
+    "admits",
     "charge",
     "check",
     "configure_refill",
@@ -1051,6 +1052,20 @@ def _applied(cost: Decimal, balance: Decimal, config: BalanceConfig) -> Decimal:
     if config.allow_negative_balance:
         return cost
     return min(cost, max(balance, _ZERO))
+
+
+def admits(account: Account, now: datetime, *, config: BalanceConfig) -> bool:
+    """Whether a call given no cost may start now, answered from a read alone.
+
+    ``True`` when balances are disabled, or no refill is due and something is
+    available (``check`` with no cost would allow it). ``False`` otherwise:
+    the caller then runs the full check, which writes a due refill, or
+    refuses with the details.
+    """
+    view = open_holds(account, now)
+    if refill_due(view, config=config, now=now):
+        return False
+    return not config.enabled or view.available > _ZERO
 
 
 def check(account: Account, cost: Decimal | None, *, config: BalanceConfig) -> BalanceCheck:

@@ -139,6 +139,49 @@ def test_check_without_cost_needs_a_positive_balance():
     assert rules.check(make_account(balance=Decimal(0)), Decimal(1), config=BalanceConfig()).allowed
 
 
+def test_admits_answers_from_a_read_only_when_the_full_check_would_allow_without_a_write():
+    """Tried: balances off; a positive, zero and negative balance; holds covering it; a
+    refill due; an expired credit block holding all that is left."""
+    now = datetime(2025, 1, 10, tzinfo=UTC)
+    on, off = BalanceConfig(enabled=True), BalanceConfig(enabled=False)
+    refilling = BalanceConfig(**REFILL)
+    held = rules.hold(
+        make_account(balance=Decimal(5)),
+        "alice",
+        Decimal(5),
+        hold_id="h",
+        ttl=timedelta(minutes=5),
+        config=on,
+        now=now,
+        new_id=ids(),
+    ).account
+    expiring = rules.grant(
+        make_account(balance=Decimal(0)),
+        "alice",
+        Decimal(7),
+        config=on,
+        now=now - timedelta(days=2),
+        new_id=ids(),
+        expires_at=now - timedelta(days=1),
+    ).account
+    cases = [
+        (make_account(balance=Decimal("0.5")), on, True),
+        (make_account(balance=Decimal(0)), on, False),
+        (make_account(balance=Decimal(-3)), on, False),
+        (make_account(balance=Decimal(-3)), off, True),
+        (held, on, False),  # all of it held
+        (expiring, on, False),  # what is left expired
+        (make_account(balance=Decimal(5), last_refill=now - timedelta(days=2)), refilling, True),
+        (make_account(balance=Decimal(0), last_refill=now - timedelta(days=2)), refilling, False),
+    ]
+    for account, config, expected in cases:
+        assert rules.admits(account, now, config=config) is expected
+        view = rules.open_holds(account, now)
+        if expected:  # what admits allows, the full check allows, with nothing to write
+            assert rules.check(view, None, config=config).allowed
+            assert not rules.refill_due(view, config=config, now=now)
+
+
 REFILL = {
     "enabled": True,
     "auto_refill_enabled": True,

@@ -10,6 +10,8 @@ the ``async def`` the async manager needs (see backends.py).
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from creditmeter import BalanceConfig, EntryKind, InsufficientBalance, Pricing, TokenUsage
@@ -58,6 +60,39 @@ def test_a_user_who_cannot_pay_is_refused_before_the_call(meter):
         ask("alice")
     assert calls == []
     assert charges(meter) == []
+
+
+def test_a_spent_user_due_a_refill_is_refilled_before_the_call_and_one_with_something_left_is_not(
+    backend, clock
+):
+    """The check before a call answers most calls from a read; a due refill is still written."""
+    config = BalanceConfig(
+        enabled=True,
+        start_balance=0,
+        auto_refill_enabled=True,
+        refill_interval_value=1,
+        refill_interval_unit="days",
+        refill_amount=START,
+    )
+    meter = backend.manager(config, clock=clock)
+    meter.account("alice")
+    meter.grant("bob", 1)
+
+    @meter.metered(user="user_id", model="model")
+    def ask(*, user_id, model="gpt-4o"):
+        return response()
+
+    with pytest.raises(InsufficientBalance):
+        ask(user_id="alice")  # spent, and no refill due yet
+    ask(user_id="bob")  # 1 credit left is enough to start (the charge clamps at zero)
+    clock.advance(timedelta(days=1))
+    ask(user_id="alice")
+    assert [e.kind for e in meter.ledger("alice")] == [
+        EntryKind.OPEN,
+        EntryKind.REFILL,
+        EntryKind.CHARGE,
+    ]
+    assert meter.balance("alice") == START - COST
 
 
 def test_a_raising_call_releases_its_hold_and_charges_nothing(meter):

@@ -47,7 +47,7 @@ async def _begin(manager: AsyncBalanceManager, meter: _Meter, call: _Call) -> Ho
     try:
         amount = _hold_amount(manager, call)
         if amount is None:
-            await manager.require(call.user)
+            await manager._admit(call.user)  # noqa: SLF001 - the manager's own fast check
             return None
         try:
             return await manager.hold(call.user, amount, request_id=call.request_id)

@@ -11,7 +11,7 @@ import inspect
 import logging
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import attrs
 
@@ -24,7 +24,7 @@ from creditmeter.exceptions import (
     ReplicationTimeout,
     StoreError,
 )
-from creditmeter.usage import StreamUsage, TokenUsage
+from creditmeter.usage import StreamUsage, TokenUsage, _read_response
 
 if TYPE_CHECKING:
     from decimal import Decimal
@@ -88,9 +88,8 @@ def _getter(func: Callable[..., Any], spec: object, what: str) -> Getter | None:
     return lambda _args, kwargs: kwargs.get(spec, default)
 
 
-@attrs.frozen
-class _Call:
-    """What the checks before a call learned, for the charge after it."""
+class _Call(NamedTuple):
+    """What the checks before a call learned, for the charge after it (a tuple: made per call)."""
 
     user: str
     model: str | None
@@ -136,13 +135,7 @@ class _Meter:
         max_tokens = self.max_tokens(args, kwargs) if self.max_tokens is not None else None
         if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 0):
             max_tokens = None  # not a token limit this library can price
-        return _Call(
-            user=user,
-            model=model,
-            estimate=estimate,
-            request_id=request_id,
-            max_tokens=max_tokens,
-        )
+        return _Call(user, model, estimate, request_id, max_tokens)
 
     def read_usage(self, result: Any) -> TokenUsage | None:
         if self.usage is not None:
@@ -150,7 +143,7 @@ class _Meter:
             if found is not None and not isinstance(found, TokenUsage):
                 raise InvalidInput(f"usage= must return a TokenUsage or None, got {found!r}")
             return found
-        return TokenUsage.from_response(result)
+        return _read_response(result)
 
     def missing(
         self, call: _Call, problem: str, fallback: TokenUsage | None = None

@@ -43,7 +43,7 @@ def _begin(manager: BalanceManager, meter: _Meter, call: _Call) -> Hold | None:
     try:
         amount = _hold_amount(manager, call)
         if amount is None:
-            manager.require(call.user)
+            manager._admit(call.user)  # noqa: SLF001 - the manager's own fast check
             return None
         try:
             return manager.hold(call.user, amount, request_id=call.request_id)
