@@ -348,9 +348,9 @@ class Pricing:
         """The total of ``cost()`` and the rates it used, without building a ``Cost``."""
         rates, resolved = self._pick(model, usage.prompt_total)
         if not incomplete:
-            scaled = resolved.scaled if rates is resolved.standard else resolved.scaled_premium
-            assert scaled is not None  # a premium rate has its scaled form
-            return _total(usage, scaled), rates
+            summer = resolved.summer if rates is resolved.standard else resolved.summer_premium
+            assert summer is not None  # a premium rate has its scaled form
+            return summer.total(usage), rates
         prompt_cost, completion_cost, rates = _priced(usage, rates, incomplete=incomplete)
         return EXACT.add(prompt_cost, completion_cost), rates
 
@@ -375,6 +375,59 @@ def _scaled(rates: Rates | None) -> _Scaled | None:
     return (parts[0], parts[1], parts[2], parts[3])
 
 
+# Which counts of a usage are above zero, as bits: input 1, output 2, cache write 4, read 8.
+_Terms = tuple[int, int, int, int, int]  # the sum's exponent, then each count's multiplier
+
+
+def _terms(scaled: _Scaled, present: int) -> _Terms:
+    """The exponent of the sum of the ``present`` counts' terms, and each count's multiplier."""
+    (prompt, prompt_exp), (completion, completion_exp), (write, write_exp), (read, read_exp) = (
+        scaled
+    )
+    exponent = prompt_exp if present & 1 else 0  # the prompt part: its first term, or a zero
+    if present & 4 and write_exp < exponent:
+        exponent = write_exp
+    if present & 8 and read_exp < exponent:
+        exponent = read_exp
+    exponent = min(exponent, completion_exp if present & 2 else 0)  # the completion part
+    return (
+        exponent,
+        prompt * 10 ** (prompt_exp - exponent) if present & 1 else 0,
+        completion * 10 ** (completion_exp - exponent) if present & 2 else 0,
+        write * 10 ** (write_exp - exponent) if present & 4 else 0,
+        read * 10 ** (read_exp - exponent) if present & 8 else 0,
+    )
+
+
+class _Summer:
+    """``_total`` for one set of rates, its terms worked out once per set of present counts.
+
+    At most 16 entries (one per combination of counts above zero).
+    """
+
+    __slots__ = ("_known", "_scaled")
+
+    def __init__(self, scaled: _Scaled) -> None:
+        self._scaled = scaled
+        self._known: dict[int, _Terms] = {}
+
+    def total(self, usage: TokenUsage) -> Decimal:
+        """The priced sum of ``usage``'s counts, as ``_priced`` would add it up."""
+        tokens, output, written, cached = (
+            usage.input,
+            usage.output,
+            usage.cache_write,
+            usage.cache_read,
+        )
+        present = (tokens > 0) | (output > 0) << 1 | (written > 0) << 2 | (cached > 0) << 3
+        terms = self._known.get(present)
+        if terms is None:
+            terms = self._known[present] = _terms(self._scaled, present)
+        exponent, prompt, completion, write, read = terms
+        units = tokens * prompt + output * completion + written * write + cached * read
+        return EXACT.scaleb(Decimal(units), exponent)
+
+
 @attrs.frozen
 class _Resolved:
     """A model's rates worked out once: standard, and premium above ``threshold``.
@@ -391,6 +444,16 @@ class _Resolved:
     )
     scaled_premium: _Scaled | None = attrs.field(
         init=False, default=attrs.Factory(lambda self: _scaled(self.premium), takes_self=True)
+    )
+    summer: _Summer = attrs.field(
+        init=False, default=attrs.Factory(lambda self: _Summer(self.scaled), takes_self=True)
+    )
+    summer_premium: _Summer | None = attrs.field(
+        init=False,
+        default=attrs.Factory(
+            lambda self: None if self.scaled_premium is None else _Summer(self.scaled_premium),
+            takes_self=True,
+        ),
     )
 
 
@@ -421,26 +484,7 @@ def _total(usage: TokenUsage, scaled: _Scaled) -> Decimal:
     smallest of its terms'. Here each term is a coefficient at that exponent,
     and one ``Decimal`` is made at the end: a third of the time.
     """
-    (prompt, prompt_exp), (completion, completion_exp), (write, write_exp), (read, read_exp) = (
-        scaled
-    )
-    tokens, output, written, cached = usage.input, usage.output, usage.cache_write, usage.cache_read
-    exponent = prompt_exp if tokens else 0  # the prompt part: its first term, or a plain zero
-    if written and write_exp < exponent:
-        exponent = write_exp
-    if cached and read_exp < exponent:
-        exponent = read_exp
-    exponent = min(exponent, completion_exp if output else 0)  # the completion part, likewise
-    units = 0
-    if tokens:
-        units += tokens * prompt * 10 ** (prompt_exp - exponent)
-    if output:
-        units += output * completion * 10 ** (completion_exp - exponent)
-    if written:
-        units += written * write * 10 ** (write_exp - exponent)
-    if cached:
-        units += cached * read * 10 ** (read_exp - exponent)
-    return EXACT.scaleb(Decimal(units), exponent)
+    return _Summer(scaled).total(usage)
 
 
 def _first(*rates: Decimal | None) -> Decimal:

@@ -33,10 +33,31 @@ def test_total_equals_the_sum_of_the_products(i, o, w, r, p, c, cw, cr) -> None:
     rates = Rates(prompt=p, completion=c, cache_write=cw, cache_read=cr)
     prompt_cost, completion_cost, _ = _priced(usage, rates, incomplete=False)
     expected = EXACT.add(prompt_cost, completion_cost)
-    got = _total(usage, _Resolved(standard=rates, key=None).scaled)
-    assert got == expected
-    assert str(got) == str(expected)
-    assert got.as_tuple() == expected.as_tuple()
+    resolved = _Resolved(standard=rates, key=None)
+    for got in (_total(usage, resolved.scaled), resolved.summer.total(usage)):
+        assert got == expected
+        assert str(got) == str(expected)
+        assert got.as_tuple() == expected.as_tuple()
+
+
+def test_a_summer_keeps_one_set_of_terms_per_combination_of_counts() -> None:
+    """Each of the 16 combinations of counts above zero is worked out once and reused."""
+    rates = Rates(
+        prompt=Decimal("2.5"),
+        completion=Decimal(10),
+        cache_write=Decimal("3.125"),
+        cache_read=Decimal("1.25"),
+    )
+    summer = _Resolved(standard=rates, key=None).summer
+    for mask in range(16):
+        counts = [(mask >> bit & 1) * (bit + 1) * 100 for bit in range(4)]
+        usage = TokenUsage(
+            input=counts[0], output=counts[1], cache_write=counts[2], cache_read=counts[3]
+        )
+        first, again = summer.total(usage), summer.total(usage)
+        prompt, completion, _ = _priced(usage, rates, incomplete=False)
+        assert str(first) == str(again) == str(EXACT.add(prompt, completion))
+    assert len(summer._known) == 16
 
 
 def test_every_shipped_model_prices_as_cost_does() -> None:
