@@ -28,7 +28,7 @@ PAGES = sorted(path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md"))
 RUN_ELSEWHERE = {
     "proxy_handler_instance": "tests/integrations/test_litellm.py",  # the LiteLLM proxy module
     "litellm.callbacks": "tests/integrations/test_litellm.py",  # LiteLLM's callback lists
-    "127.0.0.1:8080": "",  # needs the example gateway running: see test_gateway_page_numbers
+    "127.0.0.1:8080": "tests/integrations/test_gateway_example.py",  # the example gateway
     "class TestMyStore": "",  # a pytest module for a store of your own, not a script
 }
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import io
 import json
+import re
 import socket
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -41,11 +45,11 @@ def wait_until_up(process: subprocess.Popen[bytes], url: str, log: Path) -> None
     pytest.fail(f"the gateway did not answer within 30 s:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("gateway")
+@contextlib.contextmanager
+def running_gateway(tmp_path: Path, start: int):
+    """examples/gateway.py on a free port over an SQLite file: (port, database)."""
     config = tmp_path / "librechat.yaml"
-    config.write_text(f"version: 1.2.1\nbalance:\n  enabled: true\n  startBalance: {START}\n")
+    config.write_text(f"version: 1.2.1\nbalance:\n  enabled: true\n  startBalance: {start}\n")
     database = tmp_path / "credits.db"
     port = free_port()
     log = tmp_path / "gateway.log"
@@ -75,6 +79,49 @@ def gateway(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    with running_gateway(tmp_path_factory.mktemp("gateway"), START) as running:
+        yield running
+
+
+def test_the_asgi_pages_client_and_the_numbers_it_shows(tmp_path):
+    """docs/guides/asgi.md: its client block runs against the example gateway as the page
+    starts it (startBalance 20000), and the balance, ledger and 402 body it shows are what
+    the gateway gives."""
+    page = (Path(__file__).parents[2] / "docs" / "guides" / "asgi.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", page, re.DOTALL) if ":8080" in b]
+    [curl] = re.findall(r"```sh\n(curl -s localhost:8080.*?)```", page, re.DOTALL)
+    shown_402 = json.loads(
+        "".join(line.removeprefix("#").strip() for line in curl.splitlines() if line[:1] == "#")
+    )
+    with running_gateway(tmp_path, 20_000) as (port, database):
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            exec(compile(block.replace(":8080", f":{port}"), "asgi.md", "exec"), {})
+        printed = output.getvalue()
+        body = json.loads(re.search(r"-d '(.*?)'", curl, re.DOTALL).group(1))
+        refused = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json=body,
+            headers={"X-User-Id": "bob"},
+            timeout=10,
+        )
+    assert "prompt_tokens=5" in printed
+    assert "completion_tokens=13" in printed
+    with SQLiteStore(database) as store:
+        ledger = store.ledger("alice")
+        assert [(e.kind, e.amount) for e in ledger] == [
+            (EntryKind.OPEN, 20_000),
+            (EntryKind.CHARGE, Decimal("-8.55")),
+            (EntryKind.CHARGE, Decimal("-8.55")),
+        ]
+        assert store.load("alice").balance == Decimal("19982.9")  # the page's 19,982.9
+        assert store.ledger("bob") == []
+    assert refused.status_code == 402
+    assert refused.json() == shown_402
 
 
 def test_gateway_meters_real_openai_client_calls(gateway):
