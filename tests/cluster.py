@@ -183,3 +183,35 @@ def drop_cluster_keys(prefix: str) -> int:
             for key in keys:  # through the cluster client: a slot may have moved meanwhile
                 dropped += client.unlink(key)
     return dropped
+
+
+def begin_move(slot: int, target_port: int, keys: list[bytes]) -> tuple[int, str]:
+    """Start moving ``slot`` to ``target_port`` and move only ``keys`` (those that exist).
+
+    The slot is left MIGRATING on its master and IMPORTING on the target, so
+    that commands on it meet ASK and, naming keys on both sides or missing,
+    TRYAGAIN, until ``end_move``. Returns what ``end_move`` takes.
+    """
+    source = master_of_slot(slot)
+    target = next(found for found in nodes() if found["port"] == target_port)
+    with node(source["port"]) as src, node(target_port) as dst:
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source["id"])
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target["id"])
+        present = [key for key in keys if src.exists(key)]
+        if present:
+            src.execute_command("MIGRATE", HOST, target_port, "", 0, 5000, "KEYS", *present)
+    return source["port"], target["id"]
+
+
+def end_move(slot: int, target_port: int, started: tuple[int, str]) -> None:
+    """Finish what ``begin_move`` started: the slot's other keys, then SETSLOT NODE everywhere."""
+    source_port, target_id = started
+    with node(source_port) as src, node(target_port) as dst:
+        while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 50):
+            src.execute_command("MIGRATE", HOST, target_port, "", 0, 5000, "KEYS", *keys)
+        for master in (dst, src):
+            master.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    for found in nodes():
+        if found["master"] and found["port"] not in (source_port, target_port):
+            with node(found["port"]) as other:
+                other.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.cluster
@@ -85,6 +85,9 @@ from creditmeter.stores.redis.scripts import (
 
 __all__ = ["RedisStore"]
 
+_T = TypeVar("_T")
+_Address = tuple[str, int]  # a node of a cluster
+
 _SCAN_COUNT = 1000
 _FILTERED_BATCH = 1000  # log items or ledger entries a filtered scan reads at a time, at least
 _SUM_BATCH = 2000  # the most log items or ledger entries read at a time (a log read of 2,000
@@ -138,7 +141,9 @@ class RedisStore:
     is sent again (for at most ``retry_timeout`` seconds, 10 by default)
     while the cluster answers MOVED, ASK, TRYAGAIN or CLUSTERDOWN, or the
     master cannot be reached; NOSCRIPT (a replica promoted) loads the script
-    there. ``min_replicas=N`` (in the URL or as a keyword; 0 by default)
+    there. So are the lock scripts of ``exclusive()`` and the reads of a
+    user's keys (redis-py itself gives up on a migrating slot after about
+    0.4 s). ``min_replicas=N`` (in the URL or as a keyword; 0 by default)
     follows each commit with ``WAIT N`` on the same connection and raises
     ``ReplicationTimeout`` when fewer replicas confirm within
     ``replica_timeout`` seconds (1 by default): the commit was applied, but a
@@ -233,7 +238,7 @@ class RedisStore:
             return held.account  # read with the lock, which no other writer can pass
         key = layout.keys(user_id).account
         try:
-            data = self.client.hget(key, DATA)
+            data = self._on_cluster(lambda _: self.client.hget(key, DATA))
         except ERRORS as exc:
             raise failed("load", exc) from exc
         return None if data is None else account_from_json(data, user_id=user_id)
@@ -278,76 +283,94 @@ class RedisStore:
         (not a transaction: WAIT returns 0 inside MULTI) of EVALSHA and, with
         ``min_replicas``, WAIT, which then counts the replicas that have the
         commit. Sent again while an answer proves it was not run (see
-        ``cluster.not_applied``), with naps from 10 ms doubling to 200 ms, for
-        at most ``retry_timeout`` seconds: MOVED and a node that cannot be
-        reached refresh the client's map of the slots first, ASK sends it to
-        the importing node after ASKING, NOSCRIPT loads the script on that
-        node (scripts are not replicated: a promoted replica lacks it).
+        ``_on_cluster``); NOSCRIPT loads the script on that node (scripts are
+        not replicated: a promoted replica lacks it).
         """
         options = self._cluster
-        deadline = time.monotonic() + options.retry_timeout
+        replies = self._on_cluster(lambda asking: self._commit_on_node(keys, args, asking))
+        reply = replies[0]
+        if options.min_replicas and reply == 0:
+            confirmed = replies[-1]
+            if isinstance(confirmed, Exception):
+                raise confirmed
+            if int(confirmed) < options.min_replicas:
+                raise ReplicationTimeout(
+                    user_id, wanted=options.min_replicas, confirmed=int(confirmed)
+                )
+        return reply
+
+    def _on_cluster(
+        self,
+        send: Callable[[_Address | None], _T],
+    ) -> _T:
+        """``send(asking)`` once, and on Redis Cluster again while an error proves it did not run.
+
+        Such errors (``cluster.not_applied``): MOVED, ASK, TRYAGAIN, redis-py
+        giving up after too many of those (it tries a migrating slot for about
+        0.4 s only), CLUSTERDOWN, a slot not covered, a node that could not be
+        reached. ``asking`` is None, or the node an ASK sent the call to (a
+        call on the store's own node connections then sends ASKING first;
+        calls through the cluster client follow ASK themselves). MOVED and the
+        other errors but ASK refresh the client's map of the slots; all but
+        MOVED and ASK nap first, from 10 ms doubling to 200 ms. The naps and
+        sends stop once ``retry_timeout`` seconds have passed: the last error
+        is raised. Any other error, or one after a send that may have run, is
+        raised at once.
+        """
+        if not self._layout.cluster:
+            return send(None)
+        deadline = time.monotonic() + self._cluster.retry_timeout
         nap = _FIRST_RETRY_NAP
-        asking: tuple[str, int] | None = None
+        asking: _Address | None = None
         while True:
             try:
-                replies = self._commit_on_node(keys, args, asking)
-                if replies is None:
-                    continue  # the script was loaded there: send it again
-                reply = replies[0]
-            except ERRORS as exc:
-                if not not_applied(exc) or time.monotonic() > deadline:
+                return send(asking)
+            except ERRORS as exc:  # noqa: PERF203 - rare; the loop is the point
+                left = deadline - time.monotonic()
+                if not not_applied(exc) or left <= 0:
                     raise
                 asking = None
                 if isinstance(exc, MovedError) or not isinstance(exc, AskError):
                     if not isinstance(exc, MovedError):
-                        sleep(nap)
+                        sleep(min(nap, left))
                         nap = min(nap * 2, _LONGEST_RETRY_NAP)
                     self._refresh_slots()
                 else:
                     asking = (str(exc.host), int(exc.port))
-                continue
-            if options.min_replicas and reply == 0:
-                confirmed = replies[-1]
-                if isinstance(confirmed, Exception):
-                    raise confirmed
-                if int(confirmed) < options.min_replicas:
-                    raise ReplicationTimeout(
-                        user_id, wanted=options.min_replicas, confirmed=int(confirmed)
-                    )
-            return reply
 
     def _commit_on_node(
-        self, keys: list[bytes], args: list[bytes], asking: tuple[str, int] | None
-    ) -> list[Any] | None:
+        self, keys: list[bytes], args: list[bytes], asking: _Address | None
+    ) -> list[Any]:
         """EVALSHA (after ASKING when redirected) and WAIT if asked, in one pipeline.
 
-        Its replies from EVALSHA on; None when the node lacked the script and
-        has now loaded it. An error reply of EVALSHA is raised.
+        Its replies from EVALSHA on. An error reply of EVALSHA is raised; on
+        NOSCRIPT the script is loaded on that node and the pipeline sent once
+        more.
         """
         if asking is None:
             node = self.client.get_node_from_key(keys[0])
-            asking_none = True
             address = (str(node.host), int(node.port))
         else:
-            asking_none = False
             address = asking
         client = self._node(address)
         options = self._cluster
-        with client.pipeline(transaction=False) as pipe:
-            command: Any = pipe.execute_command  # the sync pipeline's is not annotated
-            if not asking_none:
-                command("ASKING")
-            pipe.evalsha(self._commit_script.sha, len(keys), *keys, *args)
-            if options.min_replicas:
-                command("WAIT", options.min_replicas, options.wait_ms)
-            replies = list(pipe.execute(raise_on_error=False))
-        if not asking_none:
-            replies = replies[1:]
-        if isinstance(replies[0], NoScriptError):
-            client.script_load(self._commit_text)
-            return None
-        if isinstance(replies[0], Exception):
-            raise replies[0]
+        for loaded in (False, True):
+            with client.pipeline(transaction=False) as pipe:
+                command: Any = pipe.execute_command  # the sync pipeline's is not annotated
+                if asking is not None:
+                    command("ASKING")
+                pipe.evalsha(self._commit_script.sha, len(keys), *keys, *args)
+                if options.min_replicas:
+                    command("WAIT", options.min_replicas, options.wait_ms)
+                replies = list(pipe.execute(raise_on_error=False))
+            if asking is not None:
+                replies = replies[1:]
+            if isinstance(replies[0], NoScriptError) and not loaded:
+                client.script_load(self._commit_text)
+                continue
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            break
         return replies
 
     def _node(self, address: tuple[str, int]) -> redis.Redis:
@@ -466,7 +489,8 @@ class RedisStore:
         """Return the entry recorded under ``request_id``, if any."""
         key = self._open_layout().keys(user_id).requests
         try:
-            data = self.client.hget(key, request_id.encode())
+            field = request_id.encode()
+            data = self._on_cluster(lambda _: self.client.hget(key, field))
         except ERRORS as exc:
             raise failed("read", exc) from exc
         return None if data is None else entry_from_json(data, user_id=user_id)
@@ -478,10 +502,14 @@ class RedisStore:
         if bounds is None:
             return []
         try:
-            rows = self.client.lrange(key, *bounds)
+            rows = self._lrange(key, *bounds)
         except ERRORS as exc:
             raise failed("read", exc) from exc
         return [entry_from_json(row, user_id=user_id) for row in rows]
+
+    def _lrange(self, key: bytes, low: int, high: int) -> list[Any]:
+        """LRANGE of a user's list (sent again on Redis Cluster as ``_on_cluster`` says)."""
+        return list(self._on_cluster(lambda _: self.client.lrange(key, low, high)))
 
     def users(self) -> list[str]:
         """Return every user id, sorted (read with SSCAN, never KEYS)."""
@@ -550,7 +578,7 @@ class RedisStore:
         found: list[LedgerEntry] = []
         try:
             while True:
-                rows = self.client.lrange(key, index, index + batch - 1)
+                rows = self._lrange(key, index, index + batch - 1)
                 for number, row in enumerate(rows):
                     entry = entry_from_json(row, user_id=user_id)
                     if covers(query, entry):
@@ -588,7 +616,7 @@ class RedisStore:
         key = layout.keys(user_id).ledger
         index = 0
         while True:
-            rows = self.client.lrange(key, index, index + _SUM_BATCH - 1)
+            rows = self._lrange(key, index, index + _SUM_BATCH - 1)
             for row in rows:
                 values = usage_values(row, user_id)
                 if values is not None:
@@ -812,15 +840,17 @@ class RedisStore:
     def _acquire(self, layout: Layout, keys: Keys) -> Held:
         token = new_id().encode()
         try:
-            reply = self._acquire_script(*layout.acquire_call(keys, token))
+            acquire = layout.acquire_call(keys, token)
+            reply = self._on_cluster(lambda _: self._acquire_script(*acquire))
             held = Layout.taken(reply, token)
             deadline = time.monotonic() + layout.wait
             wake = [keys.wake + token]
+            recheck = layout.recheck_call(keys, token)
             while held is None:
-                popped = self.client.blpop(wake, timeout=layout.poll)
+                popped = self._on_cluster(lambda _: self.client.blpop(wake, timeout=layout.poll))
                 if popped is not None:
                     return Held(token, popped[1])
-                reply = self._recheck_script(*layout.recheck_call(keys, token))
+                reply = self._on_cluster(lambda _: self._recheck_script(*recheck))
                 held = Layout.taken(reply, token)
                 if held is None and time.monotonic() > deadline:
                     raise StoreError(f"waited over {layout.wait:g} s for a user's writer lock")
@@ -833,8 +863,10 @@ class RedisStore:
         return held
 
     def _release(self, layout: Layout, keys: Keys, token: bytes) -> None:
+        """Run the release script, again as ``_on_cluster`` says (it acts on ``token`` only)."""
+        release = layout.release_call(keys, token)
         try:
-            self._release_script(*layout.release_call(keys, token))
+            self._on_cluster(lambda _: self._release_script(*release))
         except ERRORS as exc:
             raise failed("unlock", exc) from exc
 
