@@ -337,3 +337,22 @@ def test_pages_are_accessible_by_structure(alice):
             assert f'for="{select}"' in html
     login = alice.client.get("/login").text
     assert 'for="token"' in login
+
+
+def test_user_ids_models_and_reasons_are_shown_escaped(alice):
+    """Tried: a user id, a model and a grant reason holding markup and quotes."""
+    evil = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+    alice.call(alice.meter.grant, evil, 5, reason=evil)
+    alice.call(alice.meter.charge, evil, model=evil, usage=TokenUsage(input=10, output=5))
+    log_in(alice.client, ADMIN)
+    for path, params in (
+        ("/users", {}),
+        ("/users", {"prefix": "<script"}),
+        ("/user", {"id": evil}),
+        ("/usage", {"since": "2024-12-01", "until": "2025-01-31"}),
+    ):
+        page = alice.client.get(path, params=params)
+        assert page.status_code == 200, (path, page.text[:300])
+        assert "<script>alert" not in page.text
+        assert "<img src=x" not in page.text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
