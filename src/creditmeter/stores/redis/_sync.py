@@ -150,8 +150,13 @@ class RedisStore:
     failover may lose it.
     """
 
-    contention_retries = 4
-    """Lost compare-and-sets in a row a manager retries at once before ``exclusive()``."""
+    contention_retries = 8
+    """Lost compare-and-sets in a row a manager retries at once before ``exclusive()``.
+
+    Four writers of one user on this 2-core test machine: 4 kept 65-69% of one
+    writer's throughput, 8 kept 85-96% with p99 under 10 ms and every writer
+    progressing (a queued turn costs more round trips than a retry).
+    """
 
     def __init__(
         self,
