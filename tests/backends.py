@@ -400,3 +400,30 @@ def in_threads(count: int, work: Callable[[int], object], *, timeout: float = WA
     if errors:
         raise errors[0]
     return results
+
+
+def contract_store(kind: str, is_async: bool, tmp_path: Path) -> Iterator[Any]:
+    """A fresh store of ``kind`` for ``StoreContract`` (an async one behind ``Blocking``).
+
+    A generator for a fixture to ``yield from``; the store is closed and its
+    place dropped afterwards.
+    """
+    from creditmeter.testing import Blocking  # noqa: PLC0415
+
+    async def built(make: Callable[[], Any]) -> Any:
+        made = make()
+        return await made if inspect.isawaitable(made) else made
+
+    place = Place(kind, is_async, tmp_path)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(place.drop)
+        if not is_async:
+            store = place.kept(place.maker()())
+            cleanup.callback(store.close)
+            yield store
+            return
+        loop = asyncio.new_event_loop()
+        cleanup.callback(loop.close)
+        blocking = Blocking(loop.run_until_complete(built(place.maker())), loop=loop)
+        cleanup.callback(blocking.close)
+        yield blocking

@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
+
+from services import need, unique
 
 CLUSTER_URL = os.environ.get("CREDITMETER_TEST_CLUSTER", "redis+cluster://127.0.0.1:7000")
 HOST = "127.0.0.1"
@@ -215,3 +218,19 @@ def end_move(slot: int, target_port: int, started: tuple[int, str]) -> None:
         if found["master"] and found["port"] not in (source_port, target_port):
             with node(found["port"]) as other:
                 other.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+
+
+def fresh_prefix(*, restored: bool) -> Iterator[str]:
+    """A key prefix of a test's own on the cluster (skip without it), its keys dropped after.
+
+    ``restored``: the cluster is put back as ``restore`` leaves it before and
+    after (for tests that move slots or fail masters over).
+    """
+    need("redis-cluster", reach_cluster)
+    if restored:
+        restore()
+    chosen = unique("cmtest:") + ":"
+    yield chosen
+    if restored:
+        restore()
+    drop_cluster_keys(chosen)

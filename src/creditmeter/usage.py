@@ -282,7 +282,8 @@ def _chat_completion_usage(response: Any) -> TokenUsage | None:
     fields = _pydantic_fields(response)
     if fields is None or fields.get("type") is not None:
         return None
-    usage = _pydantic_fields(fields.get("usage"))
+    held = fields.get("usage")  # None in most stream chunks: nothing more to look up
+    usage = None if held is None else _pydantic_fields(held)
     if usage is None:
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")

@@ -8,18 +8,10 @@ Each test gets an empty place of its own (``backends.Place``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 import pytest
-from backends import BACKENDS, Place
+from backends import BACKENDS, contract_store
 
-from creditmeter.testing import Blocking, StoreContract
-
-
-async def _built(make):
-    built = make()
-    return await built if asyncio.iscoroutine(built) else built
+from creditmeter.testing import StoreContract
 
 
 class TestStoreContract(StoreContract):
@@ -28,16 +20,4 @@ class TestStoreContract(StoreContract):
     @pytest.fixture(params=BACKENDS)
     def store(self, request, tmp_path):
         is_async = request.param.startswith("async-")
-        place = Place(request.param.removeprefix("async-"), is_async, tmp_path)
-        with contextlib.ExitStack() as cleanup:
-            cleanup.callback(place.drop)
-            if not is_async:
-                store = place.kept(place.maker()())
-                cleanup.callback(store.close)
-                yield store
-                return
-            loop = asyncio.new_event_loop()
-            cleanup.callback(loop.close)
-            blocking = Blocking(loop.run_until_complete(_built(place.maker())), loop=loop)
-            cleanup.callback(blocking.close)
-            yield blocking
+        yield from contract_store(request.param.removeprefix("async-"), is_async, tmp_path)

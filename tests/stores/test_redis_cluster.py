@@ -9,7 +9,6 @@ without the cluster, failed under CREDITMETER_REQUIRE_SERVICES=1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import sys
 import uuid
@@ -17,11 +16,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from backends import Backend, Place, in_threads
-from cluster import CLUSTER_URL, drop_cluster_keys, node, reach_cluster
+from backends import Backend, contract_store, in_threads
+from cluster import CLUSTER_URL, drop_cluster_keys, fresh_prefix, node
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
-from services import need, unique
 
 from creditmeter import (
     AsyncBalanceManager,
@@ -36,14 +34,9 @@ from creditmeter.queries import EntryQuery
 from creditmeter.stores import open_async_store, open_store
 from creditmeter.stores.redis import AsyncRedisStore, RedisStore
 from creditmeter.stores.redis.cluster import SHARDS, key_slot, shard_of, shard_tags
-from creditmeter.testing import Blocking, StoreContract
+from creditmeter.testing import StoreContract
 
 KINDS = ("redis-cluster", "async-redis-cluster")
-
-
-async def _built(make):
-    built = make()
-    return await built if asyncio.iscoroutine(built) else built
 
 
 class TestClusterStoreContract(StoreContract):
@@ -51,20 +44,7 @@ class TestClusterStoreContract(StoreContract):
 
     @pytest.fixture(params=KINDS)
     def store(self, request, tmp_path):
-        is_async = request.param.startswith("async-")
-        place = Place("redis-cluster", is_async, tmp_path)
-        with contextlib.ExitStack() as cleanup:
-            cleanup.callback(place.drop)
-            if not is_async:
-                store = place.kept(place.maker()())
-                cleanup.callback(store.close)
-                yield store
-                return
-            loop = asyncio.new_event_loop()
-            cleanup.callback(loop.close)
-            blocking = Blocking(loop.run_until_complete(_built(place.maker())), loop=loop)
-            cleanup.callback(blocking.close)
-            yield blocking
+        yield from contract_store("redis-cluster", request.param.startswith("async-"), tmp_path)
 
 
 def _machines():
@@ -93,10 +73,7 @@ def test_random_operations_match_the_model(kind, examples, tmp_path):
 
 @pytest.fixture
 def prefix():
-    need("redis-cluster", reach_cluster)
-    chosen = unique("cmtest:") + ":"
-    yield chosen
-    drop_cluster_keys(chosen)
+    yield from fresh_prefix(restored=False)
 
 
 def test_writers_of_one_user_in_threads_lose_nothing(prefix):
@@ -285,3 +262,27 @@ def test_a_metered_call_whose_charge_is_not_replicated_is_charged_once_not_unmet
         assert charges[0].amount == -15
         assert not [e for e in events if isinstance(e, Unmetered)]
         assert "not confirmed by enough replicas" in caplog.text
+
+
+def test_a_metered_call_whose_hold_is_not_replicated_is_refused_and_its_hold_lapses(prefix):
+    """Before the call the outcome is unknown to the caller: refused (on_store_error closed);
+    the hold that was written lapses at its ttl and charges nothing."""
+    with RedisStore(CLUSTER_URL, prefix=prefix) as store:
+        BalanceManager(store, BalanceConfig(enabled=True)).account("alice")
+    url = f"{CLUSTER_URL}?min_replicas=2&replica_timeout=0.05"
+    calls = []
+    with RedisStore(url, prefix=prefix) as store:
+        meter = BalanceManager(store, BalanceConfig(enabled=True))
+
+        @meter.metered(user="user_id", model="model", estimate=lambda **_: 100)
+        def call(*, user_id, model="gpt-4o"):
+            calls.append(user_id)
+            return TokenUsage(input=10, output=5)
+
+        with pytest.raises(ReplicationTimeout):
+            call(user_id="alice")
+    assert calls == []
+    with RedisStore(CLUSTER_URL, prefix=prefix) as store:
+        account = BalanceManager(store, BalanceConfig(enabled=True)).account("alice")
+        assert len(account.holds) == 1  # written, unconfirmed: it lapses at its ttl
+        assert [e.kind.value for e in store.ledger("alice")] == ["open"]

@@ -22,13 +22,10 @@ from cluster import (
     CLUSTER_URL,
     FIRST_MASTERS,
     begin_move,
-    drop_cluster_keys,
     end_move,
+    fresh_prefix,
     master_of_slot,
-    reach_cluster,
-    restore,
 )
-from services import need, unique
 
 from creditmeter import AsyncBalanceManager, BalanceConfig, BalanceManager, StoreError
 from creditmeter.stores.redis import AsyncRedisStore, RedisStore
@@ -43,12 +40,7 @@ WINDOW = 1.0  # seconds a migration is held open: well over redis-py's 0.4 s of 
 
 @pytest.fixture
 def prefix():
-    need("redis-cluster", reach_cluster)
-    restore()
-    chosen = unique("cmtest:") + ":"
-    yield chosen
-    restore()
-    drop_cluster_keys(chosen)
+    yield from fresh_prefix(restored=True)
 
 
 def _slot_and_target(user):

@@ -17,15 +17,12 @@ import time
 import pytest
 from cluster import (
     CLUSTER_URL,
-    drop_cluster_keys,
     failover,
+    fresh_prefix,
     move_slot,
-    reach_cluster,
     replica_of,
-    restore,
     wait_replicated,
 )
-from services import need, unique
 
 from creditmeter import BalanceConfig, BalanceManager, StoreError
 from creditmeter.stores.redis import RedisStore
@@ -119,12 +116,7 @@ def _check(prefix, acked):
 
 @pytest.fixture
 def prefix():
-    need("redis-cluster", reach_cluster)
-    restore()
-    chosen = unique("cmtest:") + ":"
-    yield chosen
-    restore()
-    drop_cluster_keys(chosen)
+    yield from fresh_prefix(restored=True)
 
 
 def _slots_of(port_of_master):
