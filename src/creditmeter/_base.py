@@ -180,6 +180,9 @@ class ManagerBase:
         self._seen: dict[str, Account] = {}
         # Users whose compare-and-set lost lately, until when (time.monotonic()).
         self._hot: dict[str, float] = {}
+        # The holds hold() handed out and not yet resolved, by identity: built from checked
+        # values and frozen, so settle() and release() need not check them again.
+        self._issued: dict[int, Hold] = {}
         _MANAGERS.add(self)
 
     def _after_fork(self) -> None:
@@ -412,7 +415,7 @@ class ManagerBase:
         incomplete: object,
         metadata: object,
     ) -> Op:
-        held = _hold(hold)
+        held = self._checked_hold(hold)
         model_name = None if model is None else _validate.optional_text(model, name="model")
         if usage is None and amount is not None and incomplete is False:
             cost, rates = _validate.amount(amount), None
@@ -441,7 +444,7 @@ class ManagerBase:
         return _new_tuple(Op, (held.user_id, plan, rules.HOLD_PREFIX + held.id, None, started))
 
     def _release_op(self, hold: object) -> Op:
-        held = _hold(hold)
+        held = self._checked_hold(hold)
         config = self.config
 
         def plan(account: Account | None, now: datetime) -> rules.Change:
@@ -460,6 +463,21 @@ class ManagerBase:
             return rules.drop_hold(account, hold, config=config, now=now)
 
         return Op(hold.user_id, plan, started=self._clock_start())
+
+    def _issue(self, hold: Hold) -> Hold:
+        """Remember a hold ``hold()`` hands out (see ``_checked_hold``); return it."""
+        issued = self._issued
+        if len(issued) >= SEEN_LIMIT:
+            issued.clear()
+        issued[id(hold)] = hold
+        return hold
+
+    def _checked_hold(self, value: object) -> Hold:
+        """``value`` as a hold to resolve: one this manager handed out, or one checked now."""
+        issued = self._issued.pop(id(value), None)
+        if issued is not None and issued is value:
+            return issued  # the very object
+        return _hold(value)
 
     def _leftover(self, hold: Hold) -> bool:
         """Tell whether a resolved hold may still sit in the account (after a retried call)."""
@@ -719,7 +737,8 @@ def _priority(value: object) -> int:
 
 def request_id_of(value: object) -> str | None:
     """Validate a caller's request id; ``hold:`` starts the ids of hold resolutions only."""
-    request = _validate.optional_text(value, name="request_id")
+    # Not remembered: request ids seldom repeat, and would push user ids out of the cache.
+    request = _validate.optional_text(value, name="request_id", remember=False)
     if request is not None and request.startswith(rules.HOLD_PREFIX):
         raise InvalidInput(
             f"request ids starting with {rules.HOLD_PREFIX!r} are reserved for holds"

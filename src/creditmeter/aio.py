@@ -413,7 +413,7 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
             raise
         if out:
             await self._tell(out)
-        return made[0] if made else self._found_hold(change, hold_id)
+        return self._issue(made[0] if made else self._found_hold(change, hold_id))
 
     async def settle(
         self,

@@ -377,7 +377,7 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
             raise
         if out:
             self._emit(out)
-        return made[0] if made else self._found_hold(change, hold_id)
+        return self._issue(made[0] if made else self._found_hold(change, hold_id))
 
     def settle(
         self,

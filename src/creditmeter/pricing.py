@@ -346,7 +346,11 @@ class Pricing:
         self, model: str | None, usage: TokenUsage, *, incomplete: bool = False
     ) -> tuple[Decimal, Rates]:
         """The total of ``cost()`` and the rates it used, without building a ``Cost``."""
-        rates, resolved = self._pick(model, usage.prompt_total)
+        resolved = None if model is None else self._resolved.get(model)  # _pick, inline
+        if resolved is None or resolved.premium is not None or incomplete:
+            rates, resolved = self._pick(model, usage.prompt_total)
+        else:
+            rates = resolved.standard  # no premium tier: the prompt's size does not matter
         if not incomplete:
             summer = resolved.summer if rates is resolved.standard else resolved.summer_premium
             assert summer is not None  # a premium rate has its scaled form

@@ -287,7 +287,12 @@ def _chat_completion_usage(response: Any) -> TokenUsage | None:
     if usage is None:
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not (_plain_count(prompt) and _plain_count(completion)):
+    if not (  # _plain_count of both, inline
+        type(prompt) is int
+        and type(completion) is int
+        and 0 <= prompt <= MAX_TOKENS
+        and 0 <= completion <= MAX_TOKENS
+    ):
         return None
     cached: object = 0
     written: object = 0

@@ -32,3 +32,15 @@ def test_a_clean_string_seen_as_a_model_is_still_checked_for_length_as_a_user() 
     assert _validate.optional_text(long, name="reason", max_length=1000) == long
     with pytest.raises(InvalidInput, match="1 to 256"):
         _validate.user_id(long)
+
+
+def test_request_ids_do_not_fill_the_cache_of_clean_strings() -> None:
+    """Request ids seldom repeat: remembering them would push user ids out."""
+    from creditmeter import BalanceManager, MemoryStore  # noqa: PLC0415
+
+    meter = BalanceManager(MemoryStore())
+    for number in range(200):
+        meter.charge("u", 1, request_id=f"request-{number}")
+    assert not any(key.startswith("request-") for key in _validate._CLEAN)
+    with pytest.raises(InvalidInput, match="control characters"):
+        meter.charge("u", 1, request_id="request-\x00")

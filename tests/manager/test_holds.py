@@ -23,11 +23,13 @@ from creditmeter import (
     AsyncBalanceManager,
     AsyncMemoryStore,
     BalanceConfig,
+    BalanceManager,
     EntryKind,
     Hold,
     IdempotencyConflict,
     InsufficientBalance,
     InvalidInput,
+    MemoryStore,
     Pricing,
     TokenUsage,
 )
@@ -153,6 +155,39 @@ def test_settle_and_release_want_a_hold(meter):
     for call in (lambda: meter.settle("h1", 5), lambda: meter.release(None)):
         with pytest.raises(InvalidInput, match="Hold"):
             call()
+
+
+def test_a_hold_is_checked_again_unless_it_is_the_very_one_handed_out(meter):
+    """Tried: the hold hold() returned, settled twice; copies of it with a control
+    character in the id, a naive expiry and a bad user id; a copy equal to it."""
+    import attrs  # noqa: PLC0415
+
+    hold = meter.hold("u", 100)
+    for bad, match in (
+        (attrs.evolve(hold, id="h\x00"), "control characters"),
+        (attrs.evolve(hold, expires_at=hold.expires_at.replace(tzinfo=None)), "aware"),
+        (attrs.evolve(hold, user_id=""), "user_id"),
+    ):
+        with pytest.raises(InvalidInput, match=match):
+            meter.settle(bad, 5)
+    assert meter.account("u").held == 100  # nothing written
+    copy = attrs.evolve(hold)  # equal, but not the object handed out: checked, and fine
+    first = meter.settle(copy, 5)
+    assert meter.settle(hold, 5) == first  # the original: charged once all the same
+    assert meter.settle(hold, 5) == first  # and again, now checked like any other
+    assert meter.account("u").held == 0
+    assert not meter._issued  # resolved: nothing kept
+
+
+def test_the_holds_handed_out_are_remembered_within_a_bound(monkeypatch):
+    import creditmeter._base as base  # noqa: PLC0415
+
+    monkeypatch.setattr(base, "SEEN_LIMIT", 8)
+    meter = BalanceManager(MemoryStore(), BalanceConfig(enabled=True, start_balance=1000))
+    holds = [meter.hold(f"u{n}", 1) for n in range(30)]  # left open: never popped
+    assert len(meter._issued) <= 8
+    for hold in holds:  # forgotten or not, each settles once
+        assert meter.settle(hold, 1).amount == -1
 
 
 def test_reserve_settles_or_releases(meter):
