@@ -7,7 +7,8 @@ the rows those columns cannot hold exactly (more than 9 places, or written
 by older code). Every sum here is held to ``rules.Tally`` over ``ledger()``,
 to the last digit and the decimal places of each total (``str`` equal).
 
-Also: period starts and ``[since, until)`` at the edges (month ends, the
+Also: typed amounts read off the text equal those from the number's parts
+(Hypothesis); period starts and ``[since, until)`` at the edges (month ends, the
 leap day, Sunday to Monday, before 1970, years 1 and 9999); a sum past
 2**63; a schema 1 file (the old DDL, written here) upgraded in place, also
 by several processes opening it at once, and rows older code writes after
@@ -37,6 +38,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from creditmeter import (
     AsyncSQLiteStore,
@@ -54,6 +57,7 @@ from creditmeter.models import LedgerEntry
 from creditmeter.queries import EntryQuery, UsageQuery, UsageRow
 from creditmeter.reports import _query
 from creditmeter.serde import account_to_json, entry_from_json, entry_to_json
+from creditmeter.stores import sqlite as sqlite_store
 from creditmeter.testing import FakeClock
 
 UTC = timezone.utc
@@ -318,6 +322,35 @@ def test_30_places_and_near_10_15_sum_exactly(store: SQLiteStore) -> None:
         Path(store.path), "SELECT count(*) FROM creditmeter_ledger WHERE amount_units IS NULL"
     )
     assert untyped == [(2,)]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.decimals(allow_nan=False, allow_infinity=False),
+        st.decimals(allow_nan=False, allow_infinity=False, places=9),
+        st.integers(-(2**70), 2**70).map(Decimal),
+        st.sampled_from(
+            [
+                Decimal(text)
+                for text in (
+                    "-0",
+                    "-0.00",
+                    "0E+3",
+                    "1E-7",
+                    "-1.5",
+                    "4611686018427387904",
+                    "-4611686018427387903.999999999",
+                    "1.0000000000",
+                )
+            ]
+        ),
+    )
+)
+def test_the_typed_amount_read_off_the_text_equals_the_one_from_its_parts(value: Decimal) -> None:
+    """Tried: any finite decimal, those of 9 places, integers past 2**62 either way,
+    negative zeros, exponents either way, the bounds, 10 places."""
+    assert sqlite_store._money(value) == sqlite_store._money_exactly(value)
 
 
 def test_a_sum_past_2_63_is_still_exact(store: SQLiteStore) -> None:

@@ -272,6 +272,27 @@ def _money(value: Decimal) -> tuple[int | None, int | None, int]:
     """
     if type(value) is not Decimal:  # an int, say, from a caller of the store itself
         value = Decimal(str(value))  # as its JSON has it
+    # Read off the plain notation, as the JSON does: a third of the time of as_tuple().
+    text = str(value)
+    if "E" in text or not text[-1].isdigit():  # exponent notation (or not finite)
+        return _money_exactly(value)
+    whole, _, fraction = text.partition(".")
+    places = len(fraction)
+    if places > _MAX_PLACES:
+        return None, None, places
+    scaled = int(whole + fraction) * _SCALES[places]  # the value in nanos, exactly
+    if not -_MAX_NANOS < scaled < _MAX_NANOS:
+        return None, None, places
+    units, nanos = divmod(scaled, _NANOS)
+    return units, nanos, places
+
+
+_SCALES = tuple(10 ** (_MAX_PLACES - places) for places in range(_MAX_PLACES + 1))
+_MAX_NANOS = _MAX_UNITS * _NANOS
+
+
+def _money_exactly(value: Decimal) -> tuple[int | None, int | None, int]:
+    """``_money`` by the number's parts: for values whose text has an exponent."""
     exponent = value.as_tuple().exponent
     places = -exponent if isinstance(exponent, int) and exponent < 0 else 0
     if places > _MAX_PLACES or not -_MAX_UNITS < value < _MAX_UNITS:
