@@ -39,6 +39,7 @@ from creditmeter import (
     EntryKind,
     Expired,
     Granted,
+    GrantItem,
     InsufficientBalance,
     InvalidInput,
     Refilled,
@@ -532,8 +533,12 @@ def test_the_bounds_of_priority_are_accepted(backend, clock):
 )
 def test_the_thousand_and_first_open_block_is_refused(backend, clock):
     meter = backend.manager(START, clock=clock)
-    for n in range(rules.MAX_BLOCKS):
-        meter.grant("u", 1, priority=n % 101)
+    # One batch: a thousand single grants rewrite a growing account a thousand times.
+    filled = meter.grant_many(
+        [GrantItem("u", 1, priority=n % 101) for n in range(rules.MAX_BLOCKS)]
+    )
+    assert all(result.error is None for result in filled)
+    assert len(meter.account("u").blocks) == rules.MAX_BLOCKS
     before = state(meter)
     with pytest.raises(InvalidInput, match="1,000 open credit blocks"):
         meter.grant("u", 1, expires_at=T0 + DAY)
