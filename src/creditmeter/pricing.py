@@ -404,9 +404,13 @@ def _terms(scaled: _Scaled, present: int) -> _Terms:
 
 
 class _Summer:
-    """``_total`` for one set of rates, its terms worked out once per set of present counts.
+    """What ``_priced`` adds up to for one set of rates, in whole numbers: the same Decimal.
 
-    At most 16 entries (one per combination of counts above zero).
+    ``_priced`` multiplies each count by its rate and adds the products (a
+    count of zero adds a zero of exponent 0): the sum's exponent is the
+    smallest of its terms'. Here each term is a whole multiplier at that
+    exponent, worked out once per combination of counts above zero (at most
+    16), and one ``Decimal`` is made at the end: a third of the time.
     """
 
     __slots__ = ("_known", "_scaled")
@@ -436,7 +440,7 @@ class _Summer:
 class _Resolved:
     """A model's rates worked out once: standard, and premium above ``threshold``.
 
-    Each also as whole coefficients and exponents (``_Scaled``), for ``_total``.
+    Each also as whole coefficients and exponents (``_Scaled``), for its ``_Summer``.
     """
 
     standard: Rates
@@ -478,17 +482,6 @@ def _priced(usage: TokenUsage, rates: Rates, *, incomplete: bool) -> tuple[Decim
         rates = attrs.evolve(rates, completion=mul(rates.completion, _CANCEL_RATE))
         completion_cost = mul(completion_cost, _CANCEL_RATE).to_integral_value(ROUND_DOWN)
     return prompt_cost, completion_cost, rates
-
-
-def _total(usage: TokenUsage, scaled: _Scaled) -> Decimal:
-    """What ``_priced`` adds up to, in whole numbers: the same value and the same exponent.
-
-    ``_priced`` multiplies each count by its rate and adds the products (a
-    count of zero adds a zero of exponent 0): the sum's exponent is the
-    smallest of its terms'. Here each term is a coefficient at that exponent,
-    and one ``Decimal`` is made at the end: a third of the time.
-    """
-    return _Summer(scaled).total(usage)
 
 
 def _first(*rates: Decimal | None) -> Decimal:
