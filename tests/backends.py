@@ -1,4 +1,4 @@
-"""The eight backends manager-level tests run on, and the bridge that lets one body drive both.
+"""The eight backends (``conftest.MANAGER_BACKENDS`` picks), and the bridge that drives both.
 
 A backend is a store kind (memory, SQLite, Redis, PostgreSQL) with the sync
 manager or the async one: ``BACKENDS`` names all eight, and the ``backend``

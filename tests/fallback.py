@@ -1,6 +1,6 @@
 """A store with nothing but ``BalanceStore``'s methods, so a manager uses its report fallback.
 
-The report tests run each case on the eight backends (``native``) and on
+The report tests run each case on every backend (``native``) and on
 these wrappers over some of them (``fallback``).
 """
 

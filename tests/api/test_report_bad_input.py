@@ -1,6 +1,6 @@
 """Bad arguments to usage(), entries() and iter_users(): InvalidInput, and nothing changed.
 
-Run on the eight backends and on the generic fallback (``ForwardOnly``: only
+Run on every backend and on the generic fallback (``ForwardOnly``: only
 ``BalanceStore``'s methods, over MemoryStore sync and async). After every
 refused call the store's users, each account and each ledger are compared
 with a snapshot taken before. ``iter_users`` is a generator: its arguments

@@ -1,4 +1,4 @@
-"""charge_many and grant_many on all eight backends: the same outcomes as one-by-one calls.
+"""charge_many and grant_many on every backend: the same outcomes as one-by-one calls.
 
 Each comparison runs the same items one by one on one place and as a batch
 on another (same config, same clock moves), and compares what came back

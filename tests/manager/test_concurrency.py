@@ -1,4 +1,4 @@
-"""Many writers on one user, on all eight backends: every charge lands exactly once.
+"""Many writers on one user, on every backend: every charge lands exactly once.
 
 Threads share two managers on one place (two stores, except for memory, which
 has one), so a manager's own lock and the store's compare-and-set are both

@@ -1,4 +1,4 @@
-"""Credit blocks through the manager, on all eight backends: draw order, expiry, refills, events.
+"""Credit blocks through the manager, on every backend: draw order, expiry, refills, events.
 
 A grant with ``expires_at`` or ``priority`` makes a ``CreditBlock`` kept in
 the account record; charges draw from the blocks in order before the plain

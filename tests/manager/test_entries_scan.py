@@ -1,6 +1,6 @@
 """``entries()`` and ``iter_users()`` on every backend, and on the generic fallback.
 
-Every test runs on the eight backends and on the fallback (``ForwardOnly``
+Every test runs on every backend and on the fallback (``ForwardOnly``
 hides the store's ``scan_entries`` and ``users_page``; over MemoryStore, sync
 and async, and SQLiteStore). A store with ``scan_entries`` pages in the order
 of commits; the fallback by user id, then ledger order.

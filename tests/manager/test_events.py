@@ -1,4 +1,4 @@
-"""on_event: typed events after commits and refusals, on all eight backends.
+"""on_event: typed events after commits and refusals, on every backend.
 
 Inputs tried: charges, grants, refills, holds settled and refused, a balance
 falling through the low-balance threshold twice (and one that stays below),

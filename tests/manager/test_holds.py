@@ -3,7 +3,7 @@
 Inputs tried: settle twice, release twice, release after settle, settle after
 release, settle after expiry, a hold left by a crashed process, reserve()
 blocks that settle, raise or do nothing, bad hold arguments, and thousands
-of parallel holds on threads and tasks (on all eight backends; across
+of parallel holds on threads and tasks (on every backend; across
 processes in test_processes.py), and a decorator whose parallel calls hold
 their estimates.
 """

@@ -1,4 +1,4 @@
-"""Request ids at their edges, on all eight backends: a hold asked for again after a release,
+"""Request ids at their edges, on every backend: a hold asked for again after a release,
 and the longest ids.
 
 A request held, released and then retried (a model call that failed once and

@@ -1,4 +1,4 @@
-"""LibreChat parity through the manager, on all eight backends: open, charge, grant, refill, replay.
+"""LibreChat parity through the manager, on every backend: open, charge, grant, refill, replay.
 
 Inputs tried: a user seen for the first time; refills before they are due,
 when due and depleted, after a year missed, with the clock moved backwards,

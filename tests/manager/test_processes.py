@@ -4,7 +4,7 @@ Each process runs ``worker.py`` with the store's URL and its own manager, so
 only the store keeps them apart. Charges: every one lands exactly once, and
 every commit beyond those that landed was a retry after a lost
 compare-and-set. Holds: oversubscribed, they never spend a credit that is
-not there. Threads and tasks on all eight backends: test_concurrency.py and
+not there. Threads and tasks on every backend: test_concurrency.py and
 test_holds.py.
 """
 

@@ -5,7 +5,7 @@ An ``on_event`` callback may write through the manager that told it: a
 organisation (a user on the same lock stripe, found with
 ``hash(id) % LOCK_STRIPES``), a ``Denied`` event of a strict charge grants the
 user, a ``ConflictRetried`` event reads the balance, two threads bill each
-other. On all eight backends: the callback returns its call to the manager,
+other. On every backend: the callback returns its call to the manager,
 which a sync manager has already made and an async one awaits (as it awaits
 an ``async def`` callback). Each scenario must finish within WAIT seconds.
 Events of one call keep their order.

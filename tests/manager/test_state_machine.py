@@ -1,4 +1,4 @@
-"""Random operation sequences on all eight backends, checked against a plain-Python model.
+"""Random operation sequences on every backend, checked against a plain-Python model.
 
 Two managers share one place (for SQLite: two connections to one file; for
 Redis and PostgreSQL: two clients on one prefix), so steps alternate between

@@ -1,6 +1,6 @@
 """``usage()`` on every backend, and on the generic fallback: sums that match the ledgers exactly.
 
-Every test runs on the eight backends (the store's own ``sum_usage`` where it
+Every test runs on every backend (the store's own ``sum_usage`` where it
 has one) and on the fallback: ``ForwardOnly`` hides everything but the
 ``BalanceStore`` methods, so the manager has to sum ``ledger()`` itself
 (over MemoryStore, sync and async, and SQLiteStore: the fallback only calls
@@ -50,7 +50,7 @@ def at(*parts: int) -> datetime:
 
 VARIANTS = variants()
 every_backend = pytest.mark.parametrize(("backend", "variant"), VARIANTS, indirect=["backend"])
-"""Runs a test on the eight backends and the fallback."""
+"""Runs a test on every backend and the fallback."""
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""``metered`` on all eight backends: the decorator's calls reach every store alike.
+"""``metered`` on every backend: the decorator's calls reach every store alike.
 
 The decorator's own logic (parameters, generators, streams, misuse) is in
 test_metering.py, on a MemoryStore; here each backend runs a plain call
