@@ -1,0 +1,165 @@
+"""Instructions per call of the in-process operations, counted by valgrind's callgrind.
+
+Timings on a shared or slow machine move by more than the few percent a
+change to the hot path is worth; callgrind's instruction counts do not (the
+same count to within 0.5% run to run). Each operation runs twice under
+callgrind, after the same set-up and warm-up: once with no calls and once with
+``--calls`` calls; the difference over the calls is its count per call.
+
+    benchmarks/.venv/bin/python benchmarks/instructions.py            # every operation
+    benchmarks/.venv/bin/python benchmarks/instructions.py charge hold+settle
+
+Instructions are not time (a cache miss costs more than an add), so the
+ratios here are a guide for a change, and the verdicts stay with ``run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+
+from harness.floors import raw
+from harness.responses import RESPONSE
+
+from creditmeter import BalanceConfig, BalanceManager, MemoryStore, SQLiteStore, TokenUsage
+
+WARM_UP = 300
+
+
+def _operations(workdir: Path) -> dict[str, Callable[[], Callable[[], object]]]:
+    """Each operation's set-up, returning the call to count."""
+    config = BalanceConfig(enabled=True, start_balance=10**12, allow_negative_balance=True)
+    usage = TokenUsage(input=1000, output=200, cache_read=500)
+
+    def manager() -> BalanceManager:
+        made = BalanceManager(MemoryStore(), config)
+        made.account("u")
+        return made
+
+    def charge() -> Callable[[], object]:
+        m = manager()
+        return lambda: m.charge("u", 1)
+
+    def priced() -> Callable[[], object]:
+        m = manager()
+        return lambda: m.charge("u", model="gpt-4o", usage=usage)
+
+    def hold_settle() -> Callable[[], object]:
+        m = manager()
+        return lambda: m.settle(m.hold("u", 10), 7)
+
+    def decorated() -> Callable[[], object]:
+        m = manager()
+
+        @m.metered(user="user_id", model="model")
+        def call(prompt: str, *, user_id: str, model: str) -> object:
+            del prompt, user_id, model
+            return RESPONSE
+
+        return lambda: call("Say hello.", user_id="u", model="gpt-4o")
+
+    def floor() -> Callable[[], object]:
+        return raw("memory", "records").charge
+
+    def pyrate() -> Callable[[], object]:
+        from pyrate_limiter import Duration, InMemoryBucket, Limiter, Rate  # noqa: PLC0415
+
+        limiter = Limiter(InMemoryBucket([Rate(10**9, Duration.DAY)]))
+        return lambda: limiter.try_acquire("u", 1)
+
+    def sqlite(durability: str) -> Callable[[], Callable[[], object]]:
+        def made() -> Callable[[], object]:
+            store = SQLiteStore(workdir / f"{durability}.db", durability=durability)  # type: ignore[arg-type]
+            m = BalanceManager(store, config)
+            m.account("u")
+            return lambda: m.charge("u", Decimal(1))
+
+        return made
+
+    return {
+        "charge": charge,
+        "records-floor": floor,
+        "pyrate": pyrate,
+        "priced": priced,
+        "hold+settle": hold_settle,
+        "decorated": decorated,
+        "sqlite-normal": sqlite("normal"),
+    }
+
+
+def _child(name: str, calls: int) -> None:
+    """Set up ``name``, warm it up, then make ``calls`` calls (run under callgrind)."""
+    with tempfile.TemporaryDirectory() as folder:
+        call = _operations(Path(folder))[name]()
+        for _ in range(WARM_UP):
+            call()
+        for _ in range(calls):
+            call()
+
+
+def _count(name: str, calls: int) -> int:
+    """Instructions of one child run under callgrind."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "callgrind.out"
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--calls",
+            str(calls),
+        ]
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if found is None:
+            raise SystemExit(f"callgrind printed no total for {name}:\n{done.stderr}")
+        return int(found.group(1))
+
+
+def main() -> None:
+    """Print instructions per call for the chosen operations, and their ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="operations (default: all)")
+    parser.add_argument("--calls", type=int, default=2_000)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.calls)
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed")
+    known = list(_operations(Path()))
+    names = args.names or known
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown operation(s) {unknown}; known: {known}")
+    counts = {}
+    for name in names:
+        counts[name] = (_count(name, args.calls) - _count(name, 0)) / args.calls
+        print(f"{name:>14}: {counts[name] / 1000:8.1f}k instructions per call", flush=True)
+    ratios = [
+        ("charge", "records-floor"),
+        ("charge", "pyrate"),
+        ("priced", "charge"),
+        ("hold+settle", "charge"),
+        ("decorated", "priced"),
+    ]
+    for top, bottom in ratios:
+        if top in counts and bottom in counts:
+            print(f"{top} / {bottom}: {counts[top] / counts[bottom]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
