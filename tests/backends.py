@@ -49,6 +49,7 @@ from services import (
     reach_postgres,
     reach_redis,
     unique,
+    wait_for_postgres_horizon,
 )
 
 from creditmeter import (
@@ -158,6 +159,15 @@ class Meter(Synced):
         self.manager = manager
         self.is_async = portal is not None
         self.store = manager.store if portal is None else Synced(manager.store, portal)
+        self._postgres = type(manager.store).__name__ in ("PostgresStore", "AsyncPostgresStore")
+
+    def entries(self, *args: Any, **kwargs: Any) -> Any:
+        """``entries``; of every user on PostgreSQL, once the server's horizon has passed."""
+        if self._postgres and kwargs.get("user") is None:
+            wait_for_postgres_horizon()
+        if self.portal is None:
+            return self.manager.entries(*args, **kwargs)
+        return self.portal.call(self.manager.entries(*args, **kwargs))
 
     def __getattr__(self, name: str) -> Any:
         if self.portal is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable
 
@@ -106,3 +107,25 @@ def drop_postgres_tables(prefix: str) -> list[str]:
             tables = sql.SQL(", ").join(sql.Identifier(name) for name in names)
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(tables))
     return names
+
+
+def wait_for_postgres_horizon(timeout: float = 30.0) -> None:
+    """Wait until every transaction on the server older than this call has ended.
+
+    A PostgreSQL scan of every user's entries shows only rows below the
+    server-wide horizon (the oldest transaction still open, from any
+    session: an autovacuum ``ANALYZE`` on a busy machine, say). A test that
+    wants all it wrote in one scan waits for that first; a wait of more
+    than ``timeout`` seconds fails.
+    """
+    import psycopg  # noqa: PLC0415 - the [postgres] extra
+
+    with psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=3) as conn:
+        row = conn.execute("SELECT pg_current_xact_id()").fetchone()  # newer than every row
+        assert row is not None
+        passed = "SELECT pg_snapshot_xmin(pg_current_snapshot()) > %s"
+        deadline = time.monotonic() + timeout
+        while not conn.execute(passed, (row[0],)).fetchone()[0]:  # type: ignore[index]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"a transaction held the horizon back over {timeout} s")
+            time.sleep(0.01)
