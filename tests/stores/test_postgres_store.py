@@ -43,6 +43,7 @@ from creditmeter import (
     AsyncBalanceManager,
     BalanceConfig,
     BalanceManager,
+    ChargeItem,
     ConfigError,
     DuplicateRequest,
     EntryKind,
@@ -1059,3 +1060,51 @@ def test_an_async_store_opens_lazily_and_closes(prefix, app_name):
 
     asyncio.run(main())
     wait_until(lambda: not backends(app_name))
+
+
+@pytest.mark.parametrize("good_batches", range(8))
+def test_a_batch_that_fails_in_its_pipeline_leaves_the_connection_fit_to_use(
+    prefix, app_name, good_batches
+):
+    """A batch whose pipeline fails (a lock timeout), then more batches, on one connection.
+
+    psycopg prepares a statement on its fifth use. When a failing statement
+    made the server skip the rest of the pipeline, a ``COMMIT`` psycopg was
+    preparing there kept its name, never prepared, and every later batch on
+    that connection failed with "prepared statement does not exist" (seen
+    first under load in the cancelled-batch test). Tried after 0 to 7 good
+    batches, so that one run puts the fifth ``COMMIT`` in the failing pipeline.
+    """
+    with (
+        PostgresStore(
+            POSTGRES_DSN,
+            prefix=prefix,
+            application_name=app_name,
+            min_size=1,
+            max_size=1,
+            lock_timeout=0.2,
+        ) as store,
+        PostgresStore(POSTGRES_DSN, prefix=prefix) as other,
+    ):
+        meter = BalanceManager(store, CONFIG)
+        meter.account("a")
+        meter.account("u")
+
+        def batch(tag: str) -> list[bool]:
+            items = [ChargeItem(user, 1, request_id=f"{tag}-{user}") for user in ("a", "u")]
+            return [result.ok for result in meter.charge_many(items)]
+
+        def blocked(tag: str) -> None:
+            # The statement for "u" waits for other's lock, then times out: nothing applies.
+            with other.exclusive("u"), pytest.raises(StoreError):
+                batch(tag)
+
+        # psycopg forgets its names when it first meets a ROLLBACK (and then only when
+        # rollback() is called): the first failure starts the count afresh.
+        blocked("first")
+        for n in range(good_batches):
+            assert batch(f"good-{n}") == [True, True]
+        blocked("second")
+        for n in range(3):
+            assert batch(f"after-{n}") == [True, True]
+        assert meter.balance("a") == meter.balance("u") == START - good_batches - 3

@@ -391,7 +391,7 @@ class AsyncPostgresStore(StoreBase):
             lost = False
             try:
                 async with _transaction(conn):
-                    data = await self._lock_and_read(conn, key, user_id)
+                    data = await self._lock_and_read(conn, key, user_id, pinned=pinned is not None)
             except errors.LockNotAvailable as exc:  # lock_timeout: not granted
                 if pinned is None:
                     await self._give_back(conn)
@@ -411,12 +411,20 @@ class AsyncPostgresStore(StoreBase):
                 return conn, data
 
     async def _lock_and_read(
-        self, conn: AsyncConnection[Any], key: int, user_id: str
+        self, conn: AsyncConnection[Any], key: int, user_id: str, *, pinned: bool
     ) -> str | None:
-        """``LOCK`` then the account's load, as one pipeline: one round trip."""
+        """``LOCK`` then the account's load, as one pipeline: one round trip.
+
+        On a pinned connection the load is not prepared here: a lock that
+        times out makes the server skip it, and the connection cannot be
+        closed (it holds the block's other locks) to forget a name psycopg
+        gave it (see ``_after_failed_pipeline``).
+        """
         async with conn.pipeline() as pipeline:
             await conn.execute(LOCK, (key,))
-            cursor = await conn.execute(self._sql.load, (user_id,))
+            cursor = await conn.execute(
+                self._sql.load, (user_id,), prepare=False if pinned else None
+            )
             await pipeline.sync()
             row = await cursor.fetchone()
         return None if row is None else str(row[0])
@@ -537,9 +545,10 @@ class AsyncPostgresStore(StoreBase):
         writes nothing and gets its ``VersionConflict``, while the others
         apply. Writes run in order of user id, so that two batches take the
         users' rows in the same order. If a statement fails (a request id
-        applied before, a serialization failure or a deadlock), the
-        transaction is rolled back and each write is committed on its own,
-        as ``commit()`` does, which reports what it met. Any other failure
+        applied before, a serialization failure or a deadlock), nothing of
+        it applies (its connection is closed: see ``_after_failed_pipeline``)
+        and each write is committed on its own, as ``commit()`` does, which
+        reports what it met. Any other failure
         raises ``StoreError``.
         """
         if not writes:
@@ -594,13 +603,32 @@ class AsyncPostgresStore(StoreBase):
             except psycopg.Error as exc:
                 failure = failure or exc
             if failure is not None:
-                if not conn.broken and conn.pgconn.transaction_status not in RETURNS_AT_ONCE:
-                    await conn.execute(b"ROLLBACK")
+                await self._after_failed_pipeline(conn, pinned=pinned is not None)
                 raise failure
             return [await cursor.fetchone() for cursor in cursors]
         finally:
             if pinned is None:
                 await self._give_back(conn)
+
+    @staticmethod
+    async def _after_failed_pipeline(conn: AsyncConnection[Any], *, pinned: bool) -> None:
+        """Close a connection whose pipeline failed (the pool replaces it), or reset a pinned one.
+
+        When a statement fails, the server skips the rest of the pipeline, but
+        psycopg has already named any statement in it that reached its prepare
+        threshold, and raises before it reads that the statement was skipped:
+        it would send the name, never prepared, on every later use ("prepared
+        statement does not exist"). A closed connection takes the names with
+        it. A pinned one holds the block's locks and cannot be closed:
+        ``rollback()``, unlike a ``ROLLBACK`` statement, forgets psycopg's
+        names and deallocates the server's.
+        """
+        if conn.broken:
+            return
+        if not pinned:
+            await conn.close()
+        elif conn.pgconn.transaction_status not in RETURNS_AT_ONCE:
+            await conn.rollback()
 
     async def _commit_alone(self, write: Write) -> WriteOutcome:
         """One write of a batch committed on its own: ``None``, or the conflict it met."""

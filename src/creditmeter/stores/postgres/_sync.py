@@ -343,7 +343,7 @@ class PostgresStore(StoreBase):
             lost = False
             try:
                 with _transaction(conn):
-                    data = self._lock_and_read(conn, key, user_id)
+                    data = self._lock_and_read(conn, key, user_id, pinned=pinned is not None)
             except errors.LockNotAvailable as exc:  # lock_timeout: not granted
                 if pinned is None:
                     self._give_back(conn)
@@ -360,11 +360,19 @@ class PostgresStore(StoreBase):
             else:
                 return conn, data
 
-    def _lock_and_read(self, conn: Connection[Any], key: int, user_id: str) -> str | None:
-        """``LOCK`` then the account's load, as one pipeline: one round trip."""
+    def _lock_and_read(
+        self, conn: Connection[Any], key: int, user_id: str, *, pinned: bool
+    ) -> str | None:
+        """``LOCK`` then the account's load, as one pipeline: one round trip.
+
+        On a pinned connection the load is not prepared here: a lock that
+        times out makes the server skip it, and the connection cannot be
+        closed (it holds the block's other locks) to forget a name psycopg
+        gave it (see ``_after_failed_pipeline``).
+        """
         with conn.pipeline() as pipeline:
             conn.execute(LOCK, (key,))
-            cursor = conn.execute(self._sql.load, (user_id,))
+            cursor = conn.execute(self._sql.load, (user_id,), prepare=False if pinned else None)
             pipeline.sync()
             row = cursor.fetchone()
         return None if row is None else str(row[0])
@@ -483,9 +491,10 @@ class PostgresStore(StoreBase):
         writes nothing and gets its ``VersionConflict``, while the others
         apply. Writes run in order of user id, so that two batches take the
         users' rows in the same order. If a statement fails (a request id
-        applied before, a serialization failure or a deadlock), the
-        transaction is rolled back and each write is committed on its own,
-        as ``commit()`` does, which reports what it met. Any other failure
+        applied before, a serialization failure or a deadlock), nothing of
+        it applies (its connection is closed: see ``_after_failed_pipeline``)
+        and each write is committed on its own, as ``commit()`` does, which
+        reports what it met. Any other failure
         raises ``StoreError``.
         """
         if not writes:
@@ -538,13 +547,32 @@ class PostgresStore(StoreBase):
             except psycopg.Error as exc:
                 failure = failure or exc
             if failure is not None:
-                if not conn.broken and conn.pgconn.transaction_status not in RETURNS_AT_ONCE:
-                    conn.execute(b"ROLLBACK")
+                self._after_failed_pipeline(conn, pinned=pinned is not None)
                 raise failure
             return [cursor.fetchone() for cursor in cursors]
         finally:
             if pinned is None:
                 self._give_back(conn)
+
+    @staticmethod
+    def _after_failed_pipeline(conn: Connection[Any], *, pinned: bool) -> None:
+        """Close a connection whose pipeline failed (the pool replaces it), or reset a pinned one.
+
+        When a statement fails, the server skips the rest of the pipeline, but
+        psycopg has already named any statement in it that reached its prepare
+        threshold, and raises before it reads that the statement was skipped:
+        it would send the name, never prepared, on every later use ("prepared
+        statement does not exist"). A closed connection takes the names with
+        it. A pinned one holds the block's locks and cannot be closed:
+        ``rollback()``, unlike a ``ROLLBACK`` statement, forgets psycopg's
+        names and deallocates the server's.
+        """
+        if conn.broken:
+            return
+        if not pinned:
+            conn.close()
+        elif conn.pgconn.transaction_status not in RETURNS_AT_ONCE:
+            conn.rollback()
 
     def _commit_alone(self, write: Write) -> WriteOutcome:
         """One write of a batch committed on its own: ``None``, or the conflict it met."""
