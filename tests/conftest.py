@@ -161,6 +161,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415 - only under xdist
 
+    if not callable(getattr(LoadScopeScheduling, "_split_scope", None)):  # a private method
+        raise pytest.UsageError("pytest-xdist changed: the server groups cannot be kept")
+
     class SharedServers(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
             return server_group(nodeid) or nodeid.split("::", 1)[0]

@@ -22,6 +22,7 @@ and tasks (tests/manager/), processes on one prefix (manager/test_processes.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
@@ -1062,9 +1063,10 @@ def test_an_async_store_opens_lazily_and_closes(prefix, app_name):
     wait_until(lambda: not backends(app_name))
 
 
+@pytest.mark.parametrize("pinned", [False, True], ids=["pooled", "pinned"])
 @pytest.mark.parametrize("good_batches", range(8))
 def test_a_batch_that_fails_in_its_pipeline_leaves_the_connection_fit_to_use(
-    prefix, app_name, good_batches
+    prefix, app_name, good_batches, pinned
 ):
     """A batch whose pipeline fails (a lock timeout), then more batches, on one connection.
 
@@ -1074,6 +1076,8 @@ def test_a_batch_that_fails_in_its_pipeline_leaves_the_connection_fit_to_use(
     that connection failed with "prepared statement does not exist" (seen
     first under load in the cancelled-batch test). Tried after 0 to 7 good
     batches, so that one run puts the fifth ``COMMIT`` in the failing pipeline.
+    A pooled connection is closed after such a failure; one pinned inside
+    ``exclusive()`` (of another user, kept for the whole test) is reset.
     """
     with (
         PostgresStore(
@@ -1099,12 +1103,13 @@ def test_a_batch_that_fails_in_its_pipeline_leaves_the_connection_fit_to_use(
             with other.exclusive("u"), pytest.raises(StoreError):
                 batch(tag)
 
-        # psycopg forgets its names when it first meets a ROLLBACK (and then only when
-        # rollback() is called): the first failure starts the count afresh.
-        blocked("first")
-        for n in range(good_batches):
-            assert batch(f"good-{n}") == [True, True]
-        blocked("second")
-        for n in range(3):
-            assert batch(f"after-{n}") == [True, True]
+        with store.exclusive("z") if pinned else contextlib.nullcontext():
+            # psycopg forgets its names when it first meets a ROLLBACK (and then only
+            # when rollback() is called): the first failure starts the count afresh.
+            blocked("first")
+            for n in range(good_batches):
+                assert batch(f"good-{n}") == [True, True]
+            blocked("second")
+            for n in range(3):
+                assert batch(f"after-{n}") == [True, True]
         assert meter.balance("a") == meter.balance("u") == START - good_batches - 3
