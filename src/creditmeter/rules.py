@@ -46,10 +46,12 @@ from creditmeter.usage import TokenUsage, counted_usage
 __all__ = [
     "HOLD_PREFIX",
     "Change",
+    "Delta",
     "Tally",
     "add_interval",
     "admits",
     "charge",
+    "charge_delta",
     "check",
     "configure_refill",
     "counts_as_usage",
@@ -63,6 +65,7 @@ __all__ = [
     "open_account",
     "open_holds",
     "period_start",
+    "rebase",
     "refill",
     "refill_due",
     "release",
@@ -749,6 +752,81 @@ def charge(
         metadata=metadata,
     )
     return draft.finish(now)
+
+
+class Delta(NamedTuple):
+    """A charge planned on an account seen earlier, that holds for any balance above a floor.
+
+    ``change`` is the charge as planned on the seen account. It stays right
+    for any stored account that equals the seen one in every field but
+    ``balance``, ``version`` and ``updated_at``, as long as the stored
+    balance is at least ``floor`` (``None``: any balance): the charge then
+    moves the balance by the entry's ``amount``, ``updated_at`` becomes the
+    later of the two, and nothing else is decided by what is stored. A store that offers
+    ``commit_delta`` applies it to the version it holds, in one step, so
+    writers of one hot user stop losing compare-and-sets to each other.
+    """
+
+    change: Change
+    floor: Decimal | None
+
+
+def charge_delta(
+    account: Account | None,
+    user_id: str,
+    cost: Decimal,
+    *,
+    config: BalanceConfig,
+    now: datetime,
+    new_id: IdFactory,
+    strict: bool = False,
+    request_id: str | None = None,
+    model: str | None = None,
+    usage: TokenUsage | None = None,
+    rates: Rates | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Delta | None:
+    """``charge`` as a ``Delta``, or ``None`` where its outcome depends on more than the balance.
+
+    ``None`` for a user without an account, an account with holds or credit
+    blocks, a strict charge while balances are enabled (it may refill or
+    refuse), and a charge that the seen balance would clamp. Otherwise the
+    floor is the cost when clamping could happen (balances enabled, no
+    negative balance allowed): at or above it the whole cost is taken.
+    """
+    if account is None or account.holds or account.blocks or (strict and config.enabled):
+        return None
+    floor: Decimal | None = None
+    if config.enabled and not config.allow_negative_balance:
+        if account.balance < cost:
+            return None
+        floor = cost
+    change = charge(
+        account,
+        user_id,
+        cost,
+        config=config,
+        now=now,
+        new_id=new_id,
+        request_id=request_id,
+        model=model,
+        usage=usage,
+        rates=rates,
+        metadata=metadata,
+    )
+    return Delta(change, floor)
+
+
+def rebase(delta: Delta, balance: Decimal, version: int, updated_at: datetime) -> Change:
+    """What a store made of ``delta``: its account and entry, as the store wrote them.
+
+    ``balance``, ``version`` and ``updated_at`` are the account's after the
+    charge (see ``commit_delta`` in ``stores.base``).
+    """
+    account, entries, _ = delta.change
+    entry = attrs.evolve(entries[-1], balance_after=balance)
+    after = attrs.evolve(account, balance=balance, version=version, updated_at=updated_at)
+    return Change(after, (entry,), version - 1)
 
 
 def request_hold_id(request_id: str, generation: int = 0) -> str:

@@ -21,8 +21,10 @@ from creditmeter.models import Account, LedgerEntry
 __all__ = [
     "SCHEMA_VERSION",
     "account_from_json",
+    "account_split",
     "account_to_json",
     "entry_from_json",
+    "entry_split",
     "entry_to_json",
     "to_plain",
 ]
@@ -104,6 +106,45 @@ def account_to_json(account: Account) -> str:
         f'"updated_at":"{_time(account.updated_at)}",'
         f'"last_refill":"{_time(account.last_refill)}","schema":{SCHEMA_VERSION}}}'
     )
+
+
+def account_split(account: Account) -> tuple[str, str, str, str, str]:
+    """``account_to_json`` cut around three values: ``a + balance + b + version + c + updated + d``.
+
+    It returns ``(a, b, c, updated, d)``; ``updated`` is the text of
+    ``updated_at``, inside its quotes. For a store
+    that computes these three itself (``commit_delta``) and writes the same
+    text the converter would, bar the balance's notation. The first such key
+    is the account's own: every value before it is a number, a time or an
+    encoded string, inside which a quote is always escaped.
+    """
+    text = account_to_json(account)
+    start = text.index(_BALANCE_KEY) + len(_BALANCE_KEY)
+    end = text.index('"', start)
+    version = text.index(_VERSION_KEY, end) + len(_VERSION_KEY)
+    version_end = text.index(",", version)
+    updated = text.index(_UPDATED_KEY, version_end) + len(_UPDATED_KEY)
+    updated_end = text.index('"', updated)
+    return (
+        text[:start],
+        text[end:version],
+        text[version_end:updated],
+        text[updated:updated_end],
+        text[updated_end:],
+    )
+
+
+def entry_split(entry: LedgerEntry) -> tuple[str, str]:
+    """``entry_to_json`` cut around its ``balance_after``: ``a + balance_after + b``."""
+    text = entry_to_json(entry)
+    start = text.index(_BALANCE_AFTER_KEY) + len(_BALANCE_AFTER_KEY)
+    return text[:start], text[text.index('"', start) :]
+
+
+_BALANCE_KEY = ',"balance":"'
+_VERSION_KEY = ',"version":'
+_UPDATED_KEY = ',"updated_at":"'
+_BALANCE_AFTER_KEY = ',"balance_after":"'
 
 
 def account_from_json(text: str | bytes, *, user_id: str | None = None) -> Account:

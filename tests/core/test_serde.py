@@ -12,20 +12,25 @@ import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from creditmeter import EntryKind, StoreError
+from creditmeter import EntryKind, RefillSettings, StoreError
 from creditmeter.models import Account, CreditBlock, LedgerEntry
 from creditmeter.serde import (
+    _datetime_text,
     _dumps,
     account_from_json,
+    account_split,
     account_to_json,
     entry_from_json,
+    entry_split,
     entry_to_json,
     to_plain,
 )
+from creditmeter.usage import TokenUsage
 
 TEXT = st.text(min_size=1, max_size=40).filter(
     lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s)
@@ -141,3 +146,79 @@ def test_times_come_back_in_utc():
     loaded = account_from_json(account_to_json(account))
     assert loaded.created_at == moment
     assert loaded.created_at.tzinfo is timezone.utc
+
+
+# --- the cuts a delta statement writes its numbers into ---------------------------
+
+# Text that looks like the keys cut at, in every value before and after them.
+TRICKY = TEXT | st.sampled_from(
+    ['","balance":"1', "x\\", '"', ',"version":7,', ',"updated_at":"', ',"balance_after":"2']
+)
+REFILLS = st.none() | st.builds(
+    RefillSettings,
+    enabled=st.booleans(),
+    interval_value=st.integers(1, 12),
+    interval_unit=st.sampled_from(["days", "months"]),
+    amount=POSITIVE,
+)
+
+
+@given(
+    user=TRICKY,
+    balance=AMOUNTS,
+    new_balance=AMOUNTS,
+    version=st.integers(1, 2**40),
+    times=st.lists(TIMES, min_size=4, max_size=4),
+    refill=REFILLS,
+)
+def test_an_account_cut_and_filled_with_new_numbers_is_the_text_of_the_new_account(
+    user, balance, new_balance, version, times, refill
+):
+    """What ``commit_delta`` writes: the cuts around balance, version and ``updated_at``."""
+    created, updated, refilled, later = times
+    account = Account(
+        user_id=user,
+        balance=balance,
+        version=version,
+        created_at=created,
+        updated_at=updated,
+        last_refill=refilled,
+        refill=refill,
+    )
+    a, b, c, updated_text, d = account_split(account)
+    assert a + str(balance) + b + str(version) + c + updated_text + d == account_to_json(account)
+    assert updated_text == _datetime_text(updated)
+    moved = attrs.evolve(account, balance=new_balance, version=version + 1, updated_at=later)
+    filled = a + str(new_balance) + b + str(version + 1) + c + _datetime_text(later) + d
+    assert filled == account_to_json(moved)
+    assert account_from_json(filled) == moved
+
+
+@given(
+    entry_id=TRICKY,
+    user=TRICKY,
+    after=AMOUNTS,
+    new_after=AMOUNTS,
+    request_id=st.none() | TRICKY,
+    note=TRICKY,
+)
+def test_an_entry_cut_and_filled_with_a_new_balance_is_the_text_of_the_new_entry(
+    entry_id, user, after, new_after, request_id, note
+):
+    entry = LedgerEntry(
+        id=entry_id,
+        user_id=user,
+        kind=EntryKind.CHARGE,
+        amount=Decimal(-1),
+        balance_after=after,
+        at=datetime(2026, 12, 3, tzinfo=timezone.utc),
+        request_id=request_id,
+        usage=TokenUsage(input=3),
+        cost=Decimal(1),
+        metadata={"note": note, ',"balance_after":"': note},
+    )
+    a, b = entry_split(entry)
+    assert a + str(after) + b == entry_to_json(entry)
+    filled = a + str(new_after) + b
+    assert filled == entry_to_json(attrs.evolve(entry, balance_after=new_after))
+    assert entry_from_json(filled) == attrs.evolve(entry, balance_after=new_after)
