@@ -42,7 +42,8 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from creditmeter import _validate, rules
-from creditmeter.config import RefillSettings
+from creditmeter._exact import EXACT
+from creditmeter.config import BalanceConfig, RefillSettings
 from creditmeter.exceptions import DuplicateRequest, InvalidInput, VersionConflict
 from creditmeter.models import Account, CreditBlock, EntryKind, Hold, LedgerEntry
 from creditmeter.queries import EntryQuery, GroupKey, Period, Scan, UsageQuery, UsageRow
@@ -629,8 +630,184 @@ class StoreContract:
                     assert rules.sort_usage(sum_usage(query)) == expected.rows(), query
                     assert all(isinstance(row, UsageRow) for row in sum_usage(query))
 
+    # --- commit_delta (DeltaStore, optional) ---------------------------------
+
+    def test_commit_delta_adds_the_amount_to_whatever_balance_is_stored(
+        self, store: BalanceStore
+    ) -> None:
+        """Planned on version 1, it applies to version 2: the balance found, less the cost."""
+        commit_delta = _report(store, "commit_delta")
+        seen = make_account(balance=Decimal(100))
+        _commit(store, seen)
+        _commit(store, make_account(balance=Decimal("90.5"), version=2), [], 1)
+        later = _EPOCH + timedelta(minutes=1)
+        planned = rules.charge_delta(
+            seen,
+            "alice",
+            Decimal("7.25"),
+            config=_ENABLED,
+            now=later,
+            new_id=_ids(),
+            request_id="r-1",
+            model="gpt-4o",
+            usage=TokenUsage(input=10, output=2),
+            metadata={"note": ',"balance":"1'},
+        )
+        assert planned is not None
+        reached = commit_delta(planned.change.account, planned.change.entry, floor=planned.floor)
+        assert reached == (Decimal("83.25"), 3, later)
+        change = rules.rebase(planned, *reached)
+        assert store.load("alice") == change.account
+        assert store.ledger("alice") == [change.entry]
+        assert change.entry.balance_after == Decimal("83.25")
+        assert store.find_request("alice", "r-1") == change.entry
+
+    def test_commit_delta_refuses_when_more_than_the_counters_moved(
+        self, store: BalanceStore
+    ) -> None:
+        """A refill, new refill settings or a hold since the plan: ``VersionConflict``, no write."""
+        commit_delta = _report(store, "commit_delta")
+        seen = make_account()
+        _commit(store, seen)
+        moves: list[dict[str, Any]] = [
+            {"last_refill": _EPOCH + timedelta(hours=1)},
+            {
+                "refill": RefillSettings(
+                    enabled=True, interval_value=1, interval_unit="days", amount=Decimal(5)
+                )
+            },
+            {
+                "holds": (
+                    Hold(
+                        id="h",
+                        user_id="alice",
+                        amount=Decimal(1),
+                        created_at=_EPOCH,
+                        expires_at=_EPOCH + timedelta(hours=1),
+                    ),
+                )
+            },
+            {"created_at": _EPOCH - timedelta(days=1)},
+        ]
+        version = 1
+        for fields in moves:
+            stored = make_account(version=version + 1, **fields)
+            _commit(store, stored, [], version)
+            version += 1
+            planned = rules.charge_delta(
+                seen, "alice", Decimal(1), config=_ENABLED, now=_EPOCH, new_id=_ids()
+            )
+            assert planned is not None
+            with _raises(VersionConflict) as lost:
+                commit_delta(planned.change.account, planned.change.entry, floor=planned.floor)
+            assert lost.value.current == stored, fields
+            assert store.load("alice") == stored
+            assert store.ledger("alice") == []
+            seen = stored if not stored.holds else make_account(version=version)
+
+    def test_commit_delta_below_the_floor_or_without_an_account_writes_nothing(
+        self, store: BalanceStore
+    ) -> None:
+        """``VersionConflict`` (with what is stored, if anything) and no write."""
+        commit_delta = _report(store, "commit_delta")
+        seen = make_account(balance=Decimal(10))
+        planned = rules.charge_delta(
+            seen, "alice", Decimal(10), config=_ENABLED, now=_EPOCH, new_id=_ids()
+        )
+        assert planned is not None
+        assert planned.floor == 10
+        with _raises(VersionConflict) as lost:
+            commit_delta(planned.change.account, planned.change.entry, floor=planned.floor)
+        assert lost.value.current is None
+        assert store.load("alice") is None
+        assert store.ledger("alice") == []
+        _commit(store, seen)
+        stored = make_account(balance=Decimal("9.999999"), version=2)
+        _commit(store, stored, [], 1)
+        with _raises(VersionConflict) as lost:
+            commit_delta(planned.change.account, planned.change.entry, floor=planned.floor)
+        assert lost.value.current == stored
+        assert store.load("alice") == stored
+        assert store.ledger("alice") == []
+        # The same amount with no floor (a negative balance allowed) takes it below zero.
+        reached = commit_delta(planned.change.account, planned.change.entry, floor=None)
+        assert reached[:2] == (Decimal("-0.000001"), 3)
+
+    def test_commit_delta_of_a_request_applied_before_is_a_duplicate(
+        self, store: BalanceStore
+    ) -> None:
+        """``DuplicateRequest`` with the entry applied first, and no write."""
+        commit_delta = _report(store, "commit_delta")
+        seen = make_account()
+        first = make_entry(
+            balance_after=Decimal(99),
+            kind=EntryKind.CHARGE,
+            amount=Decimal(-1),
+            cost=Decimal(1),
+            request_id="r-1",
+        )
+        _commit(store, make_account(balance=Decimal(99), version=2))
+        store.commit(make_account(balance=Decimal(98), version=3), [first], expected_version=2)
+        planned = rules.charge_delta(
+            seen, "alice", Decimal(1), config=_ENABLED, now=_EPOCH, new_id=_ids(), request_id="r-1"
+        )
+        assert planned is not None
+        with _raises(DuplicateRequest) as duplicate:
+            commit_delta(planned.change.account, planned.change.entry, floor=planned.floor)
+        assert duplicate.value.entry == first
+        assert store.load("alice") == make_account(balance=Decimal(98), version=3)
+        assert store.ledger("alice") == [first]
+
+    def test_commit_delta_keeps_the_later_updated_at(self, store: BalanceStore) -> None:
+        """A writer whose clock is behind does not move ``updated_at`` back."""
+        commit_delta = _report(store, "commit_delta")
+        ahead = _EPOCH + timedelta(hours=2, microseconds=7)
+        _commit(store, make_account(updated_at=ahead))
+        behind = _EPOCH + timedelta(hours=1)
+        planned = rules.charge_delta(
+            make_account(), "alice", Decimal(1), config=_ENABLED, now=behind, new_id=_ids()
+        )
+        assert planned is not None
+        reached = commit_delta(planned.change.account, planned.change.entry, floor=planned.floor)
+        assert reached == (Decimal(99), 2, ahead)
+        assert store.load("alice") == make_account(balance=Decimal(99), version=2, updated_at=ahead)
+
+    def test_commit_delta_is_exact_to_the_digit(self, store: BalanceStore) -> None:
+        """Thirty decimal places beside fifteen integer digits, in the balance and the entry."""
+        commit_delta = _report(store, "commit_delta")
+        seen = make_account(balance=_BIG)
+        _commit(store, seen)
+        balance = _BIG
+        for cost in (_TINY, Decimal("0.5"), Decimal(10**14), _TINY * 7):
+            planned = rules.charge_delta(
+                seen, "alice", cost, config=_ENABLED, now=_EPOCH, new_id=_ids()
+            )
+            assert planned is not None
+            reached = commit_delta(
+                planned.change.account, planned.change.entry, floor=planned.floor
+            )
+            balance = EXACT.subtract(balance, cost)
+            assert reached[0] == balance
+        loaded = store.load("alice")
+        assert loaded is not None
+        assert (
+            loaded.balance == balance == Decimal("899999999999999.499999999999999999999999999991")
+        )
+        entries = store.ledger("alice")
+        assert [e.balance_after for e in entries][-1] == balance
+        spent = functools.reduce(EXACT.add, (e.amount for e in entries))
+        assert EXACT.add(_BIG, spent) == balance
+
 
 _TINY = Decimal("0.000000000000000000000000000001")
+_ENABLED = BalanceConfig(enabled=True)
+
+
+def _ids() -> Callable[[], str]:
+    numbers = iter(range(1, 1 << 62))
+    return lambda: f"delta-{next(numbers)}-{next(_entry_numbers)}"
+
+
 _BIG = Decimal("999999999999999.999999999999999999999999999999")
 
 

@@ -22,6 +22,12 @@ each one atomic on its own, in one round trip or transaction. Managers use it
 for ``charge_many`` and ``grant_many`` when present, and commit write by write
 otherwise.
 
+A store may also offer ``commit_delta`` (``DeltaStore``): a charge applied to
+whatever balance the store holds, guarded so that the outcome is the one the
+rules planned. Managers use it for a user whose writers lose compare-and-sets
+to each other (a hot user), before they queue for ``exclusive()``: each
+writer then commits in one round trip, none losing to another.
+
 A store may also offer reports (``ReportStore``): ``scan_entries`` (ledger
 entries of every user in commit order, a page at a time, from a position of
 its own), ``sum_usage`` (charges summed by user, model and period) and
@@ -34,6 +40,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from datetime import datetime
+from decimal import Decimal
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from creditmeter.exceptions import DuplicateRequest, VersionConflict
@@ -43,10 +51,12 @@ from creditmeter.queries import EntryQuery, Scan, UsageQuery, UsageRow
 __all__ = [
     "AsyncBalanceStore",
     "AsyncBatchStore",
+    "AsyncDeltaStore",
     "AsyncExclusiveStore",
     "AsyncReportStore",
     "BalanceStore",
     "BatchStore",
+    "DeltaStore",
     "ExclusiveStore",
     "ReportStore",
     "Write",
@@ -186,6 +196,42 @@ class AsyncBatchStore(AsyncBalanceStore, Protocol):
 
     async def commit_many(self, writes: Sequence[Write]) -> list[WriteOutcome]:
         """Commit each write as ``commit()`` would; return one outcome per write, in order."""
+        ...
+
+
+@runtime_checkable
+class DeltaStore(BalanceStore, Protocol):
+    """A store that applies a charge to the balance it holds, not to a version (``rules.Delta``)."""
+
+    def commit_delta(
+        self, account: Account, entry: LedgerEntry, *, floor: Decimal | None
+    ) -> tuple[Decimal, int, datetime]:
+        """Add ``entry.amount`` to the stored balance and append ``entry``, atomically, if guarded.
+
+        ``account`` is the account as planned from a version the caller saw.
+        The guard: the stored account equals ``account`` in every field but
+        ``balance``, ``version`` and ``updated_at``, and its balance is at
+        least ``floor`` (``None``: any). Then the store writes ``account``
+        with the new balance, the stored version plus one and the later of
+        the two ``updated_at``, appends ``entry`` with ``balance_after`` the
+        new balance, and returns ``(balance, version, updated_at)`` as
+        written. Else it writes nothing and raises ``VersionConflict`` (with
+        the stored account when it can be had in the same round trip,
+        ``None`` when there is none). When the guard holds but a request id
+        of ``entry`` is recorded already, it raises ``DuplicateRequest``, as
+        ``commit`` does.
+        """
+        ...
+
+
+@runtime_checkable
+class AsyncDeltaStore(AsyncBalanceStore, Protocol):
+    """The async twin of ``DeltaStore``."""
+
+    async def commit_delta(
+        self, account: Account, entry: LedgerEntry, *, floor: Decimal | None
+    ) -> tuple[Decimal, int, datetime]:
+        """Add ``entry.amount`` to the stored balance and append ``entry`` if guarded."""
         ...
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
@@ -48,6 +50,7 @@ from creditmeter.stores.postgres.sql import (
     UNLOCK,
     Statements,
     commit_params,
+    delta_params,
     request_ids,
     scan_params,
     sum_params,
@@ -520,8 +523,39 @@ class AsyncPostgresStore(StoreBase):
             current = await self.load(user_id)
         raise VersionConflict(user_id, expected=expected_version, current=current)
 
+    async def commit_delta(
+        self, account: Account, entry: LedgerEntry, *, floor: Decimal | None
+    ) -> tuple[Decimal, int, datetime]:
+        """Add the entry's amount to the stored balance in one statement, if guarded.
+
+        See ``DeltaStore``. The statement waits, as ``commit`` does, while
+        another session holds ``exclusive()`` on the user, and takes the
+        row's lock for as long as its own transaction: writers of one user
+        queue on the row instead of losing to each other.
+        """
+        user_id = account.user_id
+        query = self._sql.delta(floor=floor is not None)
+        params = delta_params(account, entry, floor, self._sql.lock_key(user_id))
+        try:
+            row = await self._execute_commit(self._pinned.get(), query, params)
+        except errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != self._sql.request_index:
+                raise failed("commit", exc, user_id) from exc
+            raise await self._duplicate(user_id, (entry,), exc) from None
+        except (errors.SerializationFailure, errors.DeadlockDetected) as exc:
+            raise VersionConflict(user_id, expected=account.version - 1) from exc
+        except psycopg.Error as exc:
+            raise failed("commit", exc, user_id) from exc
+        if row is None:  # no account
+            raise VersionConflict(user_id, expected=account.version - 1)
+        balance, version, updated_at, stored = row
+        if version is not None:
+            return balance, version, updated_at.astimezone(timezone.utc)
+        current = account_from_json(stored, user_id=user_id)
+        raise VersionConflict(user_id, expected=account.version - 1, current=current)
+
     async def _execute_commit(
-        self, pinned: AsyncConnection[Any] | None, query: bytes, params: list[Any]
+        self, pinned: AsyncConnection[Any] | None, query: bytes, params: list[Any] | dict[str, Any]
     ) -> tuple[Any, ...] | None:
         """The body of ``_connection()``, inline: this is every write's path."""
         if pinned is not None:

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import re
 from collections.abc import Sequence
+from decimal import Decimal
 from importlib import resources
 from typing import Any
 
@@ -19,7 +20,7 @@ from psycopg import sql
 from creditmeter.exceptions import InvalidInput
 from creditmeter.models import Account, LedgerEntry
 from creditmeter.queries import EntryQuery, UsageQuery
-from creditmeter.serde import account_to_json, entry_to_json
+from creditmeter.serde import account_split, account_to_json, entry_split, entry_to_json
 from creditmeter.stores.postgres.options import DEFAULT_PREFIX, check_names
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "UPGRADES_FROM",
     "Statements",
     "commit_params",
+    "delta_params",
     "request_ids",
     "scan_params",
     "schema_sql",
@@ -166,6 +168,7 @@ class Statements:
         )
         self._commits: dict[tuple[bool, int, bool], bytes] = {}
         self._scans: dict[tuple[bool, bool, bool, bool], bytes] = {}
+        self._deltas: dict[bool, bytes] = {}
         self._sums: dict[tuple[bool, bool, str | None, bool, bool, bool], bytes] = {}
         self._keys: dict[str, int] = {}
 
@@ -237,6 +240,52 @@ class Statements:
             after = " WHERE (SELECT count(*) FROM added) >= 0" if entries else ""
             text += f", (SELECT pg_advisory_unlock(%s::bigint) FROM cas{after})"  # noqa: S608
         query = self._commits[new, entries, release] = self._bytes(text)
+        return query
+
+    def delta(self, *, floor: bool) -> bytes:
+        """The one statement of ``commit_delta`` (parameters: ``delta_params``).
+
+        It adds the amount to the stored balance if the guard holds (see
+        ``DeltaStore``), writing the account's JSON from the client's pieces
+        around the balance and version the server computed. The row is
+        compared as JSON with the planned one, minus the three fields a delta
+        may find moved; ``updated_at`` becomes the later of the stored and the
+        planned one. It returns one row, the new balance, version and
+        ``updated_at``; or, if the guard failed, ``NULL``s and the stored
+        account's JSON; or no row, if there is no account.
+        """
+        query = self._deltas.get(floor)
+        if query is not None:
+            return query
+        # Braces doubled: the text goes through sql.SQL.format.
+        moved = "'{{balance,version,updated_at}}'::text[]"
+        # The later of the stored and the planned updated_at, as a time and as JSON text.
+        later = "updated_at > %(updated)s::timestamptz"
+        text = (
+            "WITH d AS (UPDATE {accounts} SET version = version + 1, "  # noqa: S608
+            "balance = balance + %(amount)s::numeric, "
+            "updated_at = greatest(updated_at, %(updated)s::timestamptz), "
+            "data = %(a)s::text || (balance + %(amount)s::numeric)::text || %(b)s::text "
+            f"|| (version + 1)::text || %(c)s::text || CASE WHEN {later} "
+            "THEN data::jsonb ->> 'updated_at' ELSE %(updated_text)s::text END || %(d)s::text "
+            "WHERE user_id = %(user)s::text "
+            + ("AND balance >= %(floor)s::numeric " if floor else "")
+            + f"AND data::jsonb - {moved} = (%(a)s::text || '0' || %(b)s::text || '0' "  # noqa: S608
+            f"|| %(c)s::text || %(d)s::text)::jsonb - {moved} "
+            "AND pg_advisory_xact_lock_shared(%(key)s::bigint) IS NOT NULL "
+            "RETURNING user_id, balance, version, updated_at), "
+            "added AS (INSERT INTO {ledger} (user_id, id, kind, amount, balance_after, "
+            "cost, at, request_id, model, input_tokens, output_tokens, cache_write_tokens, "
+            "cache_read_tokens, data) SELECT d.user_id, %(id)s::text, %(kind)s::text, "
+            "%(amount)s::numeric, d.balance, %(cost)s::numeric, %(at)s::timestamptz, "
+            "%(request)s::text, %(model)s::text, %(input)s::bigint, %(output)s::bigint, "
+            "%(cache_write)s::bigint, %(cache_read)s::bigint, "
+            "%(ea)s::text || d.balance::text || %(eb)s::text FROM d) "
+            "SELECT d.balance, d.version, d.updated_at, NULL FROM d UNION ALL "
+            "SELECT NULL, NULL, NULL, data FROM {accounts} WHERE user_id = %(user)s::text "
+            "AND NOT EXISTS (SELECT FROM d)"
+        )
+        query = self._deltas[floor] = self._bytes(text)
         return query
 
     def scan(self, *, user: bool, since: bool, until: bool, kinds: bool) -> bytes:
@@ -386,6 +435,44 @@ def commit_params(
 
 
 _NO_USAGE = (None, None, None, None)
+
+
+def delta_params(
+    account: Account, entry: LedgerEntry, floor: Decimal | None, key: int
+) -> dict[str, Any]:
+    """The parameters of ``Statements.delta`` (``key``: the user's lock)."""
+    a, b, c, updated, d = account_split(account)
+    ea, eb = entry_split(entry)
+    usage = entry.usage
+    tokens = (
+        _NO_USAGE
+        if usage is None
+        else (usage.input, usage.output, usage.cache_write, usage.cache_read)
+    )
+    return {
+        "user": account.user_id,
+        "amount": entry.amount,
+        "updated": account.updated_at,
+        "floor": floor,
+        "a": a,
+        "b": b,
+        "c": c,
+        "d": d,
+        "updated_text": updated,
+        "key": key,
+        "id": entry.id,
+        "kind": entry.kind.value,
+        "cost": entry.cost,
+        "at": entry.at,
+        "request": entry.request_id,
+        "model": entry.model,
+        "input": tokens[0],
+        "output": tokens[1],
+        "cache_write": tokens[2],
+        "cache_read": tokens[3],
+        "ea": ea,
+        "eb": eb,
+    }
 
 
 def scan_params(query: EntryQuery, after: tuple[int, int] | None, limit: int) -> list[Any]:
