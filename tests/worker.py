@@ -163,8 +163,8 @@ def wait_for(go: Path) -> None:
 
 
 def counted(store: Any) -> Counter[str]:
-    """Count ``store``'s commits, lost compare-and-sets and ``exclusive`` blocks from now on."""
-    counts: Counter[str] = Counter(commits=0, conflicts=0, exclusives=0)
+    """Count ``store``'s commits (deltas among them), lost ones and ``exclusive`` blocks."""
+    counts: Counter[str] = Counter(commits=0, conflicts=0, exclusives=0, deltas=0)
     commit = store.commit
 
     def counting_commit(account: Any, entries: Any, *, expected_version: int) -> Any:
@@ -176,6 +176,19 @@ def counted(store: Any) -> Counter[str]:
             raise
 
     store.commit = counting_commit
+    commit_delta = getattr(store, "commit_delta", None)
+    if commit_delta is not None:  # a delta is a commit too; its guard failing, a lost one
+
+        def counting_delta(account: Any, entry: Any, *, floor: Any) -> Any:
+            counts["commits"] += 1
+            counts["deltas"] += 1
+            try:
+                return commit_delta(account, entry, floor=floor)
+            except VersionConflict:
+                counts["conflicts"] += 1
+                raise
+
+        store.commit_delta = counting_delta
     exclusive = getattr(store, "exclusive", None)
     if exclusive is not None:
 

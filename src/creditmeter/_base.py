@@ -32,6 +32,7 @@ logger = logging.getLogger("creditmeter")
 
 Clock = Callable[[], datetime]
 Plan = Callable[[Account | None, datetime], rules.Change]
+DeltaPlan = Callable[[Account, datetime], "rules.Delta | None"]
 Outbox = list[Event] | None
 """The events of one call, told once the user's lock is let go (``None``: nobody listens)."""
 
@@ -55,6 +56,7 @@ class Op(NamedTuple):
 
     ``lenient`` plans the same request without refusing; it tells whether a
     refused request repeats one already applied under its request id.
+    ``delta`` plans it as a ``rules.Delta``, for a store with ``commit_delta``.
     """
 
     user_id: str
@@ -62,6 +64,7 @@ class Op(NamedTuple):
     request_id: str | None = None
     lenient: Plan | None = None
     started: float = 0.0  # time.perf_counter() when the call began, for event durations
+    delta: DeltaPlan | None = None
 
 
 def unchanged(account: Account) -> rules.Change:
@@ -294,14 +297,30 @@ class ManagerBase:
                 metadata=meta,
             )
 
+        def delta(account: Account, now: datetime) -> rules.Delta | None:
+            return rules.charge_delta(
+                account,
+                user_id,
+                cost,
+                config=config,
+                now=now,
+                new_id=new_id,
+                strict=refuse,
+                request_id=request,
+                model=model_name,
+                usage=tokens,
+                rates=rates,
+                metadata=meta,
+            )
+
         started = time.perf_counter() if self.on_event is not None else 0.0
         if not (refuse and request is not None):
-            return _new_tuple(Op, (user_id, plan, request, None, started))  # Op(...), faster
+            return _new_tuple(Op, (user_id, plan, request, None, started, delta))  # Op(...)
 
         def lenient(account: Account | None, now: datetime) -> rules.Change:
             return plan(account, now, strict=False)
 
-        return Op(user_id, plan, request, lenient, started)
+        return Op(user_id, plan, request, lenient, started, delta)
 
     def _set_balance_op(
         self,
@@ -441,7 +460,9 @@ class ManagerBase:
             )
 
         started = time.perf_counter() if self.on_event is not None else 0.0
-        return _new_tuple(Op, (held.user_id, plan, rules.HOLD_PREFIX + held.id, None, started))
+        return _new_tuple(
+            Op, (held.user_id, plan, rules.HOLD_PREFIX + held.id, None, started, None)
+        )
 
     def _release_op(self, hold: object) -> Op:
         held = self._checked_hold(hold)

@@ -706,7 +706,27 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         first: VersionConflict | None,
         out: Outbox,
     ) -> rules.Change:
-        """Write for a user that is hot (``first`` is ``None``) or whose first try lost."""
+        """Write for a user that is hot (``first`` is ``None``) or whose first try lost.
+
+        A write the store can take as a delta goes first as one; the rest, and
+        a delta the store's guard refused, go through ``_queued``.
+        """
+        if op.delta is not None:
+            done, first = await self._delta(op, account, first, out)
+            if done is not None:
+                return done
+        return await self._queued(op, account, fresh=fresh, first=first, out=out)
+
+    async def _queued(
+        self,
+        op: Op,
+        account: Account | None,
+        *,
+        fresh: bool,
+        first: VersionConflict | None,
+        out: Outbox,
+    ) -> rules.Change:
+        """Retry at once, then in turn under ``exclusive()``, then by the retry policy."""
         exclusive: Callable[[str], AbstractAsyncContextManager[None]] | None = getattr(
             self.store, "exclusive", None
         )
@@ -740,6 +760,47 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
                     seen = conflict.current
                     raise
         raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
+
+    async def _delta(
+        self, op: Op, account: Account | None, first: VersionConflict | None, out: Outbox
+    ) -> tuple[rules.Change | None, VersionConflict | None]:
+        """Commit ``op`` as a ``rules.Delta`` if the store and rules allow: (change, last loss).
+
+        It is planned on the account the last loss reported, or else on
+        ``account``. ``(None, first)`` when the store has no
+        ``commit_delta``, no account is known, or the rules cannot plan the
+        write as one (see ``rules.charge_delta``); ``(None, loss)`` when the
+        store's guard refused it. The caller then writes it as usual.
+        """
+        commit_delta: Callable[..., Any] | None = getattr(self.store, "commit_delta", None)
+        start = account if first is None else first.current
+        if commit_delta is None or start is None or op.delta is None:
+            return None, first
+        planned = op.delta(start, self._now())
+        if planned is None:
+            return None, first
+        if first is not None:
+            self._retried(first, out)  # the delta is the lost write's retry
+        change = planned.change
+        try:
+            reached: tuple[Decimal, int, datetime] = await commit_delta(
+                change.account, change.entry, floor=planned.floor
+            )
+        except DuplicateRequest as duplicate:
+            raise Replayed(rules.replay(duplicate.entry, change.entry)) from None
+        except VersionConflict as conflict:
+            self._lost(conflict)
+            return None, conflict
+        # async-only: begin
+        except asyncio.CancelledError:
+            self._seen.pop(op.user_id, None)  # the store may have taken the charge
+            raise
+        # async-only: end
+        change = rules.rebase(planned, *reached)
+        self._remember(change.account)
+        if out is not None:
+            self._committed(op, change, out)
+        return change, None
 
     async def _optimistic(
         self,

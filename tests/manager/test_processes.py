@@ -3,7 +3,7 @@
 Each process runs ``worker.py`` with the store's URL and its own manager, so
 only the store keeps them apart. Charges: every one lands exactly once, and
 every commit beyond those that landed was a retry after a lost
-compare-and-set. Holds: oversubscribed, they never spend a credit that is
+compare-and-set (a delta whose guard failed counts as one). Holds: oversubscribed, they never spend a credit that is
 not there. Threads and tasks on every backend: test_concurrency.py and
 test_holds.py.
 """
@@ -84,7 +84,8 @@ def test_processes_charging_one_user(url, tmp_path):
     assert commits - conflicts == total
     print(
         f"\n{PROCESSES} processes x {CHARGES} charges: {commits} commits, {conflicts} lost "
-        f"compare-and-sets (each retried), {sum(s['exclusives'] for s in summaries)} exclusive "
+        f"compare-and-sets (each retried), {sum(s.get('deltas', 0) for s in summaries)} of them "
+        f"deltas, {sum(s['exclusives'] for s in summaries)} exclusive "
         f"blocks, worst p99 {max(s['p99_ms'] for s in summaries):.2f} ms"
     )
 

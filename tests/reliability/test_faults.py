@@ -462,6 +462,7 @@ def faulty_async_redis(where: Path, plan: FaultPlan) -> Iterator[Faulty]:
 
 POSTGRES_CALLS = [  # (a piece of the statement, its name), first match wins
     (b"WITH cas AS", "commit"),
+    (b"WITH d AS (UPDATE", "delta"),
     (b"pg_advisory_lock(", "lock"),
     (b"pg_advisory_unlock(", "unlock"),
     (b"SELECT request_id, data FROM", "find-requests"),
@@ -830,13 +831,14 @@ POSTGRES_TRACE = [  # statements, named by what they do
     "commit",  # release
     *["load", "ledger", "users"],  # the three reads
     *["load", "commit"],  # another writer grants alice
-    # the charge loses its compare-and-set; exclusive(): the advisory lock, load, commit
-    *["commit", "lock", "load", "commit"],
+    # the charge loses its compare-and-set, then goes as a delta on what the loss reported
+    *["commit", "delta"],
     *["load", "commit"],  # another writer charges bob
-    *["find", "commit", "lock", "load", "commit"],  # hold bob: likewise
+    # hold bob loses; holds are no delta: exclusive(), the advisory lock, load, commit
+    *["find", "commit", "lock", "load", "commit"],
     *["load", "commit"],  # grant, opening carol
     *["load", "commit"],  # another writer sets carol
-    *["commit", "lock", "load", "commit"],  # charge carol: likewise
+    *["commit", "delta"],  # charge carol: as alice's
 ]
 TRACES = {
     "sqlite": TRACE,
@@ -846,7 +848,7 @@ TRACES = {
     "postgres-async": POSTGRES_TRACE,
 }
 # The calls that write (a fault there may leave the outcome unknown: reply-lost).
-COMMITS = {"COMMIT", "EVALSHA-commit", "commit"}
+COMMITS = {"COMMIT", "EVALSHA-commit", "commit", "delta"}
 
 
 @attrs.frozen

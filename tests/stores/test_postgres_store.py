@@ -603,13 +603,26 @@ def test_an_uncontended_charge_is_one_round_trip(prefix):
 def test_a_lost_compare_and_set_is_retried_under_the_lock(prefix):
     with PostgresStore(POSTGRES_DSN, prefix=prefix, min_size=1, max_size=1) as store:
         manager = BalanceManager(store, CONFIG)
+        manager.grant("u", 1)
+        with PostgresStore(POSTGRES_DSN, prefix=prefix) as other_store:
+            BalanceManager(other_store, CONFIG).charge("u", 5)
+        count = trace_round_trips(store)
+        manager.grant("u", 1)
+        # lost; then under exclusive: lock, load, commit (which also unlocks)
+        assert count() == 4
+        assert_consistent(store, "u", balance=START - 3)
+
+
+def test_a_charge_that_lost_its_compare_and_set_is_retried_as_one_delta(prefix):
+    with PostgresStore(POSTGRES_DSN, prefix=prefix, min_size=1, max_size=1) as store:
+        manager = BalanceManager(store, CONFIG)
         manager.charge("u", 1)
         with PostgresStore(POSTGRES_DSN, prefix=prefix) as other_store:
             BalanceManager(other_store, CONFIG).charge("u", 5)
         count = trace_round_trips(store)
         manager.charge("u", 1)
-        # lost; then under exclusive: lock, load, commit (which also unlocks)
-        assert count() == 4
+        # lost; then the charge applied to the balance the server holds, in one statement
+        assert count() == 2
         assert_consistent(store, "u", balance=START - 7)
 
 
