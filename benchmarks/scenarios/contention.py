@@ -31,16 +31,20 @@ VARIANTS = {
     "sqlite-full": ("store", "store-1", "busy", "flock"),
     "sqlite-normal": ("store", "store-1", "busy", "flock"),
     "redis": ("store", "store-1", "store-retry-only", "cas", "turn", "cas-1"),
-    "postgres": ("store", "store-1", "cas", "turn", "cas-1"),
+    "postgres": ("store", "store-1", "cas", "turn", "delta", "cas-1"),
 }
 MEANING = {
-    "store": "the store through `BalanceManager` (default `RetryPolicy`; in turn after a lost CAS)",
+    "store": (
+        "the store through `BalanceManager` (default `RetryPolicy`; after a lost CAS, "
+        "a charge goes as a delta on PostgreSQL, else in turn)"
+    ),
     "store-1": "the store through `BalanceManager`, one process alone (the same charges)",
     "store-retry-only": "the store with `exclusive` hidden: the retry policy alone",
     "busy": "raw SQLite, `BEGIN IMMEDIATE` waiting only in the busy handler (30 s)",
     "flock": "raw SQLite behind a blocking `fcntl.flock` of a lock file",
     "cas": "the store's commit by hand, retried at once from the reported row, without limit",
     "turn": "by hand, every charge in turn (Redis: lock script, BLPOP; PostgreSQL: advisory lock)",
+    "delta": "PostgreSQL: the store's delta statement by hand, as a hot user's charges go",
     "cas-1": "the raw cas floor, one process alone: what the floor itself keeps with four",
 }
 P99_MS = 50.0
@@ -226,7 +230,7 @@ def run(*, quick: bool, workdir: Path) -> Section:
                 f"{floor_four / floor_alone:.0%} ({fmt(floor_four, 0)} vs "
                 f"{fmt(floor_alone, 0)} ops/s alone)",
             )
-        for variant in ("turn", "cas"):
+        for variant in ("turn", "cas", "delta"):
             if variant in variants:
                 floor = statistics.median(r["ops_per_s"] for r in variants[variant])
                 versus = f"{fmt(floor, 0)} vs {fmt(rate, 0)} ops/s"

@@ -3,9 +3,9 @@
 Each process runs ``worker.py`` with the store's URL and its own manager, so
 only the store keeps them apart. Charges: every one lands exactly once, and
 every commit beyond those that landed was a retry after a lost
-compare-and-set (a delta whose guard failed counts as one). Holds: oversubscribed, they never spend a credit that is
-not there. Threads and tasks on every backend: test_concurrency.py and
-test_holds.py.
+compare-and-set (a delta whose guard failed counts as one). Holds:
+oversubscribed, they never spend a credit that is not there. Threads and
+tasks on every backend: test_concurrency.py and test_holds.py.
 """
 
 from __future__ import annotations
