@@ -32,7 +32,6 @@ logger = logging.getLogger("creditmeter")
 
 Clock = Callable[[], datetime]
 Plan = Callable[[Account | None, datetime], rules.Change]
-DeltaPlan = Callable[[Account, datetime], "rules.Delta | None"]
 Outbox = list[Event] | None
 """The events of one call, told once the user's lock is let go (``None``: nobody listens)."""
 
@@ -56,7 +55,9 @@ class Op(NamedTuple):
 
     ``lenient`` plans the same request without refusing; it tells whether a
     refused request repeats one already applied under its request id.
-    ``delta`` plans it as a ``rules.Delta``, for a store with ``commit_delta``.
+    ``delta`` tells that what ``plan`` returns may go as a ``rules.Delta``
+    (see ``rules.as_delta``) to a store with ``commit_delta``: a charge
+    that is not strict.
     """
 
     user_id: str
@@ -64,7 +65,7 @@ class Op(NamedTuple):
     request_id: str | None = None
     lenient: Plan | None = None
     started: float = 0.0  # time.perf_counter() when the call began, for event durations
-    delta: DeltaPlan | None = None
+    delta: bool = False
 
 
 def unchanged(account: Account) -> rules.Change:
@@ -297,23 +298,8 @@ class ManagerBase:
                 metadata=meta,
             )
 
-        def delta(account: Account, now: datetime) -> rules.Delta | None:
-            return rules.charge_delta(
-                account,
-                user_id,
-                cost,
-                config=config,
-                now=now,
-                new_id=new_id,
-                strict=refuse,
-                request_id=request,
-                model=model_name,
-                usage=tokens,
-                rates=rates,
-                metadata=meta,
-            )
-
         started = time.perf_counter() if self.on_event is not None else 0.0
+        delta = not (refuse and config.enabled)  # a strict charge may refill or refuse
         if not (refuse and request is not None):
             return _new_tuple(Op, (user_id, plan, request, None, started, delta))  # Op(...)
 
@@ -461,7 +447,7 @@ class ManagerBase:
 
         started = time.perf_counter() if self.on_event is not None else 0.0
         return _new_tuple(
-            Op, (held.user_id, plan, rules.HOLD_PREFIX + held.id, None, started, None)
+            Op, (held.user_id, plan, rules.HOLD_PREFIX + held.id, None, started, False)
         )
 
     def _release_op(self, hold: object) -> Op:

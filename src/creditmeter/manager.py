@@ -628,7 +628,7 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         A write the store can take as a delta goes first as one; the rest, and
         a delta the store's guard refused, go through ``_queued``.
         """
-        if op.delta is not None:
+        if op.delta:
             done, first = self._delta(op, account, first, out)
             if done is not None:
                 return done
@@ -686,14 +686,14 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         It is planned on the account the last loss reported, or else on
         ``account``. ``(None, first)`` when the store has no
         ``commit_delta``, no account is known, or the rules cannot plan the
-        write as one (see ``rules.charge_delta``); ``(None, loss)`` when the
+        write as one (see ``rules.as_delta``); ``(None, loss)`` when the
         store's guard refused it. The caller then writes it as usual.
         """
         commit_delta: Callable[..., Any] | None = getattr(self.store, "commit_delta", None)
         start = account if first is None else first.current
-        if commit_delta is None or start is None or op.delta is None:
+        if commit_delta is None or start is None:
             return None, first
-        planned = op.delta(start, self._now())
+        planned = rules.as_delta(start, op.plan(start, self._now()), config=self.config)
         if planned is None:
             return None, first
         if first is not None:

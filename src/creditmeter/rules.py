@@ -50,6 +50,7 @@ __all__ = [
     "Tally",
     "add_interval",
     "admits",
+    "as_delta",
     "charge",
     "charge_delta",
     "check",
@@ -788,19 +789,11 @@ def charge_delta(
 ) -> Delta | None:
     """``charge`` as a ``Delta``, or ``None`` where its outcome depends on more than the balance.
 
-    ``None`` for a user without an account, an account with holds or credit
-    blocks, a strict charge while balances are enabled (it may refill or
-    refuse), and a charge that the seen balance would clamp. Otherwise the
-    floor is the cost when clamping could happen (balances enabled, no
-    negative balance allowed): at or above it the whole cost is taken.
+    ``None`` for a user without an account, a strict charge while balances
+    are enabled (it may refill or refuse), and what ``as_delta`` refuses.
     """
-    if account is None or account.holds or account.blocks or (strict and config.enabled):
+    if account is None or (strict and config.enabled):
         return None
-    floor: Decimal | None = None
-    if config.enabled and not config.allow_negative_balance:
-        if account.balance < cost:
-            return None
-        floor = cost
     change = charge(
         account,
         user_id,
@@ -814,7 +807,28 @@ def charge_delta(
         rates=rates,
         metadata=metadata,
     )
-    return Delta(change, floor)
+    return as_delta(account, change, config=config)
+
+
+def as_delta(seen: Account, change: Change, *, config: BalanceConfig) -> Delta | None:
+    """The change of a charge planned on ``seen`` (not strict), as a ``Delta``; or ``None``.
+
+    ``None`` when ``seen`` has holds or credit blocks (a charge draws on
+    them), or when the seen balance clamped the charge. Otherwise the floor
+    is the cost where clamping could happen (balances enabled, no negative
+    balance allowed): at or above it the whole cost is taken.
+    """
+    if seen.holds or seen.blocks or len(change.entries) != 1:
+        return None
+    entry = change.entries[0]
+    cost = entry.cost
+    if entry.kind is not _CHARGE or cost is None:
+        return None
+    if not config.enabled or config.allow_negative_balance:
+        return Delta(change, None)
+    if entry.amount != cost.copy_negate():  # clamped on the seen balance
+        return None
+    return Delta(change, cost)
 
 
 def rebase(delta: Delta, balance: Decimal, version: int, updated_at: datetime) -> Change:

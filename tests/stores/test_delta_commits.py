@@ -186,6 +186,20 @@ def test_a_charge_the_stored_balance_would_clamp_is_no_delta(prefix, monkeypatch
         assert entry.balance_after == 0
 
 
+def test_a_strict_charge_is_no_delta(prefix, monkeypatch):
+    """A strict charge may refill or refuse: after a loss it is planned again under the lock."""
+    with (
+        PostgresStore(POSTGRES_DSN, prefix=prefix) as one,
+        PostgresStore(POSTGRES_DSN, prefix=prefix, create_schema=False) as two,
+    ):
+        stale = BalanceManager(one, CONFIG)
+        stale.charge("u", 1)
+        BalanceManager(two, CONFIG).charge("u", 1)
+        sent = sent_by(one, monkeypatch)
+        assert stale.charge("u", 1, strict=True).balance_after == START - 3
+        assert sent == ["commit", "lock", "commit"]
+
+
 # --- processes -------------------------------------------------------------------------
 
 PER_WRITER = 150
