@@ -9,6 +9,7 @@ CREDITMETER_REQUIRE_SERVICES=1 (``services.need``).
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import time
@@ -224,7 +225,10 @@ def fresh_prefix(*, restored: bool) -> Iterator[str]:
     """A key prefix of a test's own on the cluster (skip without it), its keys dropped after.
 
     ``restored``: the cluster is put back as ``restore`` leaves it before and
-    after (for tests that move slots or fail masters over).
+    after (for tests that move slots or fail masters over). After the test the
+    garbage is collected, so that a client it left unclosed is reported
+    (ResourceWarning, an error here) against it, not against a later test
+    that happens to trigger the collection (or forks with it).
     """
     need("redis-cluster", reach_cluster)
     if restored:
@@ -234,3 +238,4 @@ def fresh_prefix(*, restored: bool) -> Iterator[str]:
     if restored:
         restore()
     drop_cluster_keys(chosen)
+    gc.collect()
