@@ -5,9 +5,11 @@ prefix and drops its tables afterwards.
 
 - Fork: a store made and used before ``os.fork()`` (multiprocessing's fork
   start), then used by parent and child at once. Each side loads and charges
-  users of its own; every load must return the user asked for, every charge
-  must land once, neither side may hang, and the parent's connections must
-  survive the child closing its store. The scenario runs in a subprocess of
+  users of its own, and both charge one shared user (whose writers lose
+  compare-and-sets to each other, so some charges go as deltas); every load must
+  return the user asked for, every charge must land once, neither side may
+  hang, and the parent's connections must survive the child closing its
+  store. The scenario runs in a subprocess of
   its own (``python tests/stores/test_postgres_lifecycle.py fork sync|async ...``),
   because a shared socket can hang a process in a blocking read. A store on a
   pool the caller gave cannot follow a fork: in the child it raises StoreError.
@@ -61,7 +63,8 @@ TESTS = str(Path(__file__).resolve().parents[1])  # services.py, for this file r
 # Loads per side in the fork scenario (the issue's repro used 500: set this to repeat it).
 FORK_LOADS = int(os.environ.get("CREDITMETER_FORK_LOADS", "200"))
 FORK_USERS = 20  # per side
-CHARGE_EVERY = 5  # every 5th load is followed by a charge
+CHARGE_EVERY = 5  # every 5th load is followed by a charge, and one of SHARED
+SHARED = "shared"  # the user both sides charge
 SIDE_TIMEOUT = 20.0  # seconds one side of the fork scenario may take before it counts as hung
 
 
@@ -95,6 +98,9 @@ def _sync_side(
                 request = f"{user}-{tag}{k}"
                 meter.charge(user, 1, request_id=request)
                 result["charged"].append(request)
+                shared = f"{SHARED}-{tag}{k}"  # both sides charge it: deltas after losses
+                meter.charge(SHARED, 1, request_id=shared)
+                result["charged"].append(shared)
         except Exception as exc:
             _error(result, exc)
 
@@ -112,6 +118,9 @@ async def _async_side(
                 request = f"{user}-{tag}{k}"
                 await meter.charge(user, 1, request_id=request)
                 result["charged"].append(request)
+                shared = f"{SHARED}-{tag}{k}"
+                await meter.charge(SHARED, 1, request_id=shared)
+                result["charged"].append(shared)
         except Exception as exc:
             _error(result, exc)
 
@@ -139,6 +148,7 @@ def _fork_scenario(kind: str, prefix: str, loads: int) -> dict[str, Any]:
             POSTGRES_DSN, prefix=prefix, min_size=2, max_size=4, application_name=app
         )
         meter = BalanceManager(store, CONFIG)
+        meter.balance(SHARED)
         for name in "pc":
             for i in range(FORK_USERS):
                 meter.balance(f"{name}-{i}")
@@ -159,6 +169,7 @@ def _fork_scenario(kind: str, prefix: str, loads: int) -> dict[str, Any]:
                 POSTGRES_DSN, prefix=prefix, min_size=2, max_size=4, application_name=app
             )
             async_meter = AsyncBalanceManager(opened, CONFIG)
+            await async_meter.balance(SHARED)
             for name in "pc":
                 for i in range(FORK_USERS):
                     await async_meter.balance(f"{name}-{i}")
@@ -254,14 +265,18 @@ def prefix():
 
 
 def check_ledgers(prefix: str, users: list[str]) -> dict[str, list[str]]:
-    """Assert every user's ledger sums to its balance; return each user's request ids."""
+    """Assert every user's ledger chains and sums to its balance; return its request ids."""
     requests: dict[str, list[str]] = {}
     with PostgresStore(POSTGRES_DSN, prefix=prefix, create_schema=False) as store:
         for user in users:
             account = store.load(user)
             assert account is not None, user
             entries = store.ledger(user)
-            assert sum(entry.amount for entry in entries) == account.balance, user
+            running = Decimal(0)
+            for entry in entries:
+                running += entry.amount
+                assert entry.balance_after == running, (user, entry)
+            assert running == account.balance, user
             requests[user] = [entry.request_id for entry in entries if entry.request_id]
     return requests
 
@@ -288,7 +303,7 @@ def test_a_store_used_before_fork_serves_parent_and_child_apart(kind, prefix):
     after = report["after"]
     assert (after["wrong"], after["errors"], after["hung"]) == (0, {}, False), counts
     # Every charge landed exactly once, on the user it was for.
-    users = [f"{side}-{i}" for side in "pc" for i in range(FORK_USERS)]
+    users = [f"{side}-{i}" for side in "pc" for i in range(FORK_USERS)] + [SHARED]
     found = check_ledgers(prefix, users)
     charged = report["parent"]["charged"] + report["child"]["charged"] + after["charged"]
     assert sorted(r for ids in found.values() for r in ids) == sorted(charged)
