@@ -39,9 +39,9 @@ def reach_cluster() -> None:
             raise RuntimeError("cluster_state is not ok")
 
 
-def nodes() -> list[dict[str, Any]]:
-    """``CLUSTER NODES`` of node 7000, parsed: id, port, master (bool), master_id, slots."""
-    with node(7000) as client:
+def nodes(port: int = 7000) -> list[dict[str, Any]]:
+    """``CLUSTER NODES`` of one node (7000), parsed: id, port, master (bool), master_id, slots."""
+    with node(port) as client:
         parsed = client.execute_command("CLUSTER NODES")  # redis-py parses it into a dict
     found = []
     for address, fields in parsed.items():
@@ -97,17 +97,34 @@ def wait_replicated(master_port: int) -> None:
         time.sleep(0.05)
 
 
+def _view(port: int) -> tuple[Any, ...]:
+    """What one node believes: its state and epoch, and each node's role, master and slots."""
+    with node(port) as client:
+        info = client.cluster("info")
+    listed = sorted(
+        (found["id"], found["master"], found["failed"], found["master_id"], str(found["slots"]))
+        for found in nodes(port)
+    )
+    return info.get("cluster_state"), info.get("cluster_current_epoch"), tuple(listed)
+
+
 def wait_ok(deadline: float = SETTLE) -> None:
-    """Wait until every node reports ``cluster_state:ok`` and agrees on one master per shard."""
+    """Wait until every node reports ``cluster_state:ok`` and all hold the same view.
+
+    The same view: one current epoch, and the same role, master and slots
+    for every node, with three masters serving slots and none failed. A
+    failover started before gossip has carried the last one to every node
+    can win its election and be undone at once by a node with the newer
+    configuration (seen on CI), so tests that disturb the cluster wait for this.
+    """
     end = time.monotonic() + deadline
     while True:
         try:
-            states = []
-            for port in PORTS:
-                with node(port) as client:
-                    states.append(client.cluster("info").get("cluster_state"))
-            masters = [found for found in nodes() if found["master"] and found["slots"]]
-            if all(state == "ok" for state in states) and len(masters) == 3:
+            views = {_view(port) for port in PORTS}
+            (state, _, listed), *others = views
+            masters = [entry for entry in listed if entry[1] and entry[4] != "[]"]
+            failed = [entry for entry in listed if entry[2]]
+            if not others and state == "ok" and len(masters) == 3 and not failed:
                 return
         except Exception:
             pass
@@ -117,7 +134,11 @@ def wait_ok(deadline: float = SETTLE) -> None:
 
 
 def failover(replica_port: int, *, force: bool = False) -> None:
-    """Make the replica on ``replica_port`` its master's master (``CLUSTER FAILOVER``)."""
+    """Make the replica on ``replica_port`` its master's master (``CLUSTER FAILOVER``).
+
+    Returns once the replica is a master in 7000's view; ``wait_ok`` then
+    tells when every node agrees.
+    """
     with node(replica_port) as client:
         if force:
             client.execute_command("CLUSTER FAILOVER FORCE")
