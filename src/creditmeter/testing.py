@@ -372,6 +372,33 @@ class StoreContract:
         assert store.load("alice") == make_account(version=1)
         assert store.ledger("alice") == [first_entry]
 
+    def test_a_request_id_twice_in_one_commit_is_a_duplicate(self, store: BalanceStore) -> None:
+        """One commit repeating a request id among its entries writes nothing."""
+        first = make_account(version=1)
+        _commit(store, first)
+        twice = [
+            make_entry(balance_after=Decimal(101), request_id="r"),
+            make_entry(balance_after=Decimal(102), request_id="r"),
+        ]
+        with _raises(DuplicateRequest) as caught:
+            _commit(store, make_account(version=2, balance=Decimal(102)), twice, expected=1)
+        assert caught.value.request_id == "r"
+        assert store.load("alice") == first
+        assert store.ledger("alice") == []
+        assert store.find_request("alice", "r") is None
+
+    def test_a_commit_without_entries_changes_only_the_account(self, store: BalanceStore) -> None:
+        """A write of the account alone (a hold, say) keeps the ledger and its request ids."""
+        entry = make_entry(balance_after=Decimal(100), request_id="r")
+        _commit(store, make_account(version=1), [entry])
+        held = make_account(version=2, balance=Decimal(90))
+        _commit(store, held, expected=1)
+        with _raises(VersionConflict):  # stale: the version moved on
+            _commit(store, make_account(version=2, balance=Decimal(7)), expected=1)
+        assert store.load("alice") == held
+        assert store.ledger("alice") == [entry]
+        assert store.find_request("alice", "r") == entry
+
     def test_request_ids_are_per_user(self, store: BalanceStore) -> None:
         """Two users may use the same request id."""
         _commit(

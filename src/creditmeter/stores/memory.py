@@ -233,7 +233,44 @@ class MemoryStore:
         """With the lock held: one write, applied (``None``) or what it met (nothing written)."""
         user_id = account.user_id
         requests = self._requests
-        packed = [_pack(entry) for entry in entries]
+        mine: dict[str, Packed] | DuplicateRequest | None
+        if len(entries) == 1:  # a charge or a grant: the usual write, without a loop
+            (entry,) = entries
+            packed = [_pack(entry)]
+            request_id = entry.request_id
+            mine = None
+            if request_id is not None:
+                found = requests.get((user_id, request_id))
+                if found is not None:
+                    return DuplicateRequest(user_id, request_id, entry=_unpack(found))
+                mine = {request_id: packed[0]}
+        else:  # none (a hold, or a drop of one), or several
+            packed = [_pack(entry) for entry in entries]
+            mine = self._new_requests(user_id, entries, packed)
+            if isinstance(mine, DuplicateRequest):
+                return mine
+        accounts = self._accounts
+        current = accounts.get(user_id)
+        if (None if current is None else current.version) != expected_version:
+            return VersionConflict(user_id, expected=expected_version, current=current)
+        accounts[user_id] = account
+        ledger = self._ledgers.get(user_id)
+        if ledger is None:  # the user's first commit: the account is new
+            ledger = self._ledgers[user_id] = []
+            self._new_users.append(user_id)
+        if packed:
+            ledger.extend(packed)
+            self._log.extend(packed)
+            if mine is not None:
+                for request_id, row in mine.items():
+                    requests[user_id, request_id] = row
+        return None
+
+    def _new_requests(
+        self, user_id: str, entries: Sequence[LedgerEntry], packed: list[Packed]
+    ) -> dict[str, Packed] | DuplicateRequest | None:
+        """The request ids of a write's entries, or the first that repeats one recorded."""
+        requests = self._requests
         mine: dict[str, Packed] | None = None  # request ids earlier in this write
         for entry, row in zip(entries, packed, strict=True):
             request_id = entry.request_id
@@ -246,21 +283,7 @@ class MemoryStore:
                 if mine is None:
                     mine = {}
                 mine[request_id] = row
-        accounts = self._accounts
-        current = accounts.get(user_id)
-        if (None if current is None else current.version) != expected_version:
-            return VersionConflict(user_id, expected=expected_version, current=current)
-        accounts[user_id] = account
-        ledger = self._ledgers.get(user_id)
-        if ledger is None:  # the user's first commit: the account is new
-            ledger = self._ledgers[user_id] = []
-            self._new_users.append(user_id)
-        ledger.extend(packed)
-        self._log.extend(packed)
-        if mine is not None:
-            for request_id, row in mine.items():
-                requests[user_id, request_id] = row
-        return None
+        return mine
 
     def find_request(self, user_id: str, request_id: str) -> LedgerEntry | None:
         """Return the entry recorded under ``request_id``, if any."""
