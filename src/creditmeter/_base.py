@@ -408,7 +408,7 @@ class ManagerBase:
                     made[:] = (self._found_hold(change, hold_id),)
             return change
 
-        return Op(user_id, plan, None, started=ask.started)
+        return _new_tuple(Op, (user_id, plan, None, None, ask.started, False))  # Op(...)
 
     def _settle_op(
         self,

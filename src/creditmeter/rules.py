@@ -903,26 +903,30 @@ def hold(
         and not refill_due(account, config=config, now=now, cost=amount)
     ):
         # The common case, without a draft: nothing opens, expires or refills.
-        available = account.available
-        if config.enabled and available < amount:
+        if config.enabled and account.available < amount:
             raise InsufficientBalance(
-                user_id, balance=account.balance, available=available, cost=amount
+                user_id, balance=account.balance, available=account.available, cost=amount
             )
         made = build_hold(hold_id, user_id, amount, now, _hold_expiry(now, ttl))
         holds, new_total = _with_hold(account.holds, account.held, made)
-        return _new_tuple(
+        version, updated = account.version, account.updated_at
+        return _new_tuple(  # _next_version written out, as in _charged
             Change,
             (
-                _next_version(
-                    account,
+                build_account(
+                    account.user_id,
                     account.balance,
-                    now,
+                    version + 1,
+                    account.created_at,
+                    now if now > updated else updated,  # noqa: FURB136 - max() costs a call here
                     account.last_refill,
-                    holds=holds,
-                    held=new_total,
+                    account.refill,
+                    holds,
+                    new_total,
+                    (),  # none: the fast path runs only without blocks
                 ),
                 (),
-                account.version,
+                version,
             ),
         )
     draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)
@@ -1005,10 +1009,15 @@ def settle(
     ):
         # The common case, without a draft: the hold is open and none has expired.
         holds = account.holds
-        index = _hold_index(holds, hold)
+        # Holds are in order of expiry: the one settled is most often the first.
+        first = holds[0]
+        if first.id == hold.id and first.expires_at == hold.expires_at:  # as _hold_index
+            index: int | None = 0
+        else:
+            index = _hold_index(holds, hold)
         if index is not None:
             held = EXACT.subtract(account.held, holds[index].amount)
-            holds = holds[:index] + holds[index + 1 :]
+            holds = holds[1:] if index == 0 else holds[:index] + holds[index + 1 :]
             balance = account.balance
             applied = _applied(cost, EXACT.subtract(balance, held) if holds else balance, config)
             request = HOLD_PREFIX + hold.id

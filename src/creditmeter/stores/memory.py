@@ -227,24 +227,25 @@ class MemoryStore:
         with self._lock:
             return [self._commit_one(*write) for write in writes]
 
-    def _commit_one(
+    def _commit_one(  # noqa: C901 - flat on purpose: the hot path of every write
         self, account: Account, entries: Sequence[LedgerEntry], expected_version: int | None
     ) -> WriteOutcome:
         """With the lock held: one write, applied (``None``) or what it met (nothing written)."""
         user_id = account.user_id
         requests = self._requests
-        mine: dict[str, Packed] | DuplicateRequest | None
-        if len(entries) == 1:  # a charge or a grant: the usual write, without a loop
+        mine: dict[str, Packed] | DuplicateRequest | None = None
+        if not entries:  # a hold, or a drop of one: the account alone
+            packed = []
+        elif len(entries) == 1:  # a charge or a grant: the usual write, without a loop
             (entry,) = entries
             packed = [_pack(entry)]
             request_id = entry.request_id
-            mine = None
             if request_id is not None:
                 found = requests.get((user_id, request_id))
                 if found is not None:
                     return DuplicateRequest(user_id, request_id, entry=_unpack(found))
                 mine = {request_id: packed[0]}
-        else:  # none (a hold, or a drop of one), or several
+        else:
             packed = [_pack(entry) for entry in entries]
             mine = self._new_requests(user_id, entries, packed)
             if isinstance(mine, DuplicateRequest):
