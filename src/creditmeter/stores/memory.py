@@ -233,7 +233,7 @@ class MemoryStore:
         """With the lock held: one write, applied (``None``) or what it met (nothing written)."""
         user_id = account.user_id
         requests = self._requests
-        mine: dict[str, Packed] | DuplicateRequest | None = None
+        mine: dict[str, Packed] | None = None  # request ids in this write
         if not entries:  # a hold, or a drop of one: the account alone
             packed = []
         elif len(entries) == 1:  # a charge or a grant: the usual write, without a loop
@@ -247,9 +247,10 @@ class MemoryStore:
                 mine = {request_id: packed[0]}
         else:
             packed = [_pack(entry) for entry in entries]
-            mine = self._new_requests(user_id, entries, packed)
-            if isinstance(mine, DuplicateRequest):
-                return mine
+            recorded = self._new_requests(user_id, entries, packed)
+            if isinstance(recorded, DuplicateRequest):
+                return recorded
+            mine = recorded
         accounts = self._accounts
         current = accounts.get(user_id)
         if (None if current is None else current.version) != expected_version:
