@@ -20,6 +20,9 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 MAX_DECIMAL_PLACES = 30
 _ZERO = Decimal(0)
 _MAX_INT = 10**15
+# Decimals are immutable: the small whole amounts most calls pass are made once.
+_SMALL_LIMIT = 1024
+_SMALL = tuple(Decimal(number) for number in range(_SMALL_LIMIT))
 
 
 def amount(value: Any, *, name: str = "amount", positive: bool = False) -> Decimal:  # noqa: C901
@@ -32,7 +35,8 @@ def amount(value: Any, *, name: str = "amount", positive: bool = False) -> Decim
     cls = type(value)
     if cls is int:
         if 0 <= value <= _MAX_INT and (value or not positive):
-            return Decimal(value)  # the common case: whole numbers have no places to check
+            # The common case: whole numbers have no places to check.
+            return _SMALL[value] if value < _SMALL_LIMIT else Decimal(value)
         result = Decimal(value)
     elif cls is Decimal:
         if not value.is_finite():

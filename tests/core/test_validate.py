@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
 from creditmeter import _validate
@@ -44,3 +46,21 @@ def test_request_ids_do_not_fill_the_cache_of_clean_strings() -> None:
     assert not any(key.startswith("request-") for key in _validate._CLEAN)
     with pytest.raises(InvalidInput, match="control characters"):
         meter.charge("u", 1, request_id="request-\x00")
+
+
+@pytest.mark.parametrize("number", [0, 1, 7, 1023, 1024, 10**15])
+def test_whole_amounts_come_back_as_the_same_decimal_whether_made_once_or_now(number: int) -> None:
+    """Tried: zero, small amounts made once at import, the first one made per call, the most."""
+    made = _validate.amount(number)
+    assert type(made) is Decimal
+    assert str(made) == str(Decimal(number))  # the same digits and exponent, not only equal
+    assert made.as_tuple() == Decimal(number).as_tuple()
+
+
+@pytest.mark.parametrize("bad", [-1, 10**15 + 1, True])
+def test_whole_amounts_out_of_range_are_refused(bad: int) -> None:
+    """Tried: below zero, above 10**15, and a bool (an int subclass)."""
+    with pytest.raises(InvalidInput):
+        _validate.amount(bad)
+    with pytest.raises(InvalidInput):
+        _validate.amount(0, positive=True)
