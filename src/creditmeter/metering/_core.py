@@ -88,6 +88,9 @@ def _getter(func: Callable[..., Any], spec: object, what: str) -> Getter | None:
     return lambda _args, kwargs: kwargs.get(spec, default)
 
 
+_new_tuple = tuple.__new__  # a NamedTuple without its generated __new__: made per call
+
+
 class _Call(NamedTuple):
     """What the checks before a call learned, for the charge after it (a tuple: made per call)."""
 
@@ -135,7 +138,7 @@ class _Meter:
         max_tokens = self.max_tokens(args, kwargs) if self.max_tokens is not None else None
         if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 0):
             max_tokens = None  # not a token limit this library can price
-        return _Call(user, model, estimate, request_id, max_tokens)
+        return _new_tuple(_Call, (user, model, estimate, request_id, max_tokens))  # _Call(...)
 
     def read_usage(self, result: Any) -> TokenUsage | None:
         if self.usage is not None:
