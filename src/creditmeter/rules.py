@@ -909,24 +909,19 @@ def hold(
             )
         made = build_hold(hold_id, user_id, amount, now, _hold_expiry(now, ttl))
         holds, new_total = _with_hold(account.holds, account.held, made)
-        version, updated = account.version, account.updated_at
-        return _new_tuple(  # _next_version written out, as in _charged
+        return _new_tuple(
             Change,
             (
-                build_account(
-                    account.user_id,
+                _next_version(
+                    account,
                     account.balance,
-                    version + 1,
-                    account.created_at,
-                    now if now > updated else updated,  # noqa: FURB136 - max() costs a call here
+                    now,
                     account.last_refill,
-                    account.refill,
-                    holds,
-                    new_total,
-                    (),  # none: the fast path runs only without blocks
+                    holds=holds,
+                    held=new_total,
                 ),
                 (),
-                version,
+                account.version,
             ),
         )
     draft = _Draft(account, user_id, config=config, now=now, new_id=new_id)

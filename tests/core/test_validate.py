@@ -57,10 +57,10 @@ def test_whole_amounts_come_back_as_the_same_decimal_whether_made_once_or_now(nu
     assert made.as_tuple() == Decimal(number).as_tuple()
 
 
-@pytest.mark.parametrize("bad", [-1, 10**15 + 1, True])
-def test_whole_amounts_out_of_range_are_refused(bad: int) -> None:
-    """Tried: below zero, above 10**15, and a bool (an int subclass)."""
+@pytest.mark.parametrize(
+    ("bad", "positive"), [(-1, False), (10**15 + 1, False), (True, False), (0, True)]
+)
+def test_whole_amounts_out_of_range_are_refused(bad: int, positive: bool) -> None:
+    """Tried: below zero, above 10**15, a bool (an int subclass), zero where positive is asked."""
     with pytest.raises(InvalidInput):
-        _validate.amount(bad)
-    with pytest.raises(InvalidInput):
-        _validate.amount(0, positive=True)
+        _validate.amount(bad, positive=positive)
