@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from creditmeter._exact import EXACT
+from creditmeter._settable import check_builder, settable
 from creditmeter.config import RefillSettings
 from creditmeter.pricing import Rates
 from creditmeter.usage import TokenUsage
@@ -181,56 +182,9 @@ class BalanceCheck:
 
 # --- building records on the hot path ------------------------------------------------
 #
-# attrs' generated ``__init__`` of a frozen slotted class sets each field through
-# ``object.__setattr__`` by name: measured here at 2.3 us for a ``LedgerEntry`` where
-# setting its slots through their descriptors takes 1.0 us, a fifth of a whole
-# in-memory charge. The rules build an entry and an account on every charge, from
-# values they have checked, so they use these builders: the very same objects (equal,
-# hashed and printed alike), positional. An import-time check keeps the field lists in
-# step with the classes.
-
-_new = object.__new__
-
-
-def _setters(cls: type, names: str) -> tuple[Any, ...]:
-    declared = tuple(field.name for field in attrs.fields(cls))
-    if declared != tuple(names.split()):  # pragma: no cover - fails at import on any change
-        raise AssertionError(f"build_{cls.__name__}: the fields are now {declared}")
-    return tuple(cls.__dict__[name].__set__ for name in declared)
-
-
-(
-    _e_id,
-    _e_user_id,
-    _e_kind,
-    _e_amount,
-    _e_balance_after,
-    _e_at,
-    _e_request_id,
-    _e_model,
-    _e_usage,
-    _e_cost,
-    _e_rates,
-    _e_metadata,
-    _e_drawn,
-) = _setters(
-    LedgerEntry,
-    "id user_id kind amount balance_after at request_id model usage cost rates metadata drawn",
-)
-(
-    _a_user_id,
-    _a_balance,
-    _a_version,
-    _a_created_at,
-    _a_updated_at,
-    _a_last_refill,
-    _a_refill,
-    _a_holds,
-    _a_held,
-    _a_blocks,
-) = _setters(
-    Account, "user_id balance version created_at updated_at last_refill refill holds held blocks"
-)
+# The rules build an entry and an account on every charge, from values they have
+# checked: these builders make the very records the attrs constructors make,
+# positionally, in a sixth of the time (see ``_settable``).
 
 
 def build_entry(  # noqa: PLR0917 - one argument per field, as the class has
@@ -248,22 +202,23 @@ def build_entry(  # noqa: PLR0917 - one argument per field, as the class has
     metadata: dict[str, Any] | None = None,
     drawn: tuple[tuple[str, Decimal], ...] = (),
 ) -> LedgerEntry:
-    """``LedgerEntry(...)`` from checked values, positionally, in half the time."""
-    entry: LedgerEntry = _new(LedgerEntry)
-    _e_id(entry, id)
-    _e_user_id(entry, user_id)
-    _e_kind(entry, kind)
-    _e_amount(entry, amount)
-    _e_balance_after(entry, balance_after)
-    _e_at(entry, at)
-    _e_request_id(entry, request_id)
-    _e_model(entry, model)
-    _e_usage(entry, usage)
-    _e_cost(entry, cost)
-    _e_rates(entry, rates)
-    _e_metadata(entry, metadata)
-    _e_drawn(entry, drawn)
-    return entry
+    """``LedgerEntry(...)`` from checked values, positionally, in a sixth of the time."""
+    entry = _new(_SettableEntry)
+    entry.id = id
+    entry.user_id = user_id
+    entry.kind = kind
+    entry.amount = amount
+    entry.balance_after = balance_after
+    entry.at = at
+    entry.request_id = request_id
+    entry.model = model
+    entry.usage = usage
+    entry.cost = cost
+    entry.rates = rates
+    entry.metadata = metadata
+    entry.drawn = drawn
+    entry.__class__ = LedgerEntry
+    return entry  # type: ignore[no-any-return]
 
 
 def build_account(  # noqa: PLR0917 - one argument per field, as the class has
@@ -279,23 +234,19 @@ def build_account(  # noqa: PLR0917 - one argument per field, as the class has
     blocks: tuple[CreditBlock, ...] = (),
 ) -> Account:
     """``Account(...)`` from checked values, positionally; ``held`` must be the holds' total."""
-    account: Account = _new(Account)
-    _a_user_id(account, user_id)
-    _a_balance(account, balance)
-    _a_version(account, version)
-    _a_created_at(account, created_at)
-    _a_updated_at(account, updated_at)
-    _a_last_refill(account, last_refill)
-    _a_refill(account, refill)
-    _a_holds(account, holds)
-    _a_held(account, held)
-    _a_blocks(account, blocks)
-    return account
-
-
-_h_id, _h_user_id, _h_amount, _h_created_at, _h_expires_at, _h_request_id = _setters(
-    Hold, "id user_id amount created_at expires_at request_id"
-)
+    account = _new(_SettableAccount)
+    account.user_id = user_id
+    account.balance = balance
+    account.version = version
+    account.created_at = created_at
+    account.updated_at = updated_at
+    account.last_refill = last_refill
+    account.refill = refill
+    account.holds = holds
+    account.held = held
+    account.blocks = blocks
+    account.__class__ = Account
+    return account  # type: ignore[no-any-return]
 
 
 def build_hold(  # noqa: PLR0917 - one argument per field, as the class has
@@ -307,11 +258,21 @@ def build_hold(  # noqa: PLR0917 - one argument per field, as the class has
     request_id: str | None = None,
 ) -> Hold:
     """``Hold(...)`` from checked values, positionally."""
-    hold: Hold = _new(Hold)
-    _h_id(hold, id)
-    _h_user_id(hold, user_id)
-    _h_amount(hold, amount)
-    _h_created_at(hold, created_at)
-    _h_expires_at(hold, expires_at)
-    _h_request_id(hold, request_id)
-    return hold
+    hold = _new(_SettableHold)
+    hold.id = id
+    hold.user_id = user_id
+    hold.amount = amount
+    hold.created_at = created_at
+    hold.expires_at = expires_at
+    hold.request_id = request_id
+    hold.__class__ = Hold
+    return hold  # type: ignore[no-any-return]
+
+
+_new = object.__new__
+_SettableEntry = settable(LedgerEntry)
+_SettableAccount = settable(Account)
+_SettableHold = settable(Hold)
+check_builder(LedgerEntry, build_entry)
+check_builder(Account, build_account)
+check_builder(Hold, build_hold)

@@ -13,6 +13,7 @@ from typing import Any, TypeGuard
 
 import attrs
 
+from creditmeter._settable import check_builder, settable
 from creditmeter.exceptions import InvalidInput
 
 __all__ = ["MAX_TOKENS", "StreamUsage", "TokenUsage", "usage_from_stream"]
@@ -148,22 +149,23 @@ def _count(obj: Any, name: str, *, where: str, required: bool = True) -> int:
     return value
 
 
-_set_input, _set_output, _set_cache_write, _set_cache_read = (
-    TokenUsage.__dict__[name].__set__ for name in ("input", "output", "cache_write", "cache_read")
-)
-
-
 def counted_usage(input: int, output: int, cache_write: int, cache_read: int) -> TokenUsage:  # noqa: A002
     """``TokenUsage`` of counts that ``_count`` (or ``_cached_part``) checked already.
 
     Its own validators would check them again: a quarter of reading a response.
     """
-    usage: TokenUsage = object.__new__(TokenUsage)
-    _set_input(usage, input)
-    _set_output(usage, output)
-    _set_cache_write(usage, cache_write)
-    _set_cache_read(usage, cache_read)
-    return usage
+    usage = _new(_SettableUsage)
+    usage.input = input
+    usage.output = output
+    usage.cache_write = cache_write
+    usage.cache_read = cache_read
+    usage.__class__ = TokenUsage
+    return usage  # type: ignore[no-any-return]
+
+
+_new = object.__new__
+_SettableUsage = settable(TokenUsage)
+check_builder(TokenUsage, counted_usage)
 
 
 def _cached_part(total: int, cached: int, *, where: str) -> int:

@@ -1209,10 +1209,14 @@ def test_counts_read_from_responses_build_the_same_usage() -> None:
 
     built = counted_usage(1000, 200, 30, 500)
     made = TokenUsage(input=1000, output=200, cache_write=30, cache_read=500)
+    assert type(built) is TokenUsage  # not the subclass it was built as
     assert built == made
     assert hash(built) == hash(made)
     assert repr(built) == repr(made)
     assert built.prompt_total == 1530
+    assert built + made == TokenUsage(input=2000, output=400, cache_write=60, cache_read=1000)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        built.input = 0  # type: ignore[misc]
 
 
 # The ChatCompletion fast path must give what the general reader gives, or step aside.
