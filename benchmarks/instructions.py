@@ -1,8 +1,10 @@
 """Instructions per call of the in-process operations, counted by valgrind's callgrind.
 
 Timings on a shared or slow machine move by more than the few percent a
-change to the hot path is worth; callgrind's instruction counts do not (the
-same count to within 0.5% run to run). Each operation runs twice under
+change to the hot path is worth; callgrind's instruction counts do not. The
+children run with address-space randomisation off (``setarch -R``), where it
+can be turned off: then objects hashed by address land in the same dict slots
+every run, and a count repeats to the instruction. Each operation runs twice under
 callgrind, after the same set-up and warm-up: once with no calls and once with
 ``--calls`` calls; the difference over the calls is its count per call.
 
@@ -32,6 +34,7 @@ from harness.responses import RESPONSE
 from creditmeter import BalanceConfig, BalanceManager, MemoryStore, SQLiteStore, TokenUsage
 
 WARM_UP = 300
+_NO_RANDOM_ADDRESSES = ["setarch", "-R"] if shutil.which("setarch") else []
 
 
 def _operations(workdir: Path) -> dict[str, Callable[[], Callable[[], object]]]:
@@ -110,6 +113,7 @@ def _count(name: str, calls: int) -> int:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "callgrind.out"
         command = [
+            *_NO_RANDOM_ADDRESSES,
             "valgrind",
             "--tool=callgrind",
             f"--callgrind-out-file={out}",
