@@ -346,7 +346,9 @@ def _with_hold(
     holds: tuple[Hold, ...], held: Decimal, hold: Hold
 ) -> tuple[tuple[Hold, ...], Decimal]:
     """``holds`` with ``hold`` added in order of expiry, and their new total."""
-    if not holds or holds[-1].expires_at <= hold.expires_at:  # the usual place: last
+    if not holds:  # the total of one hold is its amount
+        return (hold,), hold.amount
+    if holds[-1].expires_at <= hold.expires_at:  # the usual place: last
         return (*holds, hold), EXACT.add(held, hold.amount)
     added = list(holds)
     bisect.insort_right(added, hold, key=_expiry)
@@ -900,7 +902,11 @@ def hold(
         and request_id is None
         and not account.blocks
         and (not account.holds or account.holds[0].expires_at > now)
-        and not refill_due(account, config=config, now=now, cost=amount)
+        # No refill can be due without refill settings; else ask refill_due.
+        and (
+            (account.refill is None and not config.auto_refill_enabled)
+            or not refill_due(account, config=config, now=now, cost=amount)
+        )
     ):
         # The common case, without a draft: nothing opens, expires or refills.
         if config.enabled and account.available < amount:
@@ -1011,8 +1017,11 @@ def settle(
         else:
             index = _hold_index(holds, hold)
         if index is not None:
-            held = EXACT.subtract(account.held, holds[index].amount)
-            holds = holds[1:] if index == 0 else holds[:index] + holds[index + 1 :]
+            if len(holds) == 1:  # the last open hold: none is left to total
+                held, holds = _ZERO, ()
+            else:
+                held = EXACT.subtract(account.held, holds[index].amount)
+                holds = holds[1:] if index == 0 else holds[:index] + holds[index + 1 :]
             balance = account.balance
             applied = _applied(cost, EXACT.subtract(balance, held) if holds else balance, config)
             request = HOLD_PREFIX + hold.id

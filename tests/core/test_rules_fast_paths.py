@@ -129,3 +129,62 @@ def test_hold_fast_path_equals_the_draft(account, amount, config, minutes) -> No
         expiries = [h.expires_at for h in made.account.holds]
         assert expiries == sorted(expiries)
         assert made.account == attrs.evolve(made.account)  # a well-formed record
+
+
+refill_configs = st.builds(
+    BalanceConfig,
+    enabled=st.booleans(),
+    auto_refill_enabled=st.booleans(),
+    refill_amount=st.sampled_from([0, 5, 1000]),
+    refill_interval_value=st.integers(1, 3),
+    refill_interval_unit=st.sampled_from(["minutes", "hours", "days"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(accounts(), amounts, refill_configs, st.integers(0, 60 * 24 * 5))
+def test_hold_skips_refill_due_only_where_none_can_be_due(account, amount, config, minutes) -> None:  # type: ignore[no-untyped-def]
+    """``hold``'s fast path asks ``refill_due`` only when refill settings are on somewhere."""
+    account = attrs.evolve(account, last_refill=NOW - timedelta(minutes=minutes))
+    if account.refill is None and not config.auto_refill_enabled:
+        assert rules.refill_due(account, config=config, now=NOW, cost=amount) == 0
+    fast = _outcome(
+        lambda: rules.hold(
+            account,
+            "u",
+            amount,
+            hold_id="new",
+            ttl=timedelta(minutes=5),
+            config=config,
+            now=NOW,
+            new_id=ids(),
+        )
+    )
+    draft = rules._Draft(account, "u", config=config, now=NOW, new_id=ids())
+
+    def general() -> rules.Change:
+        if config.enabled:
+            rules._apply_refill(draft, config=config, now=NOW, new_id=ids(), cost=amount)
+            if draft.available < amount:
+                raise InsufficientBalance(
+                    "u", balance=draft.balance, available=draft.available, cost=amount
+                )
+        draft.put_hold(
+            Hold(
+                id="new",
+                user_id="u",
+                amount=amount,
+                created_at=NOW,
+                expires_at=NOW + timedelta(minutes=5),
+            )
+        )
+        return draft.finish(NOW)
+
+    expected = _outcome(general)
+    if isinstance(fast, rules.Change) and isinstance(expected, rules.Change):
+        assert fast.account == expected.account
+        assert [(e.kind, e.amount) for e in fast.entries] == [
+            (e.kind, e.amount) for e in expected.entries
+        ]
+    else:
+        assert fast == expected
