@@ -1167,8 +1167,10 @@ def admits(account: Account, now: datetime, *, config: BalanceConfig) -> bool:
     the caller then runs the full check, which writes a due refill, or
     refuses with the details.
     """
-    view = open_holds(account, now)
-    if refill_due(view, config=config, now=now):
+    view = open_holds(account, now) if account.holds or account.blocks else account
+    # No refill can be due without refill settings on the account or in the config.
+    may_refill = view.refill is not None or config.auto_refill_enabled
+    if may_refill and refill_due(view, config=config, now=now):
         return False
     return not config.enabled or view.available > _ZERO
 

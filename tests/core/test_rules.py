@@ -8,9 +8,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import attrs
 import pytest
 
 from creditmeter import (
+    Account,
     BalanceConfig,
     EntryKind,
     IdempotencyConflict,
@@ -145,6 +147,15 @@ def test_admits_answers_from_a_read_only_when_the_full_check_would_allow_without
     now = datetime(2025, 1, 10, tzinfo=UTC)
     on, off = BalanceConfig(enabled=True), BalanceConfig(enabled=False)
     refilling = BalanceConfig(**REFILL)
+    interval = BalanceConfig(enabled=True, refill_mode="on_interval")
+
+    def own(last_refill: datetime) -> Account:
+        settings = RefillSettings(
+            enabled=True, amount=Decimal(500), interval_value=1, interval_unit="days"
+        )
+        made = make_account(balance=Decimal(5), last_refill=last_refill)
+        return attrs.evolve(made, refill=settings)
+
     held = rules.hold(
         make_account(balance=Decimal(5)),
         "alice",
@@ -173,6 +184,10 @@ def test_admits_answers_from_a_read_only_when_the_full_check_would_allow_without
         (expiring, on, False),  # what is left expired
         (make_account(balance=Decimal(5), last_refill=now - timedelta(days=2)), refilling, True),
         (make_account(balance=Decimal(0), last_refill=now - timedelta(days=2)), refilling, False),
+        # Refills off in the config but on for this account: a due refill is written first.
+        (own(now - timedelta(days=2)), interval, False),
+        (own(now - timedelta(hours=2)), interval, True),
+        (make_account(balance=Decimal(5), last_refill=now - timedelta(days=2)), interval, True),
     ]
     for account, config, expected in cases:
         assert rules.admits(account, now, config=config) is expected
