@@ -362,7 +362,7 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         (a refill due, a refusal) go through ``require``.
         """
         account = await self.store.load(_validate.user_id(user_id))
-        if account is not None and rules.admits(account, self._now(), config=self.config):
+        if account is not None and rules.admits(account, self._now, config=self.config):
             return
         await self.require(user_id)
 

@@ -333,7 +333,7 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         (a refill due, a refusal) go through ``require``.
         """
         account = self.store.load(_validate.user_id(user_id))
-        if account is not None and rules.admits(account, self._now(), config=self.config):
+        if account is not None and rules.admits(account, self._now, config=self.config):
             return
         self.require(user_id)
 

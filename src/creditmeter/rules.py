@@ -1159,19 +1159,24 @@ def _applied(cost: Decimal, balance: Decimal, config: BalanceConfig) -> Decimal:
     return min(cost, max(balance, _ZERO))
 
 
-def admits(account: Account, now: datetime, *, config: BalanceConfig) -> bool:
+def admits(account: Account, clock: Callable[[], datetime], *, config: BalanceConfig) -> bool:
     """Whether a call given no cost may start now, answered from a read alone.
 
     ``True`` when balances are disabled, or no refill is due and something is
     available (``check`` with no cost would allow it). ``False`` otherwise:
     the caller then runs the full check, which writes a due refill, or
-    refuses with the details.
+    refuses with the details. ``clock`` is read only where the answer
+    depends on the time: for an account with holds or credit blocks, or
+    with refill settings on the account or in the config.
     """
-    view = open_holds(account, now) if account.holds or account.blocks else account
-    # No refill can be due without refill settings on the account or in the config.
-    may_refill = view.refill is not None or config.auto_refill_enabled
-    if may_refill and refill_due(view, config=config, now=now):
-        return False
+    may_refill = account.refill is not None or config.auto_refill_enabled
+    if account.holds or account.blocks or may_refill:
+        now = clock()
+        view = open_holds(account, now)
+        if may_refill and refill_due(view, config=config, now=now):
+            return False
+    else:
+        view = account
     return not config.enabled or view.available > _ZERO
 
 

@@ -190,7 +190,17 @@ def test_admits_answers_from_a_read_only_when_the_full_check_would_allow_without
         (make_account(balance=Decimal(5), last_refill=now - timedelta(days=2)), interval, True),
     ]
     for account, config, expected in cases:
-        assert rules.admits(account, now, config=config) is expected
+        read: list[datetime] = []
+
+        def clock(at: datetime = now, read: list[datetime] = read) -> datetime:
+            read.append(at)
+            return at
+
+        assert rules.admits(account, clock, config=config) is expected
+        timeless = not (account.holds or account.blocks or account.refill)
+        if timeless and not config.auto_refill_enabled:
+            assert read == []  # the answer cannot depend on the time: no clock read
+        assert rules.admits(account, lambda: now, config=config) is expected
         view = rules.open_holds(account, now)
         if expected:  # what admits allows, the full check allows, with nothing to write
             assert rules.check(view, None, config=config).allowed
