@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import tenacity
 from services import need, unique
 
 CLUSTER_URL = os.environ.get("CREDITMETER_TEST_CLUSTER", "redis+cluster://127.0.0.1:7000")
@@ -174,8 +175,28 @@ def move_slot(slot: int, target_port: int) -> None:
 FIRST_SLOTS = {7000: (0, 5460), 7001: (5461, 10922), 7002: (10923, 16383)}
 
 
+RESTORE_ATTEMPTS = 3
+
+
 def restore() -> None:
-    """Put 7000-7002 back as the masters of their first slots, once the cluster is ok."""
+    """Put 7000-7002 back as the masters of their first slots, once the cluster is ok.
+
+    A failover that a test started can still be carried out after the
+    cluster looked settled (seen on CI: 7000 became a replica again between
+    ``wait_ok`` and the slot moves, and SETSLOT on it was refused). Then the
+    cluster is waited for and put back again, up to ``RESTORE_ATTEMPTS`` times.
+    """
+    import redis  # noqa: PLC0415 - the [redis] extra
+
+    again = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(RESTORE_ATTEMPTS),
+        retry=tenacity.retry_if_exception_type((redis.ResponseError, AssertionError)),
+        reraise=True,
+    )
+    again(_restore_once)
+
+
+def _restore_once() -> None:
     wait_ok()
     for port in FIRST_MASTERS:
         if not next(found for found in nodes() if found["port"] == port)["master"]:
