@@ -272,10 +272,8 @@ def _max_tokens_getter(func: Callable[..., Any]) -> Getter | None:
 # --- the decorator ------------------------------------------------------------------
 
 
-def _hold_amount(manager: ManagerBase, call: _Call) -> Decimal | None:
-    """What to hold for a call; ``None`` (neither estimate nor ``max_tokens``): check it instead."""
-    if call.estimate is None and call.max_tokens is None:
-        return None
+def _hold_amount(manager: ManagerBase, call: _Call) -> Decimal:
+    """What to hold for a call with an estimate or ``max_tokens`` (one with neither holds none)."""
     return rules.hold_size(
         manager.pricing, call.model, prompt=call.estimate, max_output=call.max_tokens
     )

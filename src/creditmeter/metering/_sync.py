@@ -41,10 +41,10 @@ C = TypeVar("C")
 def _begin(manager: BalanceManager, meter: _Meter, call: _Call) -> Hold | None:
     """Before a call: hold its estimate, or check the user can pay; a store failure per policy."""
     try:
-        amount = _hold_amount(manager, call)
-        if amount is None:
+        if call.estimate is None and call.max_tokens is None:  # nothing to hold: check only
             manager._admit(call.user)  # noqa: SLF001 - the manager's own fast check
             return None
+        amount = _hold_amount(manager, call)
         try:
             return manager.hold(call.user, amount, request_id=call.request_id)
         except InsufficientBalance as refused:
