@@ -381,8 +381,12 @@ class ManagerBase:
         started = time.perf_counter() if self.on_event is not None else 0.0
         return _new_tuple(HoldAsk, (user_id, cost, ttl, request, started))  # HoldAsk(...)
 
-    def _hold_op(self, ask: HoldAsk, hold_id: str, made: list[Hold] | None = None) -> Op:
-        """The write of a hold under ``hold_id``; ``made`` gets the hold each plan puts in."""
+    def _hold_op(self, ask: HoldAsk, hold_id: str, made: list[rules.Change]) -> Op:
+        """The write of a hold under ``hold_id``; ``made`` gets each change a plan makes.
+
+        The last of them holds the hold the caller gets (see ``_made_hold``),
+        and the one to undo if the caller is gone before it has it.
+        """
         config = self.config
         user_id, cost, lifetime, request = ask.user_id, ask.cost, ask.ttl, ask.request_id
 
@@ -398,14 +402,7 @@ class ManagerBase:
                 new_id=new_id,
                 request_id=request,
             )
-            if made is not None:
-                holds = change.account.holds
-                if change.account.version == change.expected_version:  # a no-op
-                    made.clear()
-                elif holds[-1].id == hold_id:  # where a new hold usually goes
-                    made[:] = (holds[-1],)
-                else:
-                    made[:] = (self._found_hold(change, hold_id),)
+            made.append(change)  # one per attempt: bounded by the retry policy
             return change
 
         return _new_tuple(Op, (user_id, plan, None, None, ask.started, False))  # Op(...)
@@ -420,7 +417,8 @@ class ManagerBase:
         incomplete: object,
         metadata: object,
     ) -> Op:
-        held = self._checked_hold(hold)
+        issued = self._issued.pop(id(hold), None)  # as _checked_hold, a frame fewer
+        held = issued if issued is not None and issued is hold else _hold(hold)
         model_name = None if model is None else _validate.optional_text(model, name="model")
         if usage is None and amount is not None and incomplete is False:
             cost, rates = _validate.amount(amount), None
@@ -471,16 +469,11 @@ class ManagerBase:
 
         return Op(hold.user_id, plan, started=self._clock_start())
 
-    def _issue(self, hold: Hold) -> Hold:
-        """Remember a hold ``hold()`` hands out (see ``_checked_hold``); return it."""
-        issued = self._issued
-        if len(issued) >= SEEN_LIMIT:
-            issued.clear()
-        issued[id(hold)] = hold
-        return hold
-
     def _checked_hold(self, value: object) -> Hold:
-        """``value`` as a hold to resolve: one this manager handed out, or one checked now."""
+        """``value`` as a hold to resolve: one this manager handed out, or one checked now.
+
+        ``hold()`` remembers each hold it hands out in ``_issued``, by ``id()``.
+        """
         issued = self._issued.pop(id(value), None)
         if issued is not None and issued is value:
             return issued  # the very object
@@ -492,6 +485,15 @@ class ManagerBase:
         if seen is None:
             return True
         return bool(seen.holds) and any(h.id == hold.id for h in seen.holds)
+
+    @staticmethod
+    def _made_hold(change: rules.Change, hold_id: str) -> Hold | None:
+        """The hold ``change`` put in under ``hold_id``; ``None`` if it wrote nothing."""
+        account = change.account
+        if account.version == change.expected_version:
+            return None
+        last = account.holds[-1]  # where a new hold usually goes
+        return last if last.id == hold_id else ManagerBase._found_hold(change, hold_id)
 
     @staticmethod
     def _found_hold(change: rules.Change, hold_id: str) -> Hold:

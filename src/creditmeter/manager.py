@@ -363,11 +363,18 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
             user_id, amount, model=model, usage=usage, ttl=ttl, request_id=request_id
         )
         out: Outbox = [] if self.on_event is not None else None
-        made: list[Hold] = []  # the hold the last plan put in, until the caller has it
+        made: list[rules.Change] = []  # what the plans wrote, until the caller has the hold
+        user_id = ask.user_id
         try:
-            with self._locks[hash(ask.user_id) % LOCK_STRIPES]:
+            with self._locks[hash(user_id) % LOCK_STRIPES]:
                 hold_id = new_id() if ask.request_id is None else self._hold_id(ask)
-                change = self._from_seen(self._hold_op(ask, hold_id, made), out)
+                op = self._hold_op(ask, hold_id, made)
+                account = self._seen.get(user_id)  # as _from_seen, frames fewer on the hot path
+                if account is None:
+                    account = self.store.load(user_id)
+                    change = self._write(op, account, fresh=True, out=out)
+                else:
+                    change = self._write(op, account, fresh=False, out=out)
         except InsufficientBalance as refused:
             self._denied(refused, ask.started, out)
             self._tell_after(out, refused)
@@ -377,7 +384,15 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
             raise
         if out:
             self._emit(out)
-        return self._issue(made[0] if made else self._found_hold(change, hold_id))
+        holds = change.account.holds
+        held = holds[-1]  # where a new hold usually goes
+        if held.id != hold_id:
+            held = self._found_hold(change, hold_id)
+        issued = self._issued  # remembered for _checked_hold
+        if len(issued) >= SEEN_LIMIT:
+            issued.clear()
+        issued[id(held)] = held
+        return held
 
     def settle(
         self,
@@ -400,8 +415,10 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
             hold, amount, model=model, usage=usage, incomplete=incomplete, metadata=metadata
         )
         entry = self._apply(op)
-        if self._leftover(hold):  # as _tidy, frames fewer on the hot path
-            self._locked(self._drop_op(hold))
+        # As _tidy, frames fewer on the hot path: a settled hold is gone from the account.
+        seen = self._seen.get(op.user_id)
+        if seen is None or seen.holds:
+            self._tidy(hold)
         return entry
 
     def release(self, hold: Hold) -> LedgerEntry:

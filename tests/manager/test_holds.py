@@ -151,6 +151,23 @@ def test_bad_hold_arguments(meter):
     assert meter.account("u").holds == ()
 
 
+def test_a_ttl_that_runs_past_the_calendar_is_refused_and_writes_nothing(meter):
+    """Tried: the longest timedelta, on a user with no account (the draft's way), on one
+    with an account and no open hold, with an open hold (the fast path's way) and
+    under a request id."""
+    for setup in ("new", "plain", "held", "request"):
+        user = f"ttl-{setup}"
+        if setup != "new":
+            meter.grant(user, 100)
+        if setup == "held":
+            meter.hold(user, 1)
+        before = meter.store.load(user)
+        request = "r" if setup == "request" else None
+        with pytest.raises(InvalidInput, match="runs past the year 9999"):
+            meter.hold(user, 1, ttl=timedelta.max, request_id=request)
+        assert meter.store.load(user) == before
+
+
 def test_settle_and_release_want_a_hold(meter):
     for call in (lambda: meter.settle("h1", 5), lambda: meter.release(None)):
         with pytest.raises(InvalidInput, match="Hold"):
@@ -181,8 +198,11 @@ def test_a_hold_is_checked_again_unless_it_is_the_very_one_handed_out(meter):
 
 def test_the_holds_handed_out_are_remembered_within_a_bound(monkeypatch):
     import creditmeter._base as base  # noqa: PLC0415
+    import creditmeter.aio as aio  # noqa: PLC0415
+    import creditmeter.manager as manager  # noqa: PLC0415
 
-    monkeypatch.setattr(base, "SEEN_LIMIT", 8)
+    for module in (base, aio, manager):  # each reads it where the hot path inlines it
+        monkeypatch.setattr(module, "SEEN_LIMIT", 8)
     meter = BalanceManager(MemoryStore(), BalanceConfig(enabled=True, start_balance=1000))
     holds = [meter.hold(f"u{n}", 1) for n in range(30)]  # left open: never popped
     assert len(meter._issued) <= 8

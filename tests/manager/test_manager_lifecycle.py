@@ -333,8 +333,11 @@ def test_async_exclusive_keeps_no_lock_per_idle_user():
 
 def test_the_managers_caches_stay_bounded(monkeypatch):
     import creditmeter._base as base  # noqa: PLC0415
+    import creditmeter.aio as aio  # noqa: PLC0415
+    import creditmeter.manager as manager  # noqa: PLC0415
 
-    monkeypatch.setattr(base, "SEEN_LIMIT", 50)
+    for module in (base, aio, manager):  # each reads it where the hot path inlines it
+        monkeypatch.setattr(module, "SEEN_LIMIT", 50)
     store = MemoryStore()
     first, second = BalanceManager(store, CONFIG), BalanceManager(store, CONFIG)
     for n in range(300):

@@ -234,6 +234,7 @@ class MemoryStore:
         user_id = account.user_id
         requests = self._requests
         mine: dict[str, Packed] | None = None  # request ids in this write
+        request_id: str | None = None  # the request id of a write of one entry
         if not entries:  # a hold, or a drop of one: the account alone
             packed = []
         elif len(entries) == 1:  # a charge or a grant: the usual write, without a loop
@@ -244,7 +245,6 @@ class MemoryStore:
                 found = requests.get((user_id, request_id))
                 if found is not None:
                     return DuplicateRequest(user_id, request_id, entry=_unpack(found))
-                mine = {request_id: packed[0]}
         else:
             packed = [_pack(entry) for entry in entries]
             recorded = self._new_requests(user_id, entries, packed)
@@ -263,9 +263,11 @@ class MemoryStore:
         if packed:
             ledger.extend(packed)
             self._log.extend(packed)
-            if mine is not None:
-                for request_id, row in mine.items():
-                    requests[user_id, request_id] = row
+            if request_id is not None:
+                requests[user_id, request_id] = packed[0]
+            elif mine is not None:
+                for request, row in mine.items():
+                    requests[user_id, request] = row
         return None
 
     def _new_requests(
