@@ -36,6 +36,8 @@ Outbox = list[Event] | None
 """The events of one call, told once the user's lock is let go (``None``: nobody listens)."""
 
 _ZERO = Decimal(0)
+_MAX_AMOUNT = _validate.MAX_AMOUNT
+_MODELS = _validate.MODELS
 _new_tuple = tuple.__new__
 _NO_TIME = timedelta(0)
 DEFAULT_HOLD_TTL = timedelta(minutes=10)
@@ -43,6 +45,10 @@ DEFAULT_HOLD_TTL = timedelta(minutes=10)
 SEEN_LIMIT = 10_000
 HOT_SECONDS = 0.5
 LOCK_STRIPES = 256
+
+
+def _too_costly(total: Decimal) -> InvalidInput:
+    return InvalidInput(f"the priced cost {total} is above 10**15 credits")
 
 
 def utc_now() -> datetime:
@@ -269,9 +275,18 @@ class ManagerBase:
     ) -> Op:
         user_id = _validate.user_id(user_id)
         # The checks of every argument, each skipped only where the value is the default.
-        model_name = None if model is None else _validate.optional_text(model, name="model")
+        model_name = (  # checked before: a lookup (see _validate.MODELS)
+            model
+            if model is None or (type(model) is str and model in _MODELS)
+            else _validate.model(model)
+        )
         if usage is None and amount is not None and incomplete is False:
             cost, rates = _validate.amount(amount), None
+        elif amount is None and incomplete is False and type(usage) is TokenUsage:
+            # A priced charge, as _cost prices it, without its frame.
+            cost, rates = self.pricing.price(model_name, usage)
+            if cost > _MAX_AMOUNT:
+                raise _too_costly(cost)
         else:
             cost, rates = self._cost(amount, model=model_name, usage=usage, incomplete=incomplete)
         request = None if request_id is None else request_id_of(request_id)
@@ -370,7 +385,11 @@ class ManagerBase:
         request_id: object,
     ) -> HoldAsk:
         user_id = _validate.user_id(user_id)
-        model_name = None if model is None else _validate.optional_text(model, name="model")
+        model_name = (  # checked before: a lookup (see _validate.MODELS)
+            model
+            if model is None or (type(model) is str and model in _MODELS)
+            else _validate.model(model)
+        )
         if usage is None and amount is not None:
             cost = _validate.amount(amount)
         else:
@@ -419,7 +438,11 @@ class ManagerBase:
     ) -> Op:
         issued = self._issued.pop(id(hold), None)  # as _checked_hold, a frame fewer
         held = issued if issued is not None and issued is hold else _hold(hold)
-        model_name = None if model is None else _validate.optional_text(model, name="model")
+        model_name = (  # checked before: a lookup (see _validate.MODELS)
+            model
+            if model is None or (type(model) is str and model in _MODELS)
+            else _validate.model(model)
+        )
         if usage is None and amount is not None and incomplete is False:
             cost, rates = _validate.amount(amount), None
         else:
@@ -627,8 +650,8 @@ class ManagerBase:
         if usage is None:
             raise InvalidInput("an amount is needed, or usage (with model) to price")
         total, rates = self.pricing.price(model, usage, incomplete=incomplete)
-        if total > _validate.MAX_AMOUNT:
-            raise InvalidInput(f"the priced cost {total} is above 10**15 credits")
+        if total > _MAX_AMOUNT:
+            raise _too_costly(total)
         return total, rates
 
     def _check_cost(self, cost: object, *, model: object, input_tokens: object) -> Decimal | None:

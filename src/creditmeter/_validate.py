@@ -100,16 +100,25 @@ def _has_control(value: str) -> bool:
     return False
 
 
+USER_IDS: dict[str, None] = {}
+"""The user ids ``user_id`` passed: checking one again is ``type(v) is str and v in USER_IDS``."""
+
+
 def user_id(value: Any) -> str:
     """Return ``value`` if it is a valid user id: 1-256 characters, no control characters."""
     if type(value) is not str:
         raise InvalidInput(f"user_id must be a str, got {type(value).__name__} {value!r}")
+    if value in USER_IDS:
+        return value
     if not value or len(value) > MAX_USER_ID_LENGTH:
         raise InvalidInput(f"user_id must have 1 to 256 characters, got {len(value)}")
-    if value not in _CLEAN and _has_control(value):
+    if _CONTROL.search(value):
         raise InvalidInput(
             f"user_id must not contain control characters or lone surrogates, got {value!r}"
         )
+    if len(USER_IDS) >= _CLEAN_LIMIT:
+        USER_IDS.clear()
+    USER_IDS[value] = None
     return value
 
 
@@ -130,6 +139,20 @@ def optional_text(
             f"{name} must not contain control characters or lone surrogates, got {value!r}"
         )
     return value
+
+
+MODELS: dict[str, None] = {}
+"""The model names ``model`` passed: checking one again is ``type(v) is str and v in MODELS``."""
+
+
+def model(value: Any) -> str | None:
+    """Return ``value`` if it is ``None`` or a valid model name (as ``optional_text``)."""
+    checked = optional_text(value, name="model")
+    if checked is not None:
+        if len(MODELS) >= _CLEAN_LIMIT:
+            MODELS.clear()
+        MODELS[checked] = None
+    return checked
 
 
 def aware(value: Any, *, name: str = "clock()") -> datetime:

@@ -74,6 +74,7 @@ __all__ = ["AsyncBalanceManager"]  # async-only
 # sync-only: __all__ = ["BalanceManager", "Clock", "utc_now"]
 
 _ZERO = Decimal(0)
+_USER_IDS = _validate.USER_IDS
 P = ParamSpec("P")
 T = TypeVar("T")
 logger = logging.getLogger("creditmeter")  # async-only
@@ -361,7 +362,9 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         Most calls are answered by ``rules.admits`` from one read; the rest
         (a refill due, a refusal) go through ``require``.
         """
-        account = await self.store.load(_validate.user_id(user_id))
+        if type(user_id) is not str or user_id not in _USER_IDS:  # checked before: a lookup
+            _validate.user_id(user_id)
+        account = await self.store.load(user_id)
         if account is not None and rules.admits(account, self._now, config=self.config):
             return
         await self.require(user_id)

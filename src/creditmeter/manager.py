@@ -67,6 +67,7 @@ from creditmeter.usage import TokenUsage
 __all__ = ["BalanceManager", "Clock", "utc_now"]
 
 _ZERO = Decimal(0)
+_USER_IDS = _validate.USER_IDS
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -332,7 +333,9 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         Most calls are answered by ``rules.admits`` from one read; the rest
         (a refill due, a refusal) go through ``require``.
         """
-        account = self.store.load(_validate.user_id(user_id))
+        if type(user_id) is not str or user_id not in _USER_IDS:  # checked before: a lookup
+            _validate.user_id(user_id)
+        account = self.store.load(user_id)
         if account is not None and rules.admits(account, self._now, config=self.config):
             return
         self.require(user_id)

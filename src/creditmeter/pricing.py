@@ -347,10 +347,10 @@ class Pricing:
     ) -> tuple[Decimal, Rates]:
         """The total of ``cost()`` and the rates it used, without building a ``Cost``."""
         resolved = None if model is None else self._resolved.get(model)  # _pick, inline
-        if resolved is None or resolved.premium is not None or incomplete:
-            rates, resolved = self._pick(model, usage.prompt_total)
-        else:
-            rates = resolved.standard  # no premium tier: the prompt's size does not matter
+        if resolved is not None and resolved.premium is None and not incomplete:
+            # The common case: no premium tier, so the prompt's size does not matter.
+            return resolved.summer.total(usage), resolved.standard
+        rates, resolved = self._pick(model, usage.prompt_total)
         if not incomplete:
             summer = resolved.summer if rates is resolved.standard else resolved.summer_premium
             assert summer is not None  # a premium rate has its scaled form

@@ -1185,7 +1185,10 @@ def admits(account: Account, clock: Callable[[], datetime], *, config: BalanceCo
             return False
     else:
         view = account
-    return not config.enabled or view.available > _ZERO
+    if not config.enabled:
+        return True
+    balance = view.balance  # view.available, inline: this runs before every metered call
+    return (EXACT.subtract(balance, view.held) if view.holds else balance) > _ZERO
 
 
 def check(account: Account, cost: Decimal | None, *, config: BalanceConfig) -> BalanceCheck:

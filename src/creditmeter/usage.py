@@ -9,7 +9,7 @@ events of a stream.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeGuard
+from typing import Any
 
 import attrs
 
@@ -289,7 +289,7 @@ def _chat_completion_usage(response: Any) -> TokenUsage | None:
     if usage is None:
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not (  # _plain_count of both, inline
+    if not (  # plain counts: ints (not bools) in range
         type(prompt) is int
         and type(completion) is int
         and 0 <= prompt <= MAX_TOKENS
@@ -305,14 +305,17 @@ def _chat_completion_usage(response: Any) -> TokenUsage | None:
             return None
         cached, written = details.get("cached_tokens"), details.get("cache_write_tokens")
         cached, written = 0 if cached is None else cached, 0 if written is None else written
-    if not (_plain_count(cached) and _plain_count(written)) or cached + written > prompt:
+    if (
+        not (  # plain counts: ints (not bools) in range
+            type(cached) is int
+            and type(written) is int
+            and 0 <= cached <= MAX_TOKENS
+            and 0 <= written <= MAX_TOKENS
+        )
+        or cached + written > prompt
+    ):
         return None
     return counted_usage(prompt - cached - written, completion, written, cached)
-
-
-def _plain_count(value: object) -> TypeGuard[int]:
-    """A token count the fast path takes as it is: an ``int`` (not a bool) in range."""
-    return type(value) is int and 0 <= value <= MAX_TOKENS
 
 
 def _read_response(response: Any) -> TokenUsage | None:

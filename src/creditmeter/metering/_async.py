@@ -1,5 +1,6 @@
 # unasync-target: _sync.py
 # unasync-rename: _is_async_iterator -> _is_iterator
+# unasync-rename: _ASYNC_ITERATOR -> _ITERATOR
 """Metered calls: the wrapper around a model call, and the stream it hands back.
 
 A call is checked and charged in one of two ways. Without an estimate: a
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from creditmeter.exceptions import InsufficientBalance, StoreError
 from creditmeter.metering._core import (
+    _ASYNC_ITERATOR,
     _Call,
     _hold_amount,
     _is_async_iterator,
@@ -98,7 +100,7 @@ async def _release(manager: AsyncBalanceManager, meter: _Meter, held: Hold) -> N
         _unreleased(meter, held, exc)
 
 
-def wrap(
+def wrap(  # noqa: C901 - the plain call is written out: it runs per call
     func: Callable[..., Any], meter: _Meter, manager: AsyncBalanceManager
 ) -> Callable[..., Any]:
     """Meter each call of ``func``; a stream it returns is handed back wrapped."""
@@ -106,7 +108,14 @@ def wrap(
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = meter.call(args, kwargs)
-        held = await _begin(manager, meter, call)
+        if call.estimate is None and call.max_tokens is None:  # _begin's check, a frame fewer
+            held = None
+            try:
+                await manager._admit(call.user)  # noqa: SLF001 - the manager's own fast check
+            except StoreError as exc:
+                _unchecked(meter, call, exc)
+        else:
+            held = await _begin(manager, meter, call)
         try:
             result = await func(*args, **kwargs)
         except BaseException:
@@ -115,14 +124,26 @@ def wrap(
                 await _shielded(_release(manager, meter, held))  # async-only
                 # sync-only: _release(manager, meter, held)
             raise
-        if _is_async_iterator(result):
+        stream = _ASYNC_ITERATOR.get(type(result))  # _is_async_iterator, a frame fewer
+        if stream is None:
+            stream = _is_async_iterator(result)
+        if stream:
 
             async def finish(seen: StreamUsage, complete: bool) -> None:
                 spent, cut = meter.settle_stream(call, seen, complete=complete)
                 await _end(manager, meter, call, held, spent, incomplete=cut)
 
             return AsyncMeteredStream(result, finish)
-        await _end(manager, meter, call, held, _usage_or_missing(meter, call, result))
+        spent = _usage_or_missing(meter, call, result)
+        if held is not None or spent is None:
+            await _end(manager, meter, call, held, spent)
+            return result
+        try:  # _end's charge, a frame fewer
+            await manager.charge(
+                call.user, model=call.model, usage=spent, request_id=call.request_id
+            )
+        except StoreError as exc:
+            _unmetered(manager, meter, call, held=None, spent=spent, exc=exc, incomplete=False)
         return result
 
     return wrapper

@@ -24,7 +24,13 @@ from creditmeter.exceptions import (
     ReplicationTimeout,
     StoreError,
 )
-from creditmeter.usage import StreamUsage, TokenUsage, _read_response
+from creditmeter.usage import (
+    StreamUsage,
+    TokenUsage,
+    _chat_completion_usage,
+    _read_any,
+    _read_response,
+)
 
 if TYPE_CHECKING:
     from decimal import Decimal
@@ -410,7 +416,12 @@ def _is_async_iterator(result: object) -> bool:
 
 def _usage_or_missing(meter: _Meter, call: _Call, result: Any) -> TokenUsage | None:
     try:
-        found = meter.read_usage(result)
+        if meter.usage is None:  # meter.read_usage, two frames fewer
+            found = _chat_completion_usage(result)
+            if found is None:
+                found = _read_any(result)
+        else:
+            found = meter.read_usage(result)
     except InvalidInput as exc:
         if meter.on_missing_usage == "error":
             raise

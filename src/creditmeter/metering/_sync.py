@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from creditmeter.exceptions import InsufficientBalance, StoreError
 from creditmeter.metering._core import (
+    _ITERATOR,
     _Call,
     _hold_amount,
     _is_iterator,
@@ -94,27 +95,46 @@ def _release(manager: BalanceManager, meter: _Meter, held: Hold) -> None:
         _unreleased(meter, held, exc)
 
 
-def wrap(func: Callable[..., Any], meter: _Meter, manager: BalanceManager) -> Callable[..., Any]:
+def wrap(  # noqa: C901 - the plain call is written out: it runs per call
+    func: Callable[..., Any], meter: _Meter, manager: BalanceManager
+) -> Callable[..., Any]:
     """Meter each call of ``func``; a stream it returns is handed back wrapped."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = meter.call(args, kwargs)
-        held = _begin(manager, meter, call)
+        if call.estimate is None and call.max_tokens is None:  # _begin's check, a frame fewer
+            held = None
+            try:
+                manager._admit(call.user)  # noqa: SLF001 - the manager's own fast check
+            except StoreError as exc:
+                _unchecked(meter, call, exc)
+        else:
+            held = _begin(manager, meter, call)
         try:
             result = func(*args, **kwargs)
         except BaseException:
             if held is not None:
                 _release(manager, meter, held)
             raise
-        if _is_iterator(result):
+        stream = _ITERATOR.get(type(result))  # _is_iterator, a frame fewer
+        if stream is None:
+            stream = _is_iterator(result)
+        if stream:
 
             def finish(seen: StreamUsage, complete: bool) -> None:
                 spent, cut = meter.settle_stream(call, seen, complete=complete)
                 _end(manager, meter, call, held, spent, incomplete=cut)
 
             return MeteredStream(result, finish)
-        _end(manager, meter, call, held, _usage_or_missing(meter, call, result))
+        spent = _usage_or_missing(meter, call, result)
+        if held is not None or spent is None:
+            _end(manager, meter, call, held, spent)
+            return result
+        try:  # _end's charge, a frame fewer
+            manager.charge(call.user, model=call.model, usage=spent, request_id=call.request_id)
+        except StoreError as exc:
+            _unmetered(manager, meter, call, held=None, spent=spent, exc=exc, incomplete=False)
         return result
 
     return wrapper

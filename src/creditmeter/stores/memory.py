@@ -199,7 +199,8 @@ class MemoryStore:
 
     def load(self, user_id: str) -> Account | None:
         """Return the stored account, or ``None``."""
-        self._check_open()
+        if self._closed:  # as commit: the check's frame only when it fails
+            self._check_open()
         return self._accounts.get(user_id)
 
     def commit(
