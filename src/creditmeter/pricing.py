@@ -349,7 +349,20 @@ class Pricing:
         resolved = None if model is None else self._resolved.get(model)  # _pick, inline
         if resolved is not None and resolved.premium is None and not incomplete:
             # The common case: no premium tier, so the prompt's size does not matter.
-            return resolved.summer.total(usage), resolved.standard
+            # resolved.summer.total(usage), inline: this runs on every priced charge.
+            tokens, output, written, cached = (
+                usage.input,
+                usage.output,
+                usage.cache_write,
+                usage.cache_read,
+            )
+            present = (tokens > 0) | (output > 0) << 1 | (written > 0) << 2 | (cached > 0) << 3
+            terms = resolved.summer.known.get(present)
+            if terms is None:
+                return resolved.summer.total(usage), resolved.standard
+            exponent, prompt, completion, write, read = terms
+            units = tokens * prompt + output * completion + written * write + cached * read
+            return Decimal(units).scaleb(exponent, EXACT), resolved.standard
         rates, resolved = self._pick(model, usage.prompt_total)
         if not incomplete:
             summer = resolved.summer if rates is resolved.standard else resolved.summer_premium
@@ -413,11 +426,11 @@ class _Summer:
     16), and one ``Decimal`` is made at the end: a third of the time.
     """
 
-    __slots__ = ("_known", "_scaled")
+    __slots__ = ("_scaled", "known")
 
     def __init__(self, scaled: _Scaled) -> None:
         self._scaled = scaled
-        self._known: dict[int, _Terms] = {}
+        self.known: dict[int, _Terms] = {}  # the terms of each set of counts met so far
 
     def total(self, usage: TokenUsage) -> Decimal:
         """The priced sum of ``usage``'s counts, as ``_priced`` would add it up."""
@@ -428,12 +441,12 @@ class _Summer:
             usage.cache_read,
         )
         present = (tokens > 0) | (output > 0) << 1 | (written > 0) << 2 | (cached > 0) << 3
-        terms = self._known.get(present)
+        terms = self.known.get(present)
         if terms is None:
-            terms = self._known[present] = _terms(self._scaled, present)
+            terms = self.known[present] = _terms(self._scaled, present)
         exponent, prompt, completion, write, read = terms
         units = tokens * prompt + output * completion + written * write + cached * read
-        return EXACT.scaleb(Decimal(units), exponent)
+        return Decimal(units).scaleb(exponent, EXACT)  # EXACT.scaleb, in two thirds the time
 
 
 @attrs.frozen

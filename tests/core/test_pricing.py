@@ -293,3 +293,31 @@ def test_charge_with_custom_pricing(store, clock):
     manager = BalanceManager(store, BalanceConfig(enabled=True), pricing=pricing, clock=clock)
     entry = manager.charge("u", model="house", usage=TokenUsage(input=10, output=10))
     assert entry.cost == 60
+
+
+class CountedUsage(TokenUsage):
+    """A TokenUsage subclass: priced through the general path, not the exact-type one."""
+
+
+def test_a_priced_cost_above_the_limit_is_refused_and_writes_nothing(store, clock):
+    """Tried: 10**10 prompt tokens at 10**6 credits a token (10**16 credits) as a charge
+    of a TokenUsage (the fast path), of a subclass of it, as a strict and an idempotent
+    charge, and as a settle; and a cost of exactly 10**15, which is accepted."""
+    pricing = Pricing.librechat().with_rates({"dear": {"prompt": 10**6, "completion": 1}})
+    manager = BalanceManager(store, BalanceConfig(enabled=True), pricing=pricing, clock=clock)
+    manager.grant("u", 100)
+    hold = manager.hold("u", 1)
+    before = (store.load("u"), manager.ledger("u"))
+    too_much = TokenUsage(input=10**10)
+    attempts = [
+        lambda: manager.charge("u", model="dear", usage=too_much),
+        lambda: manager.charge("u", model="dear", usage=CountedUsage(input=10**10)),
+        lambda: manager.charge("u", model="dear", usage=too_much, strict=True, request_id="r"),
+        lambda: manager.settle(hold, model="dear", usage=too_much),
+    ]
+    for attempt in attempts:
+        with pytest.raises(InvalidInput, match=r"above 10\*\*15 credits"):
+            attempt()
+        assert (store.load("u"), manager.ledger("u")) == before
+    entry = manager.charge("u", model="dear", usage=TokenUsage(input=10**9))
+    assert entry.cost == 10**15

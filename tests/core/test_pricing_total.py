@@ -57,7 +57,7 @@ def test_a_summer_keeps_one_set_of_terms_per_combination_of_counts() -> None:
         first, again = summer.total(usage), summer.total(usage)
         prompt, completion, _ = _priced(usage, rates, incomplete=False)
         assert str(first) == str(again) == str(EXACT.add(prompt, completion))
-    assert len(summer._known) == 16
+    assert len(summer.known) == 16
 
 
 def test_every_shipped_model_prices_as_cost_does() -> None:

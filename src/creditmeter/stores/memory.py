@@ -35,31 +35,95 @@ from creditmeter.usage import TokenUsage
 Packed = tuple[Any, ...]
 
 
+# A packed entry: its fields, flat, in this order. Token counts and rates follow only
+# when the entry has either (``None`` in the place of the one it lacks), and the
+# credit blocks drawn only when it drew some: a priced charge is one tuple, not three.
+_MODEL, _COST, _PLAIN = 7, 8, 10  # positions; a plain entry's length
+_COUNTS, _RATES, _DRAWN = 10, 14, 18
+_NO_COUNTS = (None, None, None, None)
+
+
 def _pack(entry: LedgerEntry) -> Packed:
-    usage, rates, metadata = entry.usage, entry.rates, entry.metadata
-    packed = (
+    usage, rates, metadata, drawn = entry.usage, entry.rates, entry.metadata, entry.drawn
+    meta = None if metadata is None else tuple(metadata.items())
+    if usage is None and rates is None and not drawn:
+        return (
+            entry.id,
+            entry.user_id,
+            entry.kind._value_,  # the enum's value, without its descriptor's call
+            entry.amount,
+            entry.balance_after,
+            entry.at,
+            entry.request_id,
+            entry.model,
+            entry.cost,
+            meta,
+        )
+    if usage is not None and rates is not None and not drawn:  # a priced charge
+        return (
+            entry.id,
+            entry.user_id,
+            entry.kind._value_,
+            entry.amount,
+            entry.balance_after,
+            entry.at,
+            entry.request_id,
+            entry.model,
+            entry.cost,
+            meta,
+            usage.input,
+            usage.output,
+            usage.cache_write,
+            usage.cache_read,
+            rates.prompt,
+            rates.completion,
+            rates.cache_write,
+            rates.cache_read,
+        )
+    counts = (
+        _NO_COUNTS
+        if usage is None
+        else (usage.input, usage.output, usage.cache_write, usage.cache_read)
+    )
+    prices = (
+        _NO_COUNTS
+        if rates is None
+        else (rates.prompt, rates.completion, rates.cache_write, rates.cache_read)
+    )
+    head = (
         entry.id,
         entry.user_id,
-        entry.kind._value_,  # the enum's value, without its descriptor's call
+        entry.kind._value_,
         entry.amount,
         entry.balance_after,
         entry.at,
         entry.request_id,
         entry.model,
-        None if usage is None else (usage.input, usage.output, usage.cache_write, usage.cache_read),
         entry.cost,
-        None
-        if rates is None
-        else (rates.prompt, rates.completion, rates.cache_write, rates.cache_read),
-        None if metadata is None else tuple(metadata.items()),
+        meta,
     )
-    return (*packed, entry.drawn) if entry.drawn else packed
+    return (*head, *counts, *prices, drawn) if drawn else (*head, *counts, *prices)
+
+
+def _counts(packed: Packed) -> tuple[int, int, int, int] | None:
+    """A packed entry's token counts (input, output, cache write, cache read), if it has them."""
+    if len(packed) == _PLAIN or packed[_COUNTS] is None:
+        return None
+    return packed[_COUNTS : _COUNTS + 4]
 
 
 def _unpack(packed: Packed) -> LedgerEntry:
-    (id_, user_id, kind, amount, after, at, request_id, model, usage, cost, rates, meta) = packed[
-        :12
-    ]
+    (id_, user_id, kind, amount, after, at, request_id, model, cost, meta) = packed[:_PLAIN]
+    usage = rates = None
+    if len(packed) > _PLAIN:
+        counts = _counts(packed)
+        if counts is not None:
+            usage = TokenUsage(
+                input=counts[0], output=counts[1], cache_write=counts[2], cache_read=counts[3]
+            )
+        if packed[_RATES] is not None:
+            prompt, completion, write, read = packed[_RATES : _RATES + 4]
+            rates = Rates(prompt=prompt, completion=completion, cache_write=write, cache_read=read)
     return LedgerEntry(
         id=id_,
         user_id=user_id,
@@ -69,15 +133,11 @@ def _unpack(packed: Packed) -> LedgerEntry:
         at=at,
         request_id=request_id,
         model=model,
-        usage=None
-        if usage is None
-        else TokenUsage(input=usage[0], output=usage[1], cache_write=usage[2], cache_read=usage[3]),
+        usage=usage,
         cost=cost,
-        rates=None
-        if rates is None
-        else Rates(prompt=rates[0], completion=rates[1], cache_write=rates[2], cache_read=rates[3]),
+        rates=rates,
         metadata=None if meta is None else dict(meta),
-        drawn=packed[12] if len(packed) > 12 else (),  # the 13th field: only when drawn
+        drawn=packed[_DRAWN] if len(packed) > _DRAWN else (),
     )
 
 
@@ -355,7 +415,7 @@ class MemoryStore:
         for index in range(end):
             row = source[index]
             if row[2] == charge:
-                add(row[1], charge, row[5], row[3], row[9], row[7], row[8])
+                add(row[1], charge, row[5], row[3], row[_COST], row[_MODEL], _counts(row))
         return tally.rows()
 
     def users_page(self, *, after: str | None, limit: int) -> list[str]:
