@@ -400,32 +400,6 @@ class ManagerBase:
         started = time.perf_counter() if self.on_event is not None else 0.0
         return _new_tuple(HoldAsk, (user_id, cost, ttl, request, started))  # HoldAsk(...)
 
-    def _hold_op(self, ask: HoldAsk, hold_id: str, made: list[rules.Change]) -> Op:
-        """The write of a hold under ``hold_id``; ``made`` gets each change a plan makes.
-
-        The last of them holds the hold the caller gets (see ``_made_hold``),
-        and the one to undo if the caller is gone before it has it.
-        """
-        config = self.config
-        user_id, cost, lifetime, request = ask.user_id, ask.cost, ask.ttl, ask.request_id
-
-        def plan(account: Account | None, now: datetime) -> rules.Change:
-            change = rules.hold(
-                account,
-                user_id,
-                cost,
-                hold_id=hold_id,
-                ttl=lifetime,
-                config=config,
-                now=now,
-                new_id=new_id,
-                request_id=request,
-            )
-            made.append(change)  # one per attempt: bounded by the retry policy
-            return change
-
-        return _new_tuple(Op, (user_id, plan, None, None, ask.started, False))  # Op(...)
-
     def _settle_op(
         self,
         hold: object,

@@ -74,6 +74,7 @@ __all__ = ["AsyncBalanceManager"]  # async-only
 # sync-only: __all__ = ["BalanceManager", "Clock", "utc_now"]
 
 _ZERO = Decimal(0)
+_new_tuple = tuple.__new__
 _USER_IDS = _validate.USER_IDS
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -396,11 +397,29 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         )
         out: Outbox = [] if self.on_event is not None else None
         made: list[rules.Change] = []  # what the plans wrote, until the caller has the hold
-        user_id = ask.user_id
+        user_id, cost, lifetime, request, started = ask
+        config = self.config
+        hold_id = ""  # set under the lock, before the plan runs
+
+        def plan(account: Account | None, now: datetime) -> rules.Change:
+            change = rules.hold(
+                account,
+                user_id,
+                cost,
+                hold_id=hold_id,
+                ttl=lifetime,
+                config=config,
+                now=now,
+                new_id=new_id,
+                request_id=request,
+            )
+            made.append(change)  # one per attempt: bounded by the retry policy
+            return change
+
+        op = _new_tuple(Op, (user_id, plan, None, None, started, False))  # Op(...)
         try:
             async with self._locks[hash(user_id) % LOCK_STRIPES]:
-                hold_id = new_id() if ask.request_id is None else await self._hold_id(ask)
-                op = self._hold_op(ask, hold_id, made)
+                hold_id = new_id() if request is None else await self._hold_id(ask)
                 account = self._seen.get(user_id)  # as _from_seen, frames fewer on the hot path
                 if account is None:
                     account = await self.store.load(user_id)
@@ -408,7 +427,7 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
                 else:
                     change = await self._write(op, account, fresh=False, out=out)
         except InsufficientBalance as refused:
-            self._denied(refused, ask.started, out)
+            self._denied(refused, started, out)
             await self._tell_after(out, refused)
             raise
         # async-only: begin

@@ -1020,7 +1020,7 @@ def settle(
         holds = account.holds
         # Holds are in order of expiry: the one settled is most often the first.
         first = holds[0]
-        if first.id == hold.id and first.expires_at == hold.expires_at:  # as _hold_index
+        if first is hold or (first.id == hold.id and first.expires_at == hold.expires_at):
             index: int | None = 0
         else:
             index = _hold_index(holds, hold)
