@@ -243,7 +243,7 @@ class Session:
 @contextlib.contextmanager
 def patched(session: Session) -> Iterator[None]:
     """Point every clock the commands read at the session's, and restore them after."""
-    from creditmeter import _base  # noqa: PLC0415
+    from creditmeter import _base, aio, manager  # noqa: PLC0415
     from creditmeter.cli import demo  # noqa: PLC0415
     from creditmeter.cli import format as fmt  # noqa: PLC0415
 
@@ -256,7 +256,7 @@ def patched(session: Session) -> Iterator[None]:
         def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]  # noqa: ARG003
             return session.clock()
 
-    modules = (_base, demo, fmt)
+    modules = (_base, aio, manager, demo, fmt)  # the managers read the time inline
     saved = (dict(os.environ), Path.cwd())
     for module in modules:
         setattr(module, "datetime", FakeNow)  # noqa: B010 - mypy: modules vary

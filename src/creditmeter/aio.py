@@ -29,7 +29,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
@@ -47,9 +47,8 @@ from creditmeter._base import (
     Replayed,
     _with_reason,
     request_id_of,
+    utc_now,
 )
-
-# sync-only: from creditmeter._base import utc_now
 from creditmeter._compat import AsyncLock
 from creditmeter._ids import new_id
 from creditmeter._retry import async_retrying
@@ -699,9 +698,9 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
                 try:
                     if account is None:
                         account = await self.store.load(user_id)
-                        entry = (await self._write(op, account, fresh=True, out=out)).entry
+                        entry = (await self._write(op, account, fresh=True, out=out)).entries[-1]
                     else:
-                        entry = (await self._write(op, account, fresh=False, out=out)).entry
+                        entry = (await self._write(op, account, fresh=False, out=out)).entries[-1]
                 except Replayed as replayed:
                     entry = replayed.entry
                 except InsufficientBalance as refused:
@@ -883,7 +882,8 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
     ) -> rules.Change:
         if account is None and not fresh:
             account = await self.store.load(op.user_id)
-        now = self._now()
+        clock = self.clock  # self._now(), inline: every write asks for the time
+        now = datetime.now(timezone.utc) if clock is utc_now else _validate.aware(clock())
         try:
             change = op.plan(account, now)
         except InsufficientBalance:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
@@ -616,9 +616,9 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
                 try:
                     if account is None:
                         account = self.store.load(user_id)
-                        entry = (self._write(op, account, fresh=True, out=out)).entry
+                        entry = (self._write(op, account, fresh=True, out=out)).entries[-1]
                     else:
-                        entry = (self._write(op, account, fresh=False, out=out)).entry
+                        entry = (self._write(op, account, fresh=False, out=out)).entries[-1]
                 except Replayed as replayed:
                     entry = replayed.entry
                 except InsufficientBalance as refused:
@@ -793,7 +793,8 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
     ) -> rules.Change:
         if account is None and not fresh:
             account = self.store.load(op.user_id)
-        now = self._now()
+        clock = self.clock  # self._now(), inline: every write asks for the time
+        now = datetime.now(timezone.utc) if clock is utc_now else _validate.aware(clock())
         try:
             change = op.plan(account, now)
         except InsufficientBalance:

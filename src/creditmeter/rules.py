@@ -719,7 +719,10 @@ def charge(
         and not (strict and config.enabled)
     ):
         # The common case, without a draft: one entry on an existing account.
-        applied = _applied(cost, account.balance, config)
+        if config.allow_negative_balance and config.enabled:  # _applied's answer, inline
+            applied = cost
+        else:
+            applied = _applied(cost, account.balance, config)
         return _charged(
             account,
             applied,
