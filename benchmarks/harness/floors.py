@@ -15,9 +15,10 @@ credit and returns how often it had to retry or wait. Variants:
 - ``turn`` (Redis, PostgreSQL): every charge in turn, as the store does for a hot
   user: the lock script (``BLPOP`` when queued) and the commit script that passes
   the lock on; an advisory lock, a load, the compare-and-set that also unlocks.
-- ``delta`` (PostgreSQL): the store's delta statement (``commit_delta``), which a
-  hot user's charges use: the cost added to the balance the server holds, with
-  the account's text cut once from the stored row.
+- ``delta`` (Redis, PostgreSQL): the store's delta script or statement
+  (``commit_delta``), which a hot user's charges use: the cost added to the
+  balance the server holds, with the account's text cut once from the stored
+  row.
 - ``busy`` and ``flock`` (SQLite): a read inside ``BEGIN IMMEDIATE``, waiting only
   in SQLite's busy handler, or behind an ``fcntl.flock`` of a lock file.
 
@@ -219,6 +220,10 @@ class _Redis(Raw):
         # ARGV 1-4 expected version, version, account, commit token; 6 lock token; 9 entry.
         charge = entry(USER, Decimal(-1), account.balance)
         self.keys, self.args = self.layout.commit_call(account, [charge], account.version)
+        if variant == "delta":
+            self.shas["delta"] = self.client.script_load(module.DELTA_SCRIPT)
+            # ARGV 8 commit token, 13 the entry's text before its balance_after.
+            self.delta_keys, self.delta_args = self.layout.delta_call(account, charge, None)
 
     def commit(self, token: bytes = b"") -> Any:
         version, balance, account, entry_id, entry = self.rows()
@@ -235,7 +240,21 @@ class _Redis(Raw):
         data = json.loads(reply[1])
         self.version, self.balance = data["version"], int(Decimal(data["balance"]))
 
+    def add(self) -> bool:
+        """One delta: 1 credit off the stored balance, whatever version it is."""
+        entry_id = next(self.ids)
+        args = self.delta_args
+        args[7] = new_id().encode()
+        args[12] = ENTRY.format(id=entry_id, user=USER, balance="\x00").split("\x00")[0].encode()
+        keys = self.delta_keys
+        reply = self.client.evalsha(self.shas["delta"], len(keys), *keys, *args)
+        return isinstance(reply, list) and reply[0] == 0
+
     def charge(self) -> int:
+        if self.variant == "delta":
+            if not self.add():
+                raise RuntimeError("the raw Redis delta was refused")
+            return 0
         if self.variant != "turn":
             lost = 0
             while (reply := self.commit()) != 0:

@@ -30,21 +30,24 @@ CONFIG = BalanceConfig(enabled=True, start_balance=START, allow_negative_balance
 VARIANTS = {
     "sqlite-full": ("store", "store-1", "busy", "flock"),
     "sqlite-normal": ("store", "store-1", "busy", "flock"),
-    "redis": ("store", "store-1", "store-retry-only", "cas", "turn", "cas-1"),
+    "redis": ("store", "store-1", "store-retry-only", "cas", "turn", "delta", "cas-1"),
     "postgres": ("store", "store-1", "cas", "turn", "delta", "cas-1"),
 }
 MEANING = {
     "store": (
         "the store through `BalanceManager` (default `RetryPolicy`; after a lost CAS, "
-        "a charge goes as a delta on PostgreSQL, else in turn)"
+        "a charge goes as a delta on Redis and PostgreSQL, else in turn)"
     ),
     "store-1": "the store through `BalanceManager`, one process alone (the same charges)",
-    "store-retry-only": "the store with `exclusive` hidden: the retry policy alone",
+    "store-retry-only": (
+        "the store with `exclusive` and `commit_delta` hidden: the retry policy alone"
+    ),
     "busy": "raw SQLite, `BEGIN IMMEDIATE` waiting only in the busy handler (30 s)",
     "flock": "raw SQLite behind a blocking `fcntl.flock` of a lock file",
     "cas": "the store's commit by hand, retried at once from the reported row, without limit",
     "turn": "by hand, every charge in turn (Redis: lock script, BLPOP; PostgreSQL: advisory lock)",
-    "delta": "PostgreSQL: the store's delta statement by hand, as a hot user's charges go",
+    "delta": "the store's delta script (Redis) or statement (PostgreSQL) by hand, as a hot "
+    "user's charges go",
     "cas-1": "the raw cas floor, one process alone: what the floor itself keeps with four",
 }
 P99_MS = 50.0
@@ -82,8 +85,9 @@ def _writer(index: int, barrier: Any, url: str, variant: str, sizes: Sizes) -> d
                 raise
 
         store.commit = counting  # type: ignore[method-assign]
-        if variant == "store-retry-only":
-            store.exclusive = None  # type: ignore[attr-defined] - the manager looks it up per call
+        if variant == "store-retry-only":  # the manager looks these up per call
+            store.exclusive = None  # type: ignore[attr-defined]
+            store.commit_delta = None  # type: ignore[attr-defined]
         manager = BalanceManager(store, CONFIG)
         manager.account(USER)
         close = store.close

@@ -135,6 +135,7 @@ from creditmeter.stores.postgres import AsyncPostgresStore, PostgresStore
 from creditmeter.stores.redis import (
     ACQUIRE_SCRIPT,
     COMMIT_SCRIPT,
+    DELTA_SCRIPT,
     RECHECK_SCRIPT,
     RELEASE_SCRIPT,
     AsyncRedisStore,
@@ -295,6 +296,7 @@ SCRIPTS = {
     hashlib.sha1(script.encode()).hexdigest().encode(): name  # Redis names scripts by SHA1
     for name, script in [
         ("commit", COMMIT_SCRIPT),
+        ("delta", DELTA_SCRIPT),
         ("acquire", ACQUIRE_SCRIPT),
         ("recheck", RECHECK_SCRIPT),
         ("release", RELEASE_SCRIPT),
@@ -813,12 +815,14 @@ REDIS_TRACE = [  # commands (EVALSHA named by its script)
     "EVALSHA-commit",  # release
     *["HGET", "LRANGE", "SSCAN"],  # the three reads
     *["HGET", "EVALSHA-commit"],  # another writer grants alice
-    *["EVALSHA-commit", "EVALSHA-commit"],  # charge: lost CAS, again from what it reported
+    # the charge loses its compare-and-set, then goes as a delta on what the loss reported
+    *["EVALSHA-commit", "EVALSHA-delta"],
     *["HGET", "EVALSHA-commit"],  # another writer charges bob
-    *["HGET", "EVALSHA-commit", "EVALSHA-commit"],  # hold bob: likewise
+    # hold bob: lost CAS, again from what it reported (holds are no delta)
+    *["HGET", "EVALSHA-commit", "EVALSHA-commit"],
     *["HGET", "EVALSHA-commit"],  # grant, opening carol
     *["HGET", "EVALSHA-commit"],  # another writer sets carol
-    *["EVALSHA-commit", "EVALSHA-commit"],  # charge carol: likewise
+    *["EVALSHA-commit", "EVALSHA-delta"],  # charge carol: as alice's
 ]
 POSTGRES_TRACE = [  # statements, named by what they do
     *["load", "commit"],  # grant, opening alice
@@ -848,7 +852,7 @@ TRACES = {
     "postgres-async": POSTGRES_TRACE,
 }
 # The calls that write (a fault there may leave the outcome unknown: reply-lost).
-COMMITS = {"COMMIT", "EVALSHA-commit", "commit", "delta"}
+COMMITS = {"COMMIT", "EVALSHA-commit", "EVALSHA-delta", "commit", "delta"}
 
 
 @attrs.frozen

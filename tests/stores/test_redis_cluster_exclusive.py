@@ -1,4 +1,4 @@
-"""``exclusive()`` on Redis Cluster while the contended user's slot migrates.
+"""``exclusive()`` and deltas on Redis Cluster while the contended user's slot migrates.
 
 The lock scripts name keys that never exist on both sides of a migration
 (a writer's heartbeat is new), so while a slot is MIGRATING/IMPORTING they
@@ -7,7 +7,9 @@ about 0.4 s; the store sends them again (for at most ``retry_timeout``). Each
 test holds a migration open (``cluster.begin_move``, with some of the user's
 keys moved and the others not) for ``WINDOW`` seconds, or until what it
 checks has happened, and puts the cluster back afterwards
-(``cluster.restore``).
+(``cluster.restore``). The writers of one user go through ``exclusive()``
+with the store's ``commit_delta`` turned off, and as deltas with it on (the
+delta script meets the same ASK and TRYAGAIN).
 """
 
 from __future__ import annotations
@@ -70,9 +72,17 @@ class _Ending:
 
 
 class _CountingStore(RedisStore):
-    """A RedisStore that counts the ``exclusive()`` blocks entered, and those not yet left."""
+    """A RedisStore that counts ``exclusive()`` blocks and deltas: begun, and not yet done."""
 
-    entered = inside = 0
+    entered = inside = deltas = sending = 0
+
+    def commit_delta(self, *args, **kwargs):
+        self.deltas += 1
+        self.sending += 1
+        try:
+            return super().commit_delta(*args, **kwargs)
+        finally:
+            self.sending -= 1
 
     @contextlib.contextmanager
     def exclusive(self, user_id):
@@ -86,7 +96,15 @@ class _CountingStore(RedisStore):
 
 
 class _AsyncCountingStore(AsyncRedisStore):
-    entered = inside = 0
+    entered = inside = deltas = sending = 0
+
+    async def commit_delta(self, *args, **kwargs):
+        self.deltas += 1
+        self.sending += 1
+        try:
+            return await super().commit_delta(*args, **kwargs)
+        finally:
+            self.sending -= 1
 
     @contextlib.asynccontextmanager
     async def exclusive(self, user_id):
@@ -117,17 +135,30 @@ def _wait_for(done, least, failures):
         time.sleep(0.005)
 
 
-def test_threads_charging_one_user_while_its_slot_migrates(prefix):
-    """4 threads charge one user through ``exclusive()`` across a migration of its slot.
+def _paths(store, deltas):
+    """The writes of a hot user: as deltas, or (``commit_delta`` hidden) through ``exclusive()``.
+
+    Returns how many have begun, and how many have not ended yet.
+    """
+    if not deltas:
+        store.commit_delta = None  # the managers look it up on the store
+        return lambda: (store.entered, store.inside)
+    return lambda: (store.deltas, store.sending)
+
+
+@pytest.mark.parametrize("deltas", [False, True], ids=["exclusive", "delta"])
+def test_threads_charging_one_user_while_its_slot_migrates(prefix, deltas):
+    """4 threads charge one user through ``exclusive()``, or as deltas, across a slot migration.
 
     Each thread has a manager of its own (a manager serializes its own
     writers of a user). With ``contention_retries = 0`` the manager sends every write of a user
-    that lost a compare-and-set recently through ``exclusive()``, so the
-    writers queue for the lock while the slot migrates. None raises; every
+    that lost a compare-and-set recently as a delta, or else through ``exclusive()``, so the
+    writers send deltas, or queue for the lock, while the slot migrates. None raises; every
     charge is in the ledger once.
     """
     with _CountingStore(CLUSTER_URL, prefix=prefix) as store:
         store.contention_retries = 0
+        went = _paths(store, deltas)
         meter = BalanceManager(store, CONFIG)
         meter.charge(USER, 1, request_id="first")
         slot, target = _slot_and_target(USER)
@@ -154,26 +185,28 @@ def test_threads_charging_one_user_while_its_slot_migrates(prefix):
         try:
             _wait_for(done, EACH, failures)
             started = begin_move(slot, target, [keys.account, keys.ledger])
-            before, inside = store.entered, store.inside
+            before, inside = went()
             ending = _Ending(slot, target, started)
             ending.join()
-            in_window = inside + store.entered - before
+            in_window = inside + went()[0] - before
             _wait_for(done, max(done) + EACH, failures)
         finally:
             stop.set()
             for thread in threads:
                 thread.join(30)
         assert not failures, failures
-        assert in_window > 0, "no writer was in exclusive() while the slot migrated"
+        assert in_window > 0, "no writer went that way while the slot migrated"
         _check_ledger(meter.ledger(USER), meter.balance(USER), [r for mine in acked for r in mine])
 
 
-def test_tasks_charging_one_user_while_its_slot_migrates(prefix):
-    """The async store: 4 tasks charge one user through ``exclusive()`` across a migration."""
+@pytest.mark.parametrize("deltas", [False, True], ids=["exclusive", "delta"])
+def test_tasks_charging_one_user_while_its_slot_migrates(prefix, deltas):
+    """The async store: 4 tasks charge one user (``exclusive()`` or deltas) across a migration."""
 
     async def scenario():
         async with _AsyncCountingStore(CLUSTER_URL, prefix=prefix) as store:
             store.contention_retries = 0
+            went = _paths(store, deltas)
             meter = AsyncBalanceManager(store, CONFIG)
             await meter.charge(USER, 1, request_id="first")
             slot, target = _slot_and_target(USER)
@@ -206,16 +239,16 @@ def test_tasks_charging_one_user_while_its_slot_migrates(prefix):
                 started = await asyncio.to_thread(
                     begin_move, slot, target, [keys.account, keys.ledger]
                 )
-                before, inside = store.entered, store.inside
+                before, inside = went()
                 await asyncio.to_thread(_Ending(slot, target, started).join)
-                in_window = inside + store.entered - before
+                in_window = inside + went()[0] - before
                 await until(max(done) + EACH)
             finally:
                 stop.set()
                 results = await asyncio.gather(*tasks, return_exceptions=True)
             failures = [result for result in results if isinstance(result, BaseException)]
             assert not failures, failures
-            assert in_window > 0, "no writer was in exclusive() while the slot migrated"
+            assert in_window > 0, "no writer went that way while the slot migrated"
             every = [r for mine in acked for r in mine]
             _check_ledger(await meter.ledger(USER), await meter.balance(USER), every)
 

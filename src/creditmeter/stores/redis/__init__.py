@@ -40,6 +40,14 @@ each: with 15 waiters SIGKILLed and a 1 s lease, the next writer's 16 writes
 took 18.1 s before (with the default 2 s lease, past ``lock_wait``) and 1.2 s
 after.
 
+A lost compare-and-set of a plain charge is retried as a delta
+(``DELTA_SCRIPT``, ``commit_delta``), and so is every charge of a user
+whose writers keep losing: the script adds the cost to the balance it holds,
+exactly (decimal digits as text: Lua's numbers are doubles), if the stored
+account is the planned one but for its balance, version and ``updated_at``
+and the balance is at least the floor the rules gave. Such a charge cannot
+lose to another writer, so hot users rarely queue for the lock at all.
+
 A connection that fails after a commit was sent leaves its outcome unknown.
 A client this store creates never sends a command twice (``Retry(NoBackoff(),
 0)``, as ``redis.Redis.from_url`` also defaults to): the commit fails with
@@ -76,6 +84,7 @@ from creditmeter.stores.redis.options import DEFAULT_PREFIX
 from creditmeter.stores.redis.scripts import (
     ACQUIRE_SCRIPT,
     COMMIT_SCRIPT,
+    DELTA_SCRIPT,
     RECHECK_SCRIPT,
     RELEASE_SCRIPT,
 )
@@ -84,6 +93,7 @@ __all__ = [
     "ACQUIRE_SCRIPT",
     "COMMIT_SCRIPT",
     "DEFAULT_PREFIX",
+    "DELTA_SCRIPT",
     "RECHECK_SCRIPT",
     "RELEASE_SCRIPT",
     "AsyncRedisStore",

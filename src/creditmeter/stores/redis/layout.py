@@ -79,8 +79,10 @@ from creditmeter.models import Account, LedgerEntry
 from creditmeter.serde import (
     SCHEMA_VERSION,
     account_from_json,
+    account_split,
     account_to_json,
     entry_from_json,
+    entry_split,
     entry_to_json,
 )
 from creditmeter.stores.redis.cluster import shard_of, shard_tags
@@ -341,6 +343,64 @@ class Layout:
                         entry=entry_from_json(reply[2], user_id=account.user_id),
                     )
         raise StoreError(f"unexpected reply from the Redis commit script: {reply!r}")
+
+    def delta_call(
+        self,
+        account: Account,
+        entry: LedgerEntry,
+        floor: Decimal | None,
+        lock_token: bytes = NO_TOKEN,
+    ) -> tuple[list[bytes], list[bytes]]:
+        """KEYS and ARGV of the delta script (see ``DeltaStore.commit_delta``)."""
+        user_id = account.user_id
+        found = self.globals_of(user_id)
+        a, b, c, updated, d = account_split(account)
+        ea, eb = entry_split(entry)
+        request_id = entry.request_id
+        return [*self.keys(user_id), found.log, found.skew], [
+            a.encode(),
+            b.encode(),
+            c.encode(),
+            d.encode(),
+            updated.encode(),
+            str(entry.amount).encode(),
+            b"" if floor is None else str(floor).encode(),
+            new_id().encode(),
+            user_id.encode(),
+            lock_token,
+            self._lease,
+            b"" if request_id is None else b"=" + request_id.encode(),
+            ea.encode(),
+            eb.encode(),
+            b"%d" % at_ms(entry.at),
+        ]
+
+    @staticmethod
+    def delta_outcome(
+        reply: Any, account: Account, entry: LedgerEntry
+    ) -> tuple[Decimal, int, datetime]:
+        """What the delta script wrote, ``(balance, version, updated_at)``; or raise what it met."""
+        user_id = account.user_id
+        if isinstance(reply, list) and reply:
+            code = reply[0]
+            if code == 0 and len(reply) == 4:
+                try:
+                    updated = datetime.fromisoformat(_text(reply[3])).astimezone(timezone.utc)
+                    return Decimal(_text(reply[1])), int(reply[2]), updated
+                except (ArithmeticError, ValueError):
+                    pass
+            elif code in (_CONFLICT, _HELD_OFF):
+                current = account_from_json(reply[1], user_id=user_id) if len(reply) > 1 else None
+                raise VersionConflict(user_id, expected=account.version - 1, current=current)
+            elif code == _DUPLICATE and len(reply) == 3 and entry.request_id is not None:
+                first = entry_from_json(reply[2], user_id=user_id)
+                raise DuplicateRequest(user_id, entry.request_id, entry=first)
+        raise StoreError(f"unexpected reply from the Redis delta script: {reply!r}")
+
+    @staticmethod
+    def written(reply: Any) -> bool:
+        """Tell whether a reply of the commit or delta script says it wrote."""
+        return reply == 0 or (isinstance(reply, list) and bool(reply) and reply[0] == 0)
 
     @staticmethod
     def held_off(reply: Any) -> bool:

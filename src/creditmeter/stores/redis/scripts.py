@@ -1,9 +1,11 @@
 """The Lua scripts of the Redis stores, read from the ``lua`` folder beside this module.
 
 Each constant is a script's whole text, as sent to Redis (which names it by
-its SHA1). ``commit.lua`` and ``release.lua`` both end a writer's turn with
-``hand_over.lua``: their line ``-- include: hand_over.lua`` stands for that
-file, less the comment lines it starts with.
+its SHA1). A line ``-- include: <file>`` stands for that file of the folder,
+less the comment lines it starts with: ``commit.lua``, ``delta.lua`` and
+``release.lua`` end a writer's turn with ``hand_over.lua``; ``commit.lua`` and
+``delta.lua`` append entries with ``entries.lua``; ``delta.lua`` adds
+balances with ``decimal.lua``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from importlib import resources
 __all__ = [
     "ACQUIRE_SCRIPT",
     "CLUSTER_COMMIT_SCRIPT",
+    "CLUSTER_DELTA_SCRIPT",
     "CLUSTER_LOG_PAGE_SCRIPT",
     "COMMIT_SCRIPT",
+    "DELTA_SCRIPT",
     "LOG_PAGE_SCRIPT",
     "RECHECK_SCRIPT",
     "RELEASE_SCRIPT",
@@ -40,6 +44,7 @@ def _script(name: str) -> str:
 
 
 COMMIT_SCRIPT = _script("commit.lua")
+DELTA_SCRIPT = _script("delta.lua")
 ACQUIRE_SCRIPT = _script("acquire.lua")
 RECHECK_SCRIPT = _script("recheck.lua")
 RELEASE_SCRIPT = _script("release.lua")
@@ -54,11 +59,16 @@ def _replaced(text: str, old: str, new: str) -> str:
 
 # On Redis Cluster (see ``cluster``): log ids from the server's clock in microseconds, and
 # log pages that start with the server's time.
-CLUSTER_COMMIT_SCRIPT = _replaced(
-    _included("cluster_id.lua") + COMMIT_SCRIPT,
-    "redis.call('XADD', KEYS[8], '*',",
-    "redis.call('XADD', KEYS[8], next_id(KEYS[8]),",
-)
+def _on_cluster(script: str) -> str:
+    return _replaced(
+        _included("cluster_id.lua") + script,
+        "redis.call('XADD', keys[8], '*',",
+        "redis.call('XADD', keys[8], next_id(keys[8]),",
+    )
+
+
+CLUSTER_COMMIT_SCRIPT = _on_cluster(COMMIT_SCRIPT)
+CLUSTER_DELTA_SCRIPT = _on_cluster(DELTA_SCRIPT)
 CLUSTER_LOG_PAGE_SCRIPT = _replaced(
     _script("cluster_log_page.lua"),
     "return table.concat(out)",

@@ -14,6 +14,7 @@
 -- {3[, stored account JSON]} while another writer holds the lock (the version still matches),
 -- {2, entry number, entry JSON} when an entry's request id was applied before.
 -- include: hand_over.lua
+-- include: entries.lua
 
 local account = KEYS[1]
 local head = redis.call('HMGET', account, 'v', 't')
@@ -65,36 +66,10 @@ if created then
 end
 local skew = {'0', '0'}
 if #ARGV > 7 then
-  redis.call('XLEN', KEYS[8])
-  skew = redis.call('HMGET', KEYS[9], 'ahead', 'behind')
+  skew = read_skew(KEYS)
 end
 redis.call('HSET', account, 'v', ARGV[2], 'd', ARGV[3], 't', ARGV[4])
--- Each entry joins the log of every entry (commit order): its user and ledger index. The
--- skew kept is the most an entry's time (the writer's clock) was ahead of, or behind, its
--- stream id's (the server's): readers widen a time range by it.
-local ahead = tonumber(skew[1]) or 0
-local behind = tonumber(skew[2]) or 0
-local skewed = not skew[1]  -- the first entry logged writes it
-for i = 8, #ARGV, 3 do
-  local mark = ARGV[i]
-  local length = redis.call('RPUSH', KEYS[2], ARGV[i + 1])
-  if mark ~= '' then
-    redis.call('HSET', KEYS[3], string.sub(mark, 2), ARGV[i + 1])
-  end
-  local id = redis.call('XADD', KEYS[8], '*', 'u', ARGV[5], 'i', string.format('%d', length - 1))
-  local gap = tonumber(ARGV[i + 2]) - tonumber(string.match(id, '^%d+'))
-  if gap > ahead then
-    ahead = gap
-    skewed = true
-  elseif -gap > behind then
-    behind = -gap
-    skewed = true
-  end
-end
-if skewed then
-  redis.call('HSET', KEYS[9], 'ahead', string.format('%.0f', ahead),
-    'behind', string.format('%.0f', behind))
-end
+append_entries(KEYS, ARGV[5], ARGV, 8, skew)
 if created then
   redis.call('SADD', KEYS[10], ARGV[5])
   redis.call('ZADD', KEYS[11], 0, ARGV[5])
