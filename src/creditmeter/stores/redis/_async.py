@@ -141,6 +141,9 @@ class AsyncRedisStore:
     commit that meets another writer's lock waits for it (at most
     ``lock_wait``) and is sent again, so a manager retries a lost
     compare-and-set at once ``contention_retries`` times before it queues.
+    A plain charge that lost goes first as ``commit_delta``, which cannot
+    lose to another writer; the retries and the queue serve what is left
+    (holds, settles, grants, a delta whose guard failed).
 
     On Redis Cluster: a ``redis+cluster://host:port`` (``rediss+cluster://``)
     URL or a ``redis.asyncio.cluster.RedisCluster`` client. The keys of the
