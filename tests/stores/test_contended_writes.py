@@ -178,7 +178,10 @@ def test_redis_commit_behind_a_killed_holders_lock_waits_only_for_its_lease(redi
 
 
 def test_manager_retries_at_once_then_queues_as_the_store_says(redis_prefix, monkeypatch):
-    """``contention_retries`` losses in a row, then ``exclusive()``; 0: the queue at once."""
+    """``contention_retries`` losses in a row, then ``exclusive()``; 0: the queue at once.
+
+    A grant: a plain charge would go as a delta after its loss (test_redis_delta.py).
+    """
     with (
         RedisStore(REDIS_URL, prefix=redis_prefix) as store,
         RedisStore(REDIS_URL, prefix=redis_prefix) as other,
@@ -196,9 +199,9 @@ def test_manager_retries_at_once_then_queues_as_the_store_says(redis_prefix, mon
 
         monkeypatch.setattr(store.client, "evalsha", counting)
         monkeypatch.setattr(store, "contention_retries", 0)
-        manager.charge("u", 1)
+        manager.grant("u", 1)
         assert sent == ["commit", "acquire", "commit"]  # lost, then in turn
-        assert manager.balance("u") == START - 7
+        assert manager.balance("u") == START - 5
 
 
 # --- PostgreSQL: exclusive() reads the account with the lock ---------------------------
