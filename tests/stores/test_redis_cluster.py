@@ -161,6 +161,34 @@ def test_min_replicas_waits_for_a_replica(prefix):
         assert meter.balance("u") == 20000 - 3
 
 
+def test_min_replicas_waits_for_a_replica_after_a_delta(prefix):
+    """A hot user's charge goes as a delta; min_replicas waits on it as on a commit."""
+    config = BalanceConfig(enabled=True)
+    with RedisStore(CLUSTER_URL, prefix=prefix) as other:
+        BalanceManager(other, config).charge("u", 1)
+        url = f"{CLUSTER_URL}?min_replicas=2&replica_timeout=0.05"
+        with RedisStore(url, prefix=prefix) as store:
+            meter = BalanceManager(store, config)
+            account = store.load("u")
+            BalanceManager(other, config).charge("u", 1)  # what the meter saw is stale now
+            meter._remember(account)
+            sent = []
+            commit_delta = store.commit_delta
+
+            def counting(*args, **kwargs):
+                sent.append("delta")
+                return commit_delta(*args, **kwargs)
+
+            store.commit_delta = counting
+            with pytest.raises(ReplicationTimeout) as raised:
+                meter.charge("u", 2, request_id="r1")
+            assert sent == ["delta"]  # the commit lost; its retry went as a delta
+            assert (raised.value.wanted, raised.value.confirmed) == (2, 1)
+            assert other.load("u").balance == 20000 - 4  # applied all the same
+            assert meter.charge("u", 2, request_id="r1").amount == -2
+            assert other.load("u").balance == 20000 - 4
+
+
 def test_bad_min_replicas_is_a_config_error_and_writes_nothing(prefix):
     """Tried: -1, 1.5, "x", "", True, None-like "none", 10**6, and two values that disagree,
     in the URL and as a keyword; also bad replica_timeout / retry_timeout (0, -1, "x")."""
