@@ -292,15 +292,15 @@ def faulty_sqlite(where: Path, plan: FaultPlan) -> Iterator[Faulty]:
 
 # --- Redis: a connection killed at the k-th command ----------------------------------------
 
-SCRIPTS = {
-    hashlib.sha1(script.encode()).hexdigest().encode(): name  # Redis names scripts by SHA1
-    for name, script in [
-        ("commit", COMMIT_SCRIPT),
-        ("delta", DELTA_SCRIPT),
-        ("acquire", ACQUIRE_SCRIPT),
-        ("recheck", RECHECK_SCRIPT),
-        ("release", RELEASE_SCRIPT),
-    ]
+SOURCES = {
+    "commit": COMMIT_SCRIPT,
+    "delta": DELTA_SCRIPT,
+    "acquire": ACQUIRE_SCRIPT,
+    "recheck": RECHECK_SCRIPT,
+    "release": RELEASE_SCRIPT,
+}
+SCRIPTS = {  # Redis names scripts by SHA1
+    hashlib.sha1(script.encode()).hexdigest().encode(): name for name, script in SOURCES.items()
 }
 
 
@@ -419,6 +419,11 @@ def redis_namespace(plan: FaultPlan) -> Iterator[str]:
     need("redis", reach_redis)
     prefix = unique("cmrel:") + ":"
     plan.server = RedisKiller()
+    # A server that has not seen a script answers its first EVALSHA with NOSCRIPT and the
+    # client loads it (SCRIPT LOAD, EVALSHA again): load every one, so that the k-th call
+    # is the same on a fresh server as on one that ran the suite before.
+    for script in SOURCES.values():
+        plan.server.client.script_load(script)
     try:
         yield prefix
     finally:
