@@ -38,7 +38,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 if os.environ.get("CREDITMETER_REQUIRE_SERVICES") != "1":
@@ -143,6 +143,7 @@ def client():
 
 @settings(max_examples=400, deadline=None)
 @given(a=decimals(), b=decimals())
+@example(a=Decimal("-0"), b=Decimal("-0"))  # found by hypothesis: the zero's sign was lost
 def test_the_script_adds_and_compares_as_decimal_does(client, a, b):
     reached = lua_add(client, str(a), str(b))
     assert reached is not None
@@ -161,6 +162,9 @@ def test_the_script_adds_and_compares_as_decimal_does(client, a, b):
     [
         ("0", "0", "0"),
         ("-0", "0", "0"),
+        ("-0", "-0", "-0"),  # a zero keeps its sign as Python's does
+        ("-0.00", "-0", "-0.00"),
+        ("-0", "0.00", "0.00"),
         ("7.25", "-7.25", "0.00"),
         ("-7.25", "7.25", "0.00"),
         ("100", "-7.25", "92.75"),

@@ -74,7 +74,7 @@ local function at_least(x, y)
   return not difference.negative or not string.find(difference.digits, '[1-9]')
 end
 
--- A decimal as plain text ('-0.25', '100'): Decimal() reads it back as the same value.
+-- A decimal as plain text ('-0.25', '100', '-0'): Decimal() reads it back as the same value.
 local function decimal_text(x)
   local digits = string.gsub(x.digits, '^0+', '')
   local zero = digits == ''
@@ -86,7 +86,9 @@ local function decimal_text(x)
     digits = string.rep('0', places + 1 - #digits) .. digits
     text = string.sub(digits, 1, #digits - places) .. '.' .. string.sub(digits, -places)
   end
-  if x.negative and not zero then
+  -- A zero keeps its sign, as Python's does: -0 + -0 is -0, while -7.25 + 7.25 is 0.00
+  -- (add_decimal leaves the sign on only there).
+  if x.negative then
     return '-' .. text
   end
   return text
