@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from functools import partial
 from typing import Any, NamedTuple
 
 from creditmeter import _validate, rules
@@ -296,31 +297,36 @@ class ManagerBase:
         refuse = strict
         config = self.config
         tokens: TokenUsage | None = usage  # type: ignore[assignment]  # checked by _cost
-
-        def plan(account: Account | None, now: datetime, *, strict: bool = refuse) -> rules.Change:
-            return rules.charge(
-                account,
-                user_id,
-                cost,
-                config=config,
-                now=now,
-                new_id=new_id,
-                strict=strict,
-                request_id=request,
-                model=model_name,
-                usage=tokens,
-                rates=rates,
-                metadata=meta,
-            )
-
+        plan = partial(
+            rules.charge_of,
+            user_id,
+            cost,
+            config,
+            refuse,
+            request,
+            model_name,
+            tokens,
+            rates,
+            meta,
+            new_id,
+        )
         started = time.perf_counter() if self.on_event is not None else 0.0
         delta = not (refuse and config.enabled)  # a strict charge may refill or refuse
         if not (refuse and request is not None):
             return _new_tuple(Op, (user_id, plan, request, None, started, delta))  # Op(...)
-
-        def lenient(account: Account | None, now: datetime) -> rules.Change:
-            return plan(account, now, strict=False)
-
+        lenient = partial(
+            rules.charge_of,
+            user_id,
+            cost,
+            config,
+            False,  # noqa: FBT003 - charge_of is positional: not strict
+            request,
+            model_name,
+            tokens,
+            rates,
+            meta,
+            new_id,
+        )
         return Op(user_id, plan, request, lenient, started, delta)
 
     def _set_balance_op(
@@ -423,23 +429,18 @@ class ManagerBase:
             cost, rates = self._cost(amount, model=model_name, usage=usage, incomplete=incomplete)
         meta = None if metadata is None else _validate.metadata(metadata)
         tokens: TokenUsage | None = usage  # type: ignore[assignment]  # checked by _cost
-        config = self.config
-
-        def plan(account: Account | None, now: datetime) -> rules.Change:
-            return rules.settle(
-                account,
-                held.user_id,
-                held,
-                cost,
-                config=config,
-                now=now,
-                new_id=new_id,
-                model=model_name,
-                usage=tokens,
-                rates=rates,
-                metadata=meta,
-            )
-
+        plan = partial(
+            rules.settle_of,
+            held.user_id,
+            held,
+            cost,
+            self.config,
+            model_name,
+            tokens,
+            rates,
+            meta,
+            new_id,
+        )
         started = time.perf_counter() if self.on_event is not None else 0.0
         return _new_tuple(
             Op, (held.user_id, plan, rules.HOLD_PREFIX + held.id, None, started, False)

@@ -686,7 +686,7 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         fresh = account is None
         if fresh:
             account = await self.store.load(op.user_id)
-        return await self._write(op, account, fresh=fresh, out=out)
+        return await self._write(op, account, fresh, out)
 
     async def _apply(self, op: Op) -> LedgerEntry:
         """Run a write and return the operation's entry (the first one, for a repeat)."""
@@ -696,11 +696,21 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
             async with self._locks[hash(user_id) % LOCK_STRIPES]:
                 account = self._seen.get(user_id)  # as _from_seen, frames fewer on the hot path
                 try:
-                    if account is None:
+                    fresh = account is None
+                    if fresh:
                         account = await self.store.load(user_id)
-                        entry = (await self._write(op, account, fresh=True, out=out)).entries[-1]
-                    else:
-                        entry = (await self._write(op, account, fresh=False, out=out)).entries[-1]
+                    if self._hot and self._is_hot(user_id):
+                        change = await self._contended(
+                            op, account, fresh=fresh, first=None, out=out
+                        )
+                    else:  # _write's common case, a frame fewer: one attempt
+                        try:
+                            change = await self._attempt(op, account, fresh, out)
+                        except VersionConflict as conflict:
+                            change = await self._contended(
+                                op, account, fresh=fresh, first=conflict, out=out
+                            )
+                    entry = change.entries[-1]
                 except Replayed as replayed:
                     entry = replayed.entry
                 except InsufficientBalance as refused:
@@ -727,12 +737,12 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         return rules.replay(found, attempted.entry)
 
     async def _write(
-        self, op: Op, account: Account | None, *, fresh: bool, out: Outbox
+        self, op: Op, account: Account | None, fresh: bool, out: Outbox
     ) -> rules.Change:
         """Plan and commit, retrying lost compare-and-sets; the caller holds the user's lock."""
         if not self._hot or not self._is_hot(op.user_id):  # the common case: one attempt
             try:
-                return await self._attempt(op, account, fresh=fresh, out=out)
+                return await self._attempt(op, account, fresh, out)
             except VersionConflict as conflict:
                 return await self._contended(op, account, fresh=fresh, first=conflict, out=out)
         return await self._contended(op, account, fresh=fresh, first=None, out=out)
@@ -795,7 +805,7 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
                 if attempt.retry_state.attempt_number > 1:
                     seen = None  # it slept: what the last conflict reported is stale now
                 try:
-                    return await self._attempt(op, seen, fresh=seen is not None, out=out)
+                    return await self._attempt(op, seen, seen is not None, out)
                 except VersionConflict as conflict:
                     seen = conflict.current
                     raise
@@ -861,7 +871,7 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         """
         if first is None:
             try:
-                return await self._attempt(op, account, fresh=fresh, out=out), account
+                return await self._attempt(op, account, fresh, out), account
             except VersionConflict as conflict:
                 first = conflict
         if self.retry.attempts <= 1:
@@ -878,7 +888,7 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         return None, seen
 
     async def _attempt(
-        self, op: Op, account: Account | None, *, fresh: bool, out: Outbox
+        self, op: Op, account: Account | None, fresh: bool, out: Outbox
     ) -> rules.Change:
         if account is None and not fresh:
             account = await self.store.load(op.user_id)

@@ -604,7 +604,7 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         fresh = account is None
         if fresh:
             account = self.store.load(op.user_id)
-        return self._write(op, account, fresh=fresh, out=out)
+        return self._write(op, account, fresh, out)
 
     def _apply(self, op: Op) -> LedgerEntry:
         """Run a write and return the operation's entry (the first one, for a repeat)."""
@@ -614,11 +614,19 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
             with self._locks[hash(user_id) % LOCK_STRIPES]:
                 account = self._seen.get(user_id)  # as _from_seen, frames fewer on the hot path
                 try:
-                    if account is None:
+                    fresh = account is None
+                    if fresh:
                         account = self.store.load(user_id)
-                        entry = (self._write(op, account, fresh=True, out=out)).entries[-1]
-                    else:
-                        entry = (self._write(op, account, fresh=False, out=out)).entries[-1]
+                    if self._hot and self._is_hot(user_id):
+                        change = self._contended(op, account, fresh=fresh, first=None, out=out)
+                    else:  # _write's common case, a frame fewer: one attempt
+                        try:
+                            change = self._attempt(op, account, fresh, out)
+                        except VersionConflict as conflict:
+                            change = self._contended(
+                                op, account, fresh=fresh, first=conflict, out=out
+                            )
+                    entry = change.entries[-1]
                 except Replayed as replayed:
                     entry = replayed.entry
                 except InsufficientBalance as refused:
@@ -644,11 +652,11 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         attempted = op.lenient(self.store.load(user_id), self._now())
         return rules.replay(found, attempted.entry)
 
-    def _write(self, op: Op, account: Account | None, *, fresh: bool, out: Outbox) -> rules.Change:
+    def _write(self, op: Op, account: Account | None, fresh: bool, out: Outbox) -> rules.Change:
         """Plan and commit, retrying lost compare-and-sets; the caller holds the user's lock."""
         if not self._hot or not self._is_hot(op.user_id):  # the common case: one attempt
             try:
-                return self._attempt(op, account, fresh=fresh, out=out)
+                return self._attempt(op, account, fresh, out)
             except VersionConflict as conflict:
                 return self._contended(op, account, fresh=fresh, first=conflict, out=out)
         return self._contended(op, account, fresh=fresh, first=None, out=out)
@@ -711,7 +719,7 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
                 if attempt.retry_state.attempt_number > 1:
                     seen = None  # it slept: what the last conflict reported is stale now
                 try:
-                    return self._attempt(op, seen, fresh=seen is not None, out=out)
+                    return self._attempt(op, seen, seen is not None, out)
                 except VersionConflict as conflict:
                     seen = conflict.current
                     raise
@@ -772,7 +780,7 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         """
         if first is None:
             try:
-                return self._attempt(op, account, fresh=fresh, out=out), account
+                return self._attempt(op, account, fresh, out), account
             except VersionConflict as conflict:
                 first = conflict
         if self.retry.attempts <= 1:
@@ -788,9 +796,7 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
                 seen = conflict.current
         return None, seen
 
-    def _attempt(
-        self, op: Op, account: Account | None, *, fresh: bool, out: Outbox
-    ) -> rules.Change:
+    def _attempt(self, op: Op, account: Account | None, fresh: bool, out: Outbox) -> rules.Change:
         if account is None and not fresh:
             account = self.store.load(op.user_id)
         clock = self.clock  # self._now(), inline: every write asks for the time

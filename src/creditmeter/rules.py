@@ -53,6 +53,7 @@ __all__ = [
     "as_delta",
     "charge",
     "charge_delta",
+    "charge_of",
     "check",
     "configure_refill",
     "counts_as_usage",
@@ -74,6 +75,7 @@ __all__ = [
     "request_hold_id",
     "set_balance",
     "settle",
+    "settle_of",
     "sort_usage",
     "usage_sum",
 ]
@@ -712,6 +714,42 @@ def charge(
     due refill, then raises ``InsufficientBalance`` (nothing to commit) when
     the available balance cannot pay.
     """
+    return charge_of(
+        user_id,
+        cost,
+        config,
+        strict,
+        request_id,
+        model,
+        usage,
+        rates,
+        metadata,
+        new_id,
+        account,
+        now,
+    )
+
+
+def charge_of(  # noqa: PLR0917 - positional: a manager binds all but the last two once
+    user_id: str,
+    cost: Decimal,
+    config: BalanceConfig,
+    strict: bool,
+    request_id: str | None,
+    model: str | None,
+    usage: TokenUsage | None,
+    rates: Rates | None,
+    metadata: dict[str, Any] | None,
+    new_id: IdFactory,
+    account: Account | None,
+    now: datetime,
+) -> Change:
+    """``charge``, its arguments in an order to bind with ``functools.partial``.
+
+    A manager binds what the call decided (all but ``account`` and ``now``)
+    and runs the result on each try: a plan without a closure's cells and
+    keyword arguments, which a charge would pay for on every call.
+    """
     if (
         account is not None
         and not account.holds
@@ -1013,6 +1051,25 @@ def settle(
     the same (the work was done). The charge is clamped like any charge. Its
     entry's request id, ``hold:<id>``, makes a hold resolvable only once.
     """
+    return settle_of(
+        user_id, hold, cost, config, model, usage, rates, metadata, new_id, account, now
+    )
+
+
+def settle_of(  # noqa: PLR0917 - positional: a manager binds all but the last two once
+    user_id: str,
+    hold: Hold,
+    cost: Decimal,
+    config: BalanceConfig,
+    model: str | None,
+    usage: TokenUsage | None,
+    rates: Rates | None,
+    metadata: dict[str, Any] | None,
+    new_id: IdFactory,
+    account: Account | None,
+    now: datetime,
+) -> Change:
+    """``settle``, its arguments in an order to bind with ``functools.partial``."""
     if (
         account is not None
         and account.holds
