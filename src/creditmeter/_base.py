@@ -262,11 +262,10 @@ class ManagerBase:
 
         return Op(user_id, plan, request, started=self._clock_start())
 
-    def _charge_op(
+    def _charge_op(  # noqa: PLR0917 - positional: called on every write of its kind
         self,
         user_id: str,
         amount: object,
-        *,
         model: object,
         usage: object,
         incomplete: object,
@@ -380,11 +379,10 @@ class ManagerBase:
 
         return Op(user_id, plan, started=self._clock_start())
 
-    def _hold_ask(
+    def _hold_ask(  # noqa: PLR0917 - positional: called on every write of its kind
         self,
         user_id: str,
         amount: object,
-        *,
         model: object,
         usage: object,
         ttl: object,
@@ -406,11 +404,10 @@ class ManagerBase:
         started = time.perf_counter() if self.on_event is not None else 0.0
         return _new_tuple(HoldAsk, (user_id, cost, ttl, request, started))  # HoldAsk(...)
 
-    def _settle_op(
+    def _settle_op(  # noqa: PLR0917 - positional: called on every write of its kind
         self,
         hold: object,
         amount: object,
-        *,
         model: object,
         usage: object,
         incomplete: object,
@@ -705,6 +702,27 @@ class ManagerBase:
 def is_noop(change: rules.Change) -> bool:
     """A change that writes nothing: the version was not moved on."""
     return change.account.version == change.expected_version
+
+
+def hold_plan(  # noqa: PLR0917 - positional: bound with functools.partial
+    made: list[rules.Change],
+    user_id: str,
+    amount: Decimal,
+    hold_id: str,
+    ttl: timedelta,
+    config: BalanceConfig,
+    request_id: str | None,
+    account: Account | None,
+    now: datetime,
+) -> rules.Change:
+    """``rules.hold_of``, each change it plans kept in ``made``.
+
+    One per attempt, bounded by the retry policy: a hold cancelled after its
+    commit went out looks there for what it may have written.
+    """
+    change = rules.hold_of(user_id, amount, hold_id, ttl, config, request_id, new_id, account, now)
+    made.append(change)
+    return change
 
 
 def plan_once(op: Op, account: Account | None, now: datetime) -> rules.Change:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from functools import partial
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
@@ -41,6 +42,7 @@ from creditmeter._base import (
     Outbox,
     Replayed,
     _with_reason,
+    hold_plan,
     request_id_of,
     utc_now,
 )
@@ -238,16 +240,8 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         completion cut short at LibreChat's cancel rate.
         """
         return self._apply(
-            self._charge_op(
-                user_id,
-                amount,
-                model=model,
-                usage=usage,
-                incomplete=incomplete,
-                strict=strict,
-                request_id=request_id,
-                metadata=metadata,
-            )
+            # Positional, as every hot call here: a call's keywords cost it a search per name.
+            self._charge_op(user_id, amount, model, usage, incomplete, strict, request_id, metadata)
         )
 
     def set_balance(
@@ -363,40 +357,29 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         settle charges once; after it was settled, the settled hold's id, so
         that settling again returns the first charge.
         """
-        ask = self._hold_ask(
-            user_id, amount, model=model, usage=usage, ttl=ttl, request_id=request_id
-        )
+        ask = self._hold_ask(user_id, amount, model, usage, ttl, request_id)
         out: Outbox = [] if self.on_event is not None else None
         made: list[rules.Change] = []  # what the plans wrote, until the caller has the hold
         user_id, cost, lifetime, request, started = ask
-        config = self.config
         hold_id = ""  # set under the lock, before the plan runs
-
-        def plan(account: Account | None, now: datetime) -> rules.Change:
-            change = rules.hold(
-                account,
-                user_id,
-                cost,
-                hold_id=hold_id,
-                ttl=lifetime,
-                config=config,
-                now=now,
-                new_id=new_id,
-                request_id=request,
-            )
-            made.append(change)  # one per attempt: bounded by the retry policy
-            return change
-
-        op = _new_tuple(Op, (user_id, plan, None, None, started, False))  # Op(...)
         try:
             with self._locks[hash(user_id) % LOCK_STRIPES]:
                 hold_id = new_id() if request is None else self._hold_id(ask)
+                plan = partial(
+                    hold_plan, made, user_id, cost, hold_id, lifetime, self.config, request
+                )
+                op = _new_tuple(Op, (user_id, plan, None, None, started, False))  # Op(...)
                 account = self._seen.get(user_id)  # as _from_seen, frames fewer on the hot path
-                if account is None:
+                fresh = account is None
+                if fresh:
                     account = self.store.load(user_id)
-                    change = self._write(op, account, fresh=True, out=out)
-                else:
-                    change = self._write(op, account, fresh=False, out=out)
+                if self._hot and self._is_hot(user_id):
+                    change = self._contended(op, account, fresh=fresh, first=None, out=out)
+                else:  # _write's common case, a frame fewer: one attempt
+                    try:
+                        change = self._attempt(op, account, fresh, out)
+                    except VersionConflict as conflict:
+                        change = self._contended(op, account, fresh=fresh, first=conflict, out=out)
         except InsufficientBalance as refused:
             self._denied(refused, started, out)
             self._tell_after(out, refused)
@@ -433,9 +416,7 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         entry; settling a released hold is ``InvalidInput``; an expired hold
         is still charged, once.
         """
-        op = self._settle_op(
-            hold, amount, model=model, usage=usage, incomplete=incomplete, metadata=metadata
-        )
+        op = self._settle_op(hold, amount, model, usage, incomplete, metadata)
         entry = self._apply(op)
         # As _tidy, frames fewer on the hot path: a settled hold is gone from the account.
         seen = self._seen.get(op.user_id)

@@ -63,6 +63,7 @@ __all__ = [
     "grant",
     "hold",
     "hold_generation",
+    "hold_of",
     "in_range",
     "open_account",
     "open_holds",
@@ -917,7 +918,7 @@ def hold_generation(resolved: int, last: LedgerEntry | None) -> int:
     return resolved - 1
 
 
-def hold(  # noqa: C901 - the fast path is written out: it runs on every hold
+def hold(
     account: Account | None,
     user_id: str,
     amount: Decimal,
@@ -938,6 +939,21 @@ def hold(  # noqa: C901 - the fast path is written out: it runs on every hold
     open hold of the request under another id is one resolved since this
     account was read: the commit will find it stale).
     """
+    return hold_of(user_id, amount, hold_id, ttl, config, request_id, new_id, account, now)
+
+
+def hold_of(  # noqa: C901, PLR0917 - positional: a manager binds all but the last two once
+    user_id: str,
+    amount: Decimal,
+    hold_id: str,
+    ttl: timedelta,
+    config: BalanceConfig,
+    request_id: str | None,
+    new_id: IdFactory,
+    account: Account | None,
+    now: datetime,
+) -> Change:
+    """``hold``, its arguments in an order to bind with ``functools.partial``."""
     if (
         account is not None
         and request_id is None
