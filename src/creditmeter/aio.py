@@ -363,7 +363,8 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
             return
         await self.require(user_id)
 
-    async def hold(  # noqa: C901 - the first attempt is written out: it runs on every hold
+    async def hold(  # noqa: C901 - the first attempt is written out  # async-only
+        # sync-only: def hold(
         self,
         user_id: str,
         amount: Decimal | float | None = None,

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncMeteredStream"]
 
 C = TypeVar("C")
+_COMPLETE = _LENIENT = False  # a charge's incomplete= and strict=, passed in order
 
 
 async def _begin(manager: AsyncBalanceManager, meter: _Meter, call: _Call) -> Hold | None:
@@ -138,10 +139,11 @@ def wrap(  # noqa: C901 - the plain call is written out: it runs per call
         if held is not None or spent is None:
             await _end(manager, meter, call, held, spent)
             return result
-        try:  # _end's charge, a frame fewer
-            await manager.charge(
-                call.user, model=call.model, usage=spent, request_id=call.request_id
+        try:  # _end's charge, as charge() runs it: two frames fewer
+            op = manager._charge_op(  # noqa: SLF001 - the manager's own steps
+                call.user, None, call.model, spent, _COMPLETE, _LENIENT, call.request_id, None
             )
+            await manager._apply(op)  # noqa: SLF001
         except StoreError as exc:
             _unmetered(manager, meter, call, held=None, spent=spent, exc=exc, incomplete=False)
         return result
