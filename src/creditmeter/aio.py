@@ -388,15 +388,22 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         """
         ask = self._hold_ask(user_id, amount, model, usage, ttl, request_id)
         out: Outbox = [] if self.on_event is not None else None
-        made: list[rules.Change] = []  # what the plans wrote, until the caller has the hold
+        # What the plans wrote, for a cancelled hold's clean-up.  # async-only
+        made: list[rules.Change] = []  # async-only
         user_id, cost, lifetime, request, started = ask
         hold_id = ""  # set under the lock, before the plan runs
         try:
             async with self._locks[hash(user_id) % LOCK_STRIPES]:
                 hold_id = new_id() if request is None else await self._hold_id(ask)
+                # async-only: begin
                 plan = partial(
                     hold_plan, made, user_id, cost, hold_id, lifetime, self.config, request
                 )
+                # async-only: end
+                # sync-only: plan = partial(
+                # sync-only:     rules.hold_of, user_id, cost, hold_id, lifetime, self.config,
+                # sync-only:     request, new_id
+                # sync-only: )
                 op = _new_tuple(Op, (user_id, plan, None, None, started, False))  # Op(...)
                 account = self._seen.get(user_id)  # as _from_seen, frames fewer on the hot path
                 fresh = account is None

@@ -42,7 +42,6 @@ from creditmeter._base import (
     Outbox,
     Replayed,
     _with_reason,
-    hold_plan,
     request_id_of,
     utc_now,
 )
@@ -359,14 +358,13 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         """
         ask = self._hold_ask(user_id, amount, model, usage, ttl, request_id)
         out: Outbox = [] if self.on_event is not None else None
-        made: list[rules.Change] = []  # what the plans wrote, until the caller has the hold
         user_id, cost, lifetime, request, started = ask
         hold_id = ""  # set under the lock, before the plan runs
         try:
             with self._locks[hash(user_id) % LOCK_STRIPES]:
                 hold_id = new_id() if request is None else self._hold_id(ask)
                 plan = partial(
-                    hold_plan, made, user_id, cost, hold_id, lifetime, self.config, request
+                    rules.hold_of, user_id, cost, hold_id, lifetime, self.config, request, new_id
                 )
                 op = _new_tuple(Op, (user_id, plan, None, None, started, False))  # Op(...)
                 account = self._seen.get(user_id)  # as _from_seen, frames fewer on the hot path
