@@ -313,19 +313,8 @@ class ManagerBase:
         delta = not (refuse and config.enabled)  # a strict charge may refill or refuse
         if not (refuse and request is not None):
             return _new_tuple(Op, (user_id, plan, request, None, started, delta))  # Op(...)
-        lenient = partial(
-            rules.charge_of,
-            user_id,
-            cost,
-            config,
-            False,  # noqa: FBT003 - charge_of is positional: not strict
-            request,
-            model_name,
-            tokens,
-            rates,
-            meta,
-            new_id,
-        )
+        # The same charge, not strict: the rare path of a strict charge under a request id.
+        lenient = partial(rules.charge_of, user_id, cost, config, False, *plan.args[4:])  # noqa: FBT003
         return Op(user_id, plan, request, lenient, started, delta)
 
     def _set_balance_op(
