@@ -215,8 +215,8 @@ class Session:
 
         self.commands += 1
         self.now += timedelta(seconds=1)
-        _ids._prefix = hashlib.sha256(str(self.commands).encode()).hexdigest()[:16]  # noqa: SLF001
-        _ids._counter = itertools.count(1)  # noqa: SLF001
+        prefix = int(hashlib.sha256(str(self.commands).encode()).hexdigest()[:16], 16)
+        _ids._counter = itertools.count((prefix << 64) + 1)  # noqa: SLF001 - as _ids._reseed
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
