@@ -87,14 +87,10 @@ class Replayed(Exception):
         self.entry = entry
 
 
-class HoldAsk(NamedTuple):
-    """A validated ``hold()`` call, before its hold id is known."""
-
-    user_id: str
-    cost: Decimal
-    ttl: timedelta
-    request_id: str | None
-    started: float
+HoldAsk = tuple[str, Decimal, timedelta, "str | None", float]
+"""A validated ``hold()`` call, before its hold id is known: user id, cost, ttl, request
+id and start time. A plain tuple: it is unpacked at once, and a NamedTuple costs a hold
+85 ns more to build."""
 
 
 class HoldSearch:
@@ -391,7 +387,7 @@ class ManagerBase:
             raise InvalidInput(f"ttl must be a positive timedelta, got {ttl!r}")
         request = None if request_id is None else request_id_of(request_id)
         started = time.perf_counter() if self.on_event is not None else 0.0
-        return _new_tuple(HoldAsk, (user_id, cost, ttl, request, started))  # HoldAsk(...)
+        return user_id, cost, ttl, request, started
 
     def _settle_op(  # noqa: PLR0917 - positional: called on every write of its kind
         self,

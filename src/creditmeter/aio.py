@@ -40,7 +40,6 @@ from creditmeter._base import (
     LOCK_STRIPES,
     SEEN_LIMIT,
     Clock,
-    HoldAsk,
     HoldSearch,
     ManagerBase,
     Op,
@@ -385,15 +384,16 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
         settle charges once; after it was settled, the settled hold's id, so
         that settling again returns the first charge.
         """
-        ask = self._hold_ask(user_id, amount, model, usage, ttl, request_id)
+        user_id, cost, lifetime, request, started = self._hold_ask(
+            user_id, amount, model, usage, ttl, request_id
+        )
         out: Outbox = [] if self.on_event is not None else None
         # What the plans wrote, for a cancelled hold's clean-up.  # async-only
         made: list[rules.Change] = []  # async-only
-        user_id, cost, lifetime, request, started = ask
         hold_id = ""  # set under the lock, before the plan runs
         try:
             async with self._locks[hash(user_id) % LOCK_STRIPES]:
-                hold_id = new_id() if request is None else await self._hold_id(ask)
+                hold_id = new_id() if request is None else await self._hold_id(user_id, request)
                 # async-only: begin
                 plan = partial(
                     hold_plan, made, user_id, cost, hold_id, lifetime, self.config, request
@@ -636,14 +636,14 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
             await self._tell(out)
         return change
 
-    async def _hold_id(self, ask: HoldAsk) -> str:
+    async def _hold_id(self, user_id: str, request_id: str | None) -> str:
         """The id of the hold asked for: new, or the request's (see ``HoldSearch``)."""
-        if ask.request_id is None:
+        if request_id is None:
             return new_id()
-        search = HoldSearch(ask.request_id)
+        search = HoldSearch(request_id)
         probe = search.probe()
         while probe is not None:
-            search.found(await self.store.find_request(ask.user_id, probe))
+            search.found(await self.store.find_request(user_id, probe))
             probe = search.probe()
         return search.hold_id()
 

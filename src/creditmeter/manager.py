@@ -35,7 +35,6 @@ from creditmeter._base import (
     LOCK_STRIPES,
     SEEN_LIMIT,
     Clock,
-    HoldAsk,
     HoldSearch,
     ManagerBase,
     Op,
@@ -356,13 +355,14 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
         settle charges once; after it was settled, the settled hold's id, so
         that settling again returns the first charge.
         """
-        ask = self._hold_ask(user_id, amount, model, usage, ttl, request_id)
+        user_id, cost, lifetime, request, started = self._hold_ask(
+            user_id, amount, model, usage, ttl, request_id
+        )
         out: Outbox = [] if self.on_event is not None else None
-        user_id, cost, lifetime, request, started = ask
         hold_id = ""  # set under the lock, before the plan runs
         try:
             with self._locks[hash(user_id) % LOCK_STRIPES]:
-                hold_id = new_id() if request is None else self._hold_id(ask)
+                hold_id = new_id() if request is None else self._hold_id(user_id, request)
                 plan = partial(
                     rules.hold_of, user_id, cost, hold_id, lifetime, self.config, request, new_id
                 )
@@ -545,14 +545,14 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
             self._emit(out)
         return change
 
-    def _hold_id(self, ask: HoldAsk) -> str:
+    def _hold_id(self, user_id: str, request_id: str | None) -> str:
         """The id of the hold asked for: new, or the request's (see ``HoldSearch``)."""
-        if ask.request_id is None:
+        if request_id is None:
             return new_id()
-        search = HoldSearch(ask.request_id)
+        search = HoldSearch(request_id)
         probe = search.probe()
         while probe is not None:
-            search.found(self.store.find_request(ask.user_id, probe))
+            search.found(self.store.find_request(user_id, probe))
             probe = search.probe()
         return search.hold_id()
 
