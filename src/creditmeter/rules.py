@@ -1108,8 +1108,11 @@ def settle_of(  # noqa: PLR0917 - positional: a manager binds all but the last t
             else:
                 held = _subtract(account.held, holds[index].amount)
                 holds = holds[1:] if index == 0 else holds[:index] + holds[index + 1 :]
-            balance = account.balance
-            applied = _applied(cost, _subtract(balance, held) if holds else balance, config)
+            if config.allow_negative_balance and config.enabled:  # _applied's answer, inline
+                applied = cost
+            else:
+                balance = account.balance
+                applied = _applied(cost, _subtract(balance, held) if holds else balance, config)
             request = HOLD_PREFIX + hold.id
             return _charged(
                 account,
