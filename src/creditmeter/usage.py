@@ -273,7 +273,7 @@ def _pydantic_fields(obj: Any) -> dict[str, Any] | None:
     return fields
 
 
-def _chat_completion_usage(response: Any) -> TokenUsage | None:
+def _chat_completion_usage(response: Any) -> TokenUsage | None:  # noqa: PLR0911 - each way to give up
     """An OpenAI ``ChatCompletion``'s usage read straight from its fields; ``None`` otherwise.
 
     The common response of a metered call, read in half the time of the
@@ -281,11 +281,25 @@ def _chat_completion_usage(response: Any) -> TokenUsage | None:
     whole number in range, extra fields) gives ``None``: the general path then
     reads it, or raises its error.
     """
-    fields = _pydantic_fields(response)
+    # Each level's fields as _pydantic_fields reads them, inline for a class known to be
+    # a model and an object without extras: three frames fewer on every metered call.
+    kinds = _KINDS
+    fields = (
+        response.__dict__
+        if kinds.get(type(response)) is _PYDANTIC
+        and not getattr(response, "__pydantic_extra__", None)
+        else _pydantic_fields(response)
+    )
     if fields is None or fields.get("type") is not None:
         return None
     held = fields.get("usage")  # None in most stream chunks: nothing more to look up
-    usage = None if held is None else _pydantic_fields(held)
+    if held is None:
+        return None
+    usage = (
+        held.__dict__
+        if kinds.get(type(held)) is _PYDANTIC and not getattr(held, "__pydantic_extra__", None)
+        else _pydantic_fields(held)
+    )
     if usage is None:
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
@@ -300,7 +314,12 @@ def _chat_completion_usage(response: Any) -> TokenUsage | None:
     written: object = 0
     holder = usage.get("prompt_tokens_details")
     if holder is not None:
-        details = _pydantic_fields(holder)
+        details = (
+            holder.__dict__
+            if kinds.get(type(holder)) is _PYDANTIC
+            and not getattr(holder, "__pydantic_extra__", None)
+            else _pydantic_fields(holder)
+        )
         if details is None:
             return None
         cached, written = details.get("cached_tokens"), details.get("cache_write_tokens")
