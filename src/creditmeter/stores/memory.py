@@ -295,7 +295,7 @@ class MemoryStore:
         user_id = account.user_id
         requests = self._requests
         mine: dict[str, Packed] | None = None  # request ids in this write
-        request_id: str | None = None  # the request id of a write of one entry
+        request: tuple[str, str] | None = None  # the request key of a write of one entry
         if not entries:  # a hold, or a drop of one: the account alone
             packed = []
         elif len(entries) == 1:  # a charge or a grant: the usual write, without a loop
@@ -303,7 +303,8 @@ class MemoryStore:
             packed = [_pack(entry)]
             request_id = entry.request_id
             if request_id is not None:
-                found = requests.get((user_id, request_id))
+                request = (user_id, request_id)  # one key for the look-up and the write
+                found = requests.get(request)
                 if found is not None:
                     return DuplicateRequest(user_id, request_id, entry=_unpack(found))
         else:
@@ -324,11 +325,11 @@ class MemoryStore:
         if packed:
             ledger.extend(packed)
             self._log.extend(packed)
-            if request_id is not None:
-                requests[user_id, request_id] = packed[0]
+            if request is not None:
+                requests[request] = packed[0]
             elif mine is not None:
-                for request, row in mine.items():
-                    requests[user_id, request] = row
+                for named, row in mine.items():
+                    requests[user_id, named] = row
         return None
 
     def _new_requests(
