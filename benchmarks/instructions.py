@@ -10,9 +10,15 @@ callgrind, after the same set-up and warm-up: once with no calls and once with
 
     benchmarks/.venv/bin/python benchmarks/instructions.py            # every operation
     benchmarks/.venv/bin/python benchmarks/instructions.py charge hold+settle
+    benchmarks/.venv/bin/python benchmarks/instructions.py --cache charge pyrate
 
 Instructions are not time (a cache miss costs more than an add), so the
 ratios here are a guide for a change, and the verdicts stay with ``run.py``.
+``--cache`` also simulates the caches and branch predictor (callgrind's
+``--cache-sim`` and ``--branch-sim``, about three times slower) and prints,
+per call, the first-level instruction and data cache misses and the
+mispredicted branches: where two paths run the same instructions in
+different times, these tell why.
 """
 
 from __future__ import annotations
@@ -108,14 +114,31 @@ def _child(name: str, calls: int) -> None:
             call()
 
 
+# callgrind's event names, as its summary line gives them with the simulations on.
+_CACHE_EVENTS = {
+    "I1mr": "L1 instruction misses",
+    "D1mr": "L1 data read misses",
+    "D1mw": "L1 data write misses",
+    "Bcm": "conditional branches mispredicted",
+    "Bim": "indirect branches mispredicted",
+}
+
+
 def _count(name: str, calls: int) -> int:
     """Instructions of one child run under callgrind."""
+    return _events(name, calls, cache=False)["Ir"]
+
+
+def _events(name: str, calls: int, *, cache: bool) -> dict[str, int]:
+    """callgrind's event totals of one child run (``Ir`` alone, or the simulations' too)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "callgrind.out"
+        simulations = ["--cache-sim=yes", "--branch-sim=yes"] if cache else []
         command = [
             *_NO_RANDOM_ADDRESSES,
             "valgrind",
             "--tool=callgrind",
+            *simulations,
             f"--callgrind-out-file={out}",
             sys.executable,
             __file__,
@@ -126,10 +149,17 @@ def _count(name: str, calls: int) -> int:
         ]
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-        found = re.search(r"Collected : (\d+)", done.stderr)
-        if found is None:
-            raise SystemExit(f"callgrind printed no total for {name}:\n{done.stderr}")
-        return int(found.group(1))
+        if not cache:
+            found = re.search(r"Collected : (\d+)", done.stderr)
+            if found is None:
+                raise SystemExit(f"callgrind printed no total for {name}:\n{done.stderr}")
+            return {"Ir": int(found.group(1))}
+        text = out.read_text()
+        names = re.search(r"^events: (.+)$", text, re.MULTILINE)
+        totals = re.search(r"^summary: (.+)$", text, re.MULTILINE)
+        if names is None or totals is None:
+            raise SystemExit(f"callgrind wrote no summary for {name}")
+        return dict(zip(names.group(1).split(), map(int, totals.group(1).split()), strict=True))
 
 
 def main() -> None:
@@ -137,6 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="operations (default: all)")
     parser.add_argument("--calls", type=int, default=2_000)
+    parser.add_argument(
+        "--cache", action="store_true", help="also count cache misses and mispredicted branches"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -151,6 +184,19 @@ def main() -> None:
         raise SystemExit(f"unknown operation(s) {unknown}; known: {known}")
     counts = {}
     for name in names:
+        if args.cache:
+            before = _events(name, 0, cache=True)
+            after = _events(name, args.calls, cache=True)
+            per_call = {event: (after[event] - before[event]) / args.calls for event in after}
+            counts[name] = per_call["Ir"]
+            misses = ", ".join(
+                f"{per_call[event]:.0f} {label}" for event, label in _CACHE_EVENTS.items()
+            )
+            print(
+                f"{name:>14}: {counts[name] / 1000:8.1f}k instructions per call; {misses}",
+                flush=True,
+            )
+            continue
         counts[name] = (_count(name, args.calls) - _count(name, 0)) / args.calls
         print(f"{name:>14}: {counts[name] / 1000:8.1f}k instructions per call", flush=True)
     ratios = [
