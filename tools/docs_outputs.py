@@ -33,7 +33,6 @@ import contextlib
 import difflib
 import hashlib
 import io
-import itertools
 import json
 import os
 import re
@@ -215,8 +214,7 @@ class Session:
 
         self.commands += 1
         self.now += timedelta(seconds=1)
-        prefix = int(hashlib.sha256(str(self.commands).encode()).hexdigest()[:16], 16)
-        _ids._counter = itertools.count((prefix << 64) + 1)  # noqa: SLF001 - as _ids._reseed
+        _ids._start(int(hashlib.sha256(str(self.commands).encode()).hexdigest()[:16], 16))  # noqa: SLF001
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:

@@ -17,10 +17,14 @@ __all__ = ["new_id"]
 _COUNTER_BITS = 64  # a process would need 2**64 ids to carry into its prefix
 
 
-def _reseed() -> None:
+def _start(prefix: int) -> None:
+    """Draw this process's next ids under ``prefix`` (a 64-bit number), from a new counter."""
     global _counter  # noqa: PLW0603 - process-wide state by design
-    prefix = int.from_bytes(os.urandom(8), "big")
     _counter = itertools.count((prefix << _COUNTER_BITS) + 1)
+
+
+def _reseed() -> None:
+    _start(int.from_bytes(os.urandom(8), "big"))
 
 
 _counter = itertools.count(1)
