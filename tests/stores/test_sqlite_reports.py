@@ -353,6 +353,18 @@ def test_the_typed_amount_read_off_the_text_equals_the_one_from_its_parts(value:
     assert sqlite_store._money(value) == sqlite_store._money_exactly(value)
 
 
+def test_remembered_typed_amounts_keep_each_texts_places_and_stay_bounded() -> None:
+    """Equal values of other notations (1, 1.0, 1.00, -1) are remembered apart; the memory
+    of amounts seen is cleared at its limit rather than growing."""
+    for text in ("1", "1.0", "1.00", "-1", "1", "1.0"):
+        assert sqlite_store._money(Decimal(text)) == sqlite_store._money_exactly(Decimal(text))
+    assert sqlite_store._money(Decimal("1.00"))[2] == 2
+    assert sqlite_store._money(Decimal(1))[2] == 0
+    for n in range(sqlite_store._MONEY_SEEN_LIMIT + 10):
+        assert sqlite_store._money(Decimal(n).scaleb(-3)) == (n // 1000, n % 1000 * 10**6, 3)
+    assert len(sqlite_store._MONEY_SEEN) <= sqlite_store._MONEY_SEEN_LIMIT
+
+
 def test_a_sum_past_2_63_is_still_exact(store: SQLiteStore) -> None:
     """9,300 charges of 10**15 pass SQLite's integer range: the sum falls back to the JSON."""
     count = 9_300

@@ -274,6 +274,9 @@ def _money(value: Decimal) -> tuple[int | None, int | None, int]:
         value = Decimal(str(value))  # as its JSON has it
     # Read off the plain notation, as the JSON does: a third of the time of as_tuple().
     text = str(value)
+    known = _MONEY_SEEN.get(text)  # by text, not value: 1 and 1.0 differ in places
+    if known is not None:
+        return known
     if "E" in text or not text[-1].isdigit():  # exponent notation (or not finite)
         return _money_exactly(value)
     whole, _, fraction = text.partition(".")
@@ -284,7 +287,15 @@ def _money(value: Decimal) -> tuple[int | None, int | None, int]:
     if not -_MAX_NANOS < scaled < _MAX_NANOS:
         return None, None, places
     units, nanos = divmod(scaled, _NANOS)
-    return units, nanos, places
+    if len(_MONEY_SEEN) >= _MONEY_SEEN_LIMIT:
+        _MONEY_SEEN.clear()
+    money = _MONEY_SEEN[text] = (units, nanos, places)
+    return money
+
+
+# Amounts repeat (a price per call, its negation): their parts, by their text, remembered.
+_MONEY_SEEN: dict[str, tuple[int | None, int | None, int]] = {}
+_MONEY_SEEN_LIMIT = 4096
 
 
 _SCALES = tuple(10 ** (_MAX_PLACES - places) for places in range(_MAX_PLACES + 1))
@@ -793,7 +804,9 @@ class SQLiteStore:
         self._lock_path = self._file + ".lock"
         self._local = threading.local()  # .owner: this thread's _Owner
         self._jobs = threading.local()  # .job: the async call this thread is running
-        self._cond = threading.Condition(threading.Lock())
+        # Held as the bare lock on the hot path: a Condition's `with` runs two Python frames.
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._all: set[_Handle] = set()  # every open handle, for close() and forks
         self._idle: list[_Handle] = []
         self._returned: collections.deque[_Handle] = collections.deque()
@@ -903,7 +916,7 @@ class SQLiteStore:
                     conn.close()
                     raise StoreError(f"cannot open the SQLite writer lock: {exc.strerror}") from exc
             handle = _Handle(conn, lock_fd)
-            with self._cond:
+            with self._mutex:
                 listed = not self._closed
                 if listed:
                     self._all.add(handle)
@@ -919,7 +932,7 @@ class SQLiteStore:
         owner: _Owner | None = getattr(self._local, "owner", None)
         if owner is not None and not owner.handle.dead:
             return owner.handle
-        with self._cond:
+        with self._mutex:
             if self._closed:
                 raise StoreError("the store is closed")
             retired = self._take_returned()
@@ -949,20 +962,20 @@ class SQLiteStore:
 
     def _start_call(self) -> None:
         """Count a call in flight (forks wait for it), after any pending fork."""
-        with self._cond:
+        with self._mutex:
             while self._fork_pending:
                 self._cond.wait(1.0)
             self._busy += 1
 
     def _end_call(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._busy -= 1
             if self._fork_pending and not self._busy:
                 self._cond.notify_all()
 
     def _enter(self, handle: _Handle) -> sqlite3.Connection:
         """Mark ``handle`` busy and return its connection, reopened if a fork closed it."""
-        with self._cond:
+        with self._mutex:
             while self._fork_pending:
                 self._cond.wait(1.0)
             if self._closed or handle.dead:
@@ -983,7 +996,7 @@ class SQLiteStore:
         return conn
 
     def _leave(self, handle: _Handle) -> None:
-        with self._cond:
+        with self._mutex:
             handle.busy = False
             self._busy -= 1
             if self._fork_pending and not self._busy:
@@ -1002,7 +1015,7 @@ class SQLiteStore:
 
     def _acquire(self, handle: _Handle, job: _Job | None = None) -> None:
         """Take the writer lock for this thread (nested holders only count)."""
-        with self._cond:
+        with self._mutex:
             if self._closed or handle.dead:
                 raise StoreError("the store is closed")
             handle.depth += 1
@@ -1036,7 +1049,7 @@ class SQLiteStore:
                 self._release(handle, locked=False)
                 raise
         if wait is not None and state == _GRANTED:
-            with self._cond:
+            with self._mutex:
                 # The descriptor that holds the lock becomes the handle's; the old one
                 # holds nothing. Under the lock: close() and forks see one or the other.
                 old, handle.lock_fd = handle.lock_fd, wait.fd
@@ -1050,7 +1063,7 @@ class SQLiteStore:
             wait.close()
             raise StoreError(f"cannot take the SQLite writer lock: {wait.error}") from wait.error
         if wait is not None:
-            with self._cond:
+            with self._mutex:
                 if not self._closed:
                     self._abandoned.append(wait)
         if job is not None and job.abandoned:
@@ -1111,7 +1124,7 @@ class SQLiteStore:
     def _adopt(self) -> _Wait | None:
         """Take over a wait given up earlier that is still queued (oldest first), if any."""
         while True:
-            with self._cond:
+            with self._mutex:
                 if not self._abandoned:
                     return None
                 wait = self._abandoned.pop(0)
@@ -1122,7 +1135,7 @@ class SQLiteStore:
 
     def _release(self, handle: _Handle, *, locked: bool = True) -> None:
         error = None
-        with self._cond:
+        with self._mutex:
             handle.depth -= 1
             # Under the store's lock: close() cannot close this descriptor meanwhile.
             if not handle.depth and locked and handle.lock_fd is not None:
@@ -1166,7 +1179,8 @@ class SQLiteStore:
         ``closed``: descriptors already closed here (the parent's lock waits).
         """
         handles = self._all
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._all = set()
         self._idle = []
         self._abandoned = []
@@ -1659,7 +1673,7 @@ class SQLiteStore:
         owner: _Owner | None = getattr(self._local, "owner", None)
         mine = None if owner is None else owner.handle
         conns = []
-        with self._cond:
+        with self._mutex:
             self._closed = True
             # Waits given up stay with their waiter threads, which close them once they
             # get the lock (closing a descriptor a thread is blocked on could close
