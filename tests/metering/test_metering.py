@@ -77,9 +77,25 @@ def test_keeps_name_docstring_and_signature(meter):
     assert inspect.signature(wrapped) == inspect.signature(ask)
 
 
-@pytest.mark.parametrize("how", ["positional", "keyword", "default", "kwargs", "callable"])
+@pytest.mark.parametrize(
+    "how",
+    ["positional", "keyword", "default", "kwargs", "callable", "keyword-only", "mixed"],
+)
 def test_user_and_model_are_found_however_passed(meter, how):
-    if how == "callable":
+    if how in ("keyword-only", "mixed"):
+
+        @meter.metered(user="user_id", model="model")
+        def ask(prompt, model="gpt-4o", *, user_id="bob"):
+            return response()
+
+        if how == "keyword-only":
+            ask("x", model="gpt-4o-mini", user_id="alice")
+            ask("y")  # both defaults: bob, gpt-4o
+            assert [e.model for e in charges(meter, "bob")] == ["gpt-4o"]
+        else:  # the model by position, the user by keyword
+            ask("x", "gpt-4o-mini", user_id="alice")
+            assert charges(meter, "bob") == []
+    elif how == "callable":
 
         @meter.metered(user=lambda p, **k: k["who"], model=lambda p, **k: "gpt-4o-mini")
         def ask(prompt, **kwargs):

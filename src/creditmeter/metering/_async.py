@@ -33,7 +33,7 @@ from creditmeter.metering._core import (
 )
 
 # sync-only: from creditmeter.metering._finalizer import _FINALIZER
-from creditmeter.usage import StreamUsage, TokenUsage
+from creditmeter.usage import StreamUsage, TokenUsage, _chat_completion_usage
 
 if TYPE_CHECKING:
     from creditmeter.aio import AsyncBalanceManager
@@ -129,13 +129,11 @@ def wrap(  # noqa: C901 - the plain call is written out: it runs per call
         if stream is None:
             stream = _is_async_iterator(result)
         if stream:
-
-            async def finish(seen: StreamUsage, complete: bool) -> None:
-                spent, cut = meter.settle_stream(call, seen, complete=complete)
-                await _end(manager, meter, call, held, spent, incomplete=cut)
-
-            return AsyncMeteredStream(result, finish)
-        spent = _usage_or_missing(meter, call, result)
+            return _metered_stream(manager, meter, call, held, result)
+        # _usage_or_missing's common case, a frame fewer: a ChatCompletion read as it is.
+        spent = _chat_completion_usage(result) if meter.usage is None else None
+        if spent is None:
+            spent = _usage_or_missing(meter, call, result)
         if held is not None or spent is None:
             await _end(manager, meter, call, held, spent)
             return result
@@ -149,6 +147,18 @@ def wrap(  # noqa: C901 - the plain call is written out: it runs per call
         return result
 
     return wrapper
+
+
+def _metered_stream(
+    manager: AsyncBalanceManager, meter: _Meter, call: _Call, held: Hold | None, result: Any
+) -> AsyncMeteredStream[Any]:
+    """The stream a metered call returned, wrapped: charged (or settled) once it ends."""
+
+    async def finish(seen: StreamUsage, complete: bool) -> None:
+        spent, cut = meter.settle_stream(call, seen, complete=complete)
+        await _end(manager, meter, call, held, spent, incomplete=cut)
+
+    return AsyncMeteredStream(result, finish)
 
 
 # async-only: begin

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
@@ -65,8 +66,18 @@ def acting_as(user_id: str) -> Iterator[None]:
 # --- reading the call's arguments ---------------------------------------------------
 
 
-def _getter(func: Callable[..., Any], spec: object, what: str) -> Getter | None:
-    """Build a fast reader for one argument: a parameter name, or a callable over the call."""
+_NEVER_POSITIONAL = sys.maxsize  # the index of an argument that only a keyword can give
+
+
+_ArgAt = tuple[int, str, Any]
+"""Where a named argument is: its index (if it can be positional), its name and default.
+
+A plain tuple, not a NamedTuple: unpacking a tuple's subclass iterates it.
+"""
+
+
+def _reader(func: Callable[..., Any], spec: object, what: str) -> Getter | _ArgAt | None:
+    """How to read one argument: a callable over the call, or where the named parameter is."""
     if spec is None:
         return None
     if callable(spec):
@@ -78,20 +89,25 @@ def _getter(func: Callable[..., Any], spec: object, what: str) -> Getter | None:
     parameter = parameters.get(spec)
     if parameter is None:
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            return lambda _args, kwargs: kwargs.get(spec)
+            return (_NEVER_POSITIONAL, spec, None)
         raise ConfigError(f"{what}={spec!r} is not a parameter of {func.__qualname__}")
     default = None if parameter.default is inspect.Parameter.empty else parameter.default
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if parameter.kind in positional:
-        index = list(parameters).index(spec)
+    index = list(parameters).index(spec) if parameter.kind in positional else _NEVER_POSITIONAL
+    return (index, spec, default)
 
-        def by_position(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if index < len(args):
-                return args[index]
-            return kwargs.get(spec, default)
 
-        return by_position
-    return lambda _args, kwargs: kwargs.get(spec, default)
+def _getter(func: Callable[..., Any], spec: object, what: str) -> Getter | None:
+    """Build a fast reader for one argument: a parameter name, or a callable over the call."""
+    found = _reader(func, spec, what)
+    if not isinstance(found, tuple):
+        return found
+    index, name, default = found
+
+    def read(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return args[index] if index < len(args) else kwargs.get(name, default)
+
+    return read
 
 
 _new_tuple = tuple.__new__  # a NamedTuple without its generated __new__: made per call
@@ -112,8 +128,8 @@ class _Meter:
     """How one decorated function is metered; shared by its sync and async paths."""
 
     name: str
-    user: Getter | None
-    model: Getter | None
+    user: Getter | _ArgAt | None  # a named argument's place is read inline, without a call
+    model: Getter | _ArgAt | None
     estimate: Getter | None
     usage: Callable[[Any], TokenUsage | None] | None
     request_id: Getter | None
@@ -122,13 +138,23 @@ class _Meter:
     on_store_error: OnStoreError = "closed"
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        user = self.user(args, kwargs) if self.user is not None else _acting_user.get()
+        where = self.user
+        if isinstance(where, tuple):
+            index, name, default = where
+            user = args[index] if index < len(args) else kwargs.get(name, default)
+        else:
+            user = where(args, kwargs) if where is not None else _acting_user.get()
         if user is None:
             raise InvalidInput(
                 f"no user for the metered call {self.name}: pass user= to metered() "
                 "or call it inside acting_as(user_id)"
             )
-        model = self.model(args, kwargs) if self.model is not None else None
+        where = self.model
+        if isinstance(where, tuple):
+            index, name, default = where
+            model = args[index] if index < len(args) else kwargs.get(name, default)
+        else:
+            model = where(args, kwargs) if where is not None else None
         estimate = None
         if self.estimate is not None:
             found = self.estimate(args, kwargs)
@@ -231,8 +257,8 @@ def _make_meter(
         raise ConfigError(f"usage= must be a callable over the result, got {usage!r}")
     return _Meter(
         name=getattr(func, "__qualname__", repr(func)),
-        user=_getter(func, user, "user"),
-        model=_getter(func, model, "model"),
+        user=_reader(func, user, "user"),
+        model=_reader(func, model, "model"),
         estimate=_getter(func, estimate, "estimate"),
         usage=cast("Callable[[Any], TokenUsage | None] | None", usage),
         request_id=_getter(func, request_id, "request_id"),

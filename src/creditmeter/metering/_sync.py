@@ -28,7 +28,7 @@ from creditmeter.metering._core import (
     _with_prompt,
 )
 from creditmeter.metering._finalizer import _FINALIZER
-from creditmeter.usage import StreamUsage, TokenUsage
+from creditmeter.usage import StreamUsage, TokenUsage, _chat_completion_usage
 
 if TYPE_CHECKING:
     from creditmeter.manager import BalanceManager
@@ -122,13 +122,11 @@ def wrap(  # noqa: C901 - the plain call is written out: it runs per call
         if stream is None:
             stream = _is_iterator(result)
         if stream:
-
-            def finish(seen: StreamUsage, complete: bool) -> None:
-                spent, cut = meter.settle_stream(call, seen, complete=complete)
-                _end(manager, meter, call, held, spent, incomplete=cut)
-
-            return MeteredStream(result, finish)
-        spent = _usage_or_missing(meter, call, result)
+            return _metered_stream(manager, meter, call, held, result)
+        # _usage_or_missing's common case, a frame fewer: a ChatCompletion read as it is.
+        spent = _chat_completion_usage(result) if meter.usage is None else None
+        if spent is None:
+            spent = _usage_or_missing(meter, call, result)
         if held is not None or spent is None:
             _end(manager, meter, call, held, spent)
             return result
@@ -142,6 +140,18 @@ def wrap(  # noqa: C901 - the plain call is written out: it runs per call
         return result
 
     return wrapper
+
+
+def _metered_stream(
+    manager: BalanceManager, meter: _Meter, call: _Call, held: Hold | None, result: Any
+) -> MeteredStream[Any]:
+    """The stream a metered call returned, wrapped: charged (or settled) once it ends."""
+
+    def finish(seen: StreamUsage, complete: bool) -> None:
+        spent, cut = meter.settle_stream(call, seen, complete=complete)
+        _end(manager, meter, call, held, spent, incomplete=cut)
+
+    return MeteredStream(result, finish)
 
 
 class MeteredStream(Generic[C]):
