@@ -11,6 +11,11 @@ callgrind, after the same set-up and warm-up: once with no calls and once with
     benchmarks/.venv/bin/python benchmarks/instructions.py            # every operation
     benchmarks/.venv/bin/python benchmarks/instructions.py charge hold+settle
     benchmarks/.venv/bin/python benchmarks/instructions.py --cache charge pyrate
+    benchmarks/.venv/bin/python benchmarks/instructions.py --seeds 3 decorated
+
+A count repeats for the same code, but any change moves objects and so the
+probe lengths of dicts: ``--seeds N`` averages the counts under hash seeds
+0 to N-1, to compare two commits by more than where their strings hash to.
 
 Instructions are not time (a cache miss costs more than an add), so the
 ratios here are a guide for a change, and the verdicts stay with ``run.py``.
@@ -124,12 +129,12 @@ _CACHE_EVENTS = {
 }
 
 
-def _count(name: str, calls: int) -> int:
+def _count(name: str, calls: int, seed: int = 0) -> int:
     """Instructions of one child run under callgrind."""
-    return _events(name, calls, cache=False)["Ir"]
+    return _events(name, calls, cache=False, seed=seed)["Ir"]
 
 
-def _events(name: str, calls: int, *, cache: bool) -> dict[str, int]:
+def _events(name: str, calls: int, *, cache: bool, seed: int = 0) -> dict[str, int]:
     """callgrind's event totals of one child run (``Ir`` alone, or the simulations' too)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "callgrind.out"
@@ -147,7 +152,7 @@ def _events(name: str, calls: int, *, cache: bool) -> dict[str, int]:
             "--calls",
             str(calls),
         ]
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
         if not cache:
             found = re.search(r"Collected : (\d+)", done.stderr)
@@ -169,6 +174,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2_000)
     parser.add_argument(
         "--cache", action="store_true", help="also count cache misses and mispredicted branches"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="average over this many hash seeds (0, 1, ...): a code change moves dict layouts",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -197,7 +208,10 @@ def main() -> None:
                 flush=True,
             )
             continue
-        counts[name] = (_count(name, args.calls) - _count(name, 0)) / args.calls
+        seeds = range(max(1, args.seeds))
+        counts[name] = sum(
+            (_count(name, args.calls, seed) - _count(name, 0, seed)) / args.calls for seed in seeds
+        ) / len(seeds)
         print(f"{name:>14}: {counts[name] / 1000:8.1f}k instructions per call", flush=True)
     ratios = [
         ("charge", "records-floor"),
