@@ -362,8 +362,7 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
             return
         await self.require(user_id)
 
-    async def hold(  # noqa: C901 - flat on purpose: _write written out, per hold  # async-only
-        # sync-only: def hold(
+    async def hold(
         self,
         user_id: str,
         amount: Decimal | float | None = None,
@@ -409,15 +408,7 @@ class AsyncBalanceManager(AsyncBatchMixin, AsyncReportMixin, ManagerBase):
                 fresh = account is None
                 if fresh:
                     account = await self.store.load(user_id)
-                if self._hot and self._is_hot(user_id):
-                    change = await self._contended(op, account, fresh=fresh, first=None, out=out)
-                else:  # _write's common case, a frame fewer: one attempt
-                    try:
-                        change = await self._attempt(op, account, fresh, out)
-                    except VersionConflict as conflict:
-                        change = await self._contended(
-                            op, account, fresh=fresh, first=conflict, out=out
-                        )
+                change = await self._write(op, account, fresh, out)
         except InsufficientBalance as refused:
             self._denied(refused, started, out)
             await self._tell_after(out, refused)

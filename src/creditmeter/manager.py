@@ -371,13 +371,7 @@ class BalanceManager(BatchMixin, ReportMixin, ManagerBase):
                 fresh = account is None
                 if fresh:
                     account = self.store.load(user_id)
-                if self._hot and self._is_hot(user_id):
-                    change = self._contended(op, account, fresh=fresh, first=None, out=out)
-                else:  # _write's common case, a frame fewer: one attempt
-                    try:
-                        change = self._attempt(op, account, fresh, out)
-                    except VersionConflict as conflict:
-                        change = self._contended(op, account, fresh=fresh, first=conflict, out=out)
+                change = self._write(op, account, fresh, out)
         except InsufficientBalance as refused:
             self._denied(refused, started, out)
             self._tell_after(out, refused)

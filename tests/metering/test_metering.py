@@ -125,6 +125,23 @@ def test_user_and_model_are_found_however_passed(meter, how):
     assert entry.model == "gpt-4o-mini"
 
 
+@pytest.mark.parametrize("passed", [{}, {"user_id": None}, {"user_id": 42}, {"user_id": ""}])
+def test_a_named_user_missing_or_malformed_is_invalid_input_before_the_call(meter, passed):
+    """Tried: the keyword left out (its default None), None, an int, an empty string."""
+    ran = []
+
+    @meter.metered(user="user_id", model="model")
+    def ask(prompt, model="gpt-4o", *, user_id=None):
+        ran.append(prompt)
+        return response()
+
+    users = meter.users()
+    with pytest.raises(InvalidInput):
+        ask("x", **passed)
+    assert ran == []
+    assert meter.users() == users
+
+
 def test_user_from_acting_as(meter):
     @meter.metered(model=lambda: "gpt-4o")
     def ask():
